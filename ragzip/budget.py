@@ -1,0 +1,69 @@
+"""Budgets: how much context to keep, as a rate, a hard token cap, or a score threshold."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ragzip.errors import BudgetError
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """Exactly one of `rate` (fraction of tokens kept, 0 < rate <= 1), `target_tokens` (hard cap, > 0) or
+    `threshold` (a score cut-off whose meaning belongs to the compressor).
+
+    Example:
+        >>> Budget.ratio(0.3).token_limit(1000)
+        300
+    """
+
+    rate: float | None = None
+    target_tokens: int | None = None
+    threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        given = [x is not None for x in (self.rate, self.target_tokens, self.threshold)]
+        if sum(given) > 1:
+            raise BudgetError("give exactly one of rate, target_tokens or threshold")
+        if self.rate is not None and not (0.0 < self.rate <= 1.0):
+            raise BudgetError(f"rate must be in (0, 1], got {self.rate}")
+        if self.target_tokens is not None and (isinstance(self.target_tokens, bool) or int(self.target_tokens) != self.target_tokens
+                                                or self.target_tokens <= 0):
+            raise BudgetError(f"target_tokens must be a positive integer, got {self.target_tokens}")
+        if self.threshold is not None and not math.isfinite(self.threshold):
+            raise BudgetError(f"threshold must be a finite number, got {self.threshold}")
+
+    @classmethod
+    def ratio(cls, rate: float) -> Budget:
+        return cls(rate=rate)
+
+    @classmethod
+    def tokens(cls, target_tokens: int) -> Budget:
+        return cls(target_tokens=target_tokens)
+
+    @classmethod
+    def score(cls, threshold: float) -> Budget:
+        return cls(threshold=threshold)
+
+    @property
+    def is_unbounded(self) -> bool:
+        """No token limit (no field set, or only a threshold)."""
+        return self.rate is None and self.target_tokens is None
+
+    def token_limit(self, tokens_before: int) -> int | None:
+        """The most tokens the output may have, or None when the budget sets no token limit."""
+        if self.target_tokens is not None:
+            return int(self.target_tokens)
+        if self.rate is not None:
+            return max(1, math.floor(self.rate * tokens_before + 1e-9)) if tokens_before else 0
+        return None
+
+    def describe(self) -> str:
+        if self.rate is not None:
+            return f"rate={self.rate:g}"
+        if self.target_tokens is not None:
+            return f"target_tokens={self.target_tokens}"
+        if self.threshold is not None:
+            return f"threshold={self.threshold:g}"
+        return "default"

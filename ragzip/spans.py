@@ -1,0 +1,59 @@
+"""Provenance helpers: build compressed text from source spans, and compose spans across pipeline stages."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ragzip.types import CompressedDocument, Document, Span
+
+
+def assemble(
+    doc: Document,
+    pieces: Sequence[tuple[int, int]],
+    *,
+    sep: str = " ",
+    scores: Sequence[float] = (),
+) -> CompressedDocument:
+    """Join `doc.text[start:end]` for each (start, end) piece with `sep`, recording where each piece landed."""
+    parts: list[str] = []
+    spans: list[Span] = []
+    offsets: list[tuple[int, int]] = []
+    pos = 0
+    for start, end in pieces:
+        piece = doc.text[start:end]
+        if parts:
+            parts.append(sep)
+            pos += len(sep)
+        parts.append(piece)
+        spans.append(Span(doc.id, start, end))
+        offsets.append((pos, pos + len(piece)))
+        pos += len(piece)
+    return CompressedDocument(doc.id, "".join(parts), doc.title, tuple(spans), tuple(offsets), scores=tuple(scores))
+
+
+def compose(previous: CompressedDocument, current: CompressedDocument) -> CompressedDocument:
+    """Map `current` (whose spans point into `previous.text`) back to the original document's offsets.
+
+    A current span that crosses pieces of `previous` splits into one source span per piece; characters that were
+    separators (not source text) carry no provenance.
+    """
+    if current.members or not previous.spans:
+        return CompressedDocument(current.id, current.text, current.title or previous.title, (), (),
+                                  current.members or previous.members, current.scores)
+    spans: list[Span] = []
+    offsets: list[tuple[int, int]] = []
+    for span, (out_start, _out_end) in zip(current.spans, current.offsets):
+        for src, (p_start, p_end) in zip(previous.spans, previous.offsets):
+            lo, hi = max(span.start, p_start), min(span.end, p_end)
+            if lo >= hi:
+                continue
+            shift = out_start + (lo - span.start)
+            spans.append(Span(src.doc_id, src.start + (lo - p_start), src.start + (hi - p_start)))
+            offsets.append((shift, shift + (hi - lo)))
+    return CompressedDocument(current.id, current.text, current.title or previous.title, tuple(spans), tuple(offsets),
+                              previous.members, current.scores)
+
+
+def as_document(compressed: CompressedDocument) -> Document:
+    """The input of the next pipeline stage."""
+    return Document(compressed.id, compressed.text, compressed.title)

@@ -1,0 +1,120 @@
+"""Core data types: plain dataclasses shared by every subsystem."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ragzip.errors import InputError
+
+TokenIds = Sequence[int]
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    """One retrieved item. `title` is context (never compressed away); `text` is what compressors narrow."""
+
+    id: str
+    text: str
+    title: str = ""
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.text, str):
+            raise InputError(f"document {self.id!r}: text must be a string, got {type(self.text).__name__}")
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """Characters [start, end) of the original text of document `doc_id`."""
+
+    doc_id: str
+    start: int
+    end: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.start <= self.end:
+            raise InputError(f"invalid span [{self.start}, {self.end}) of {self.doc_id!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class CompressedDocument:
+    """What is left of one input document.
+
+    `spans[i]` (source offsets) was written to `text[offsets[i][0]:offsets[i][1]]`, so every piece of
+    compressed text traces back to its source. An abstractive summary has no spans; `members` names the
+    ids of the documents it stands for.
+    """
+
+    id: str
+    text: str
+    title: str = ""
+    spans: tuple[Span, ...] = ()
+    offsets: tuple[tuple[int, int], ...] = ()
+    members: tuple[str, ...] = ()
+    scores: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(self.spans) != len(self.offsets):
+            raise ValueError("spans and offsets must have the same length")
+
+
+@dataclass(frozen=True, slots=True)
+class StageStats:
+    """What one stage of a pipeline did."""
+
+    name: str
+    tokens_before: int
+    tokens_after: int
+    seconds: float
+    info: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class CompressionResult:
+    """The output of a compressor or pipeline for one query."""
+
+    method: str
+    documents: tuple[CompressedDocument, ...]
+    tokens_before: int
+    tokens_after: int
+    seconds: float
+    stages: tuple[StageStats, ...] = ()
+
+    @property
+    def rate(self) -> float:
+        """Achieved rate: tokens kept / tokens in (1.0 for an empty input)."""
+        return self.tokens_after / self.tokens_before if self.tokens_before else 1.0
+
+    @property
+    def text(self) -> str:
+        """The compressed context: documents joined by a blank line."""
+        return "\n\n".join(d.text for d in self.documents if d.text)
+
+    @property
+    def spans(self) -> list[Span]:
+        return [s for d in self.documents for s in d.spans]
+
+    def to_contract(self) -> dict[str, Any]:
+        """The `compressed` object of the CLI/HTTP contract."""
+        contexts = []
+        for d in self.documents:
+            ctx: dict[str, Any] = {"id": d.id, "title": d.title, "text": d.text, "spans": [[s.start, s.end] for s in d.spans]}
+            if d.members:
+                ctx["members"] = list(d.members)
+            contexts.append(ctx)
+        return {
+            "method": self.method,
+            "contexts": contexts,
+            "text": self.text,
+            "tokens_before": self.tokens_before,
+            "tokens_after": self.tokens_after,
+            "rate": round(self.rate, 6),
+            "seconds": round(self.seconds, 6),
+            "stages": [
+                {"name": s.name, "tokens_before": s.tokens_before, "tokens_after": s.tokens_after,
+                 "seconds": round(s.seconds, 6), **dict(s.info)}
+                for s in self.stages
+            ],
+        }

@@ -1,0 +1,1 @@
+"""Retrieval: sentence splitting, token-aware chunking, embeddings, FAISS index, retriever."""
