@@ -1,0 +1,1 @@
+"""Evaluation: dataset loaders, metrics and benchmark suites (`ragzip eval <suite>`)."""

