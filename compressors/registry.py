@@ -17,6 +17,7 @@ COMPRESSORS: dict[str, str] = {
     "truncate": "ragzip.compressors.baselines:TruncateCompressor",
     "random": "ragzip.compressors.baselines:RandomCompressor",
     "embed-topk": "ragzip.compressors.baselines:EmbedTopKCompressor",
+    "exit": "ragzip.compressors.exit:ExitCompressor",
     "crag": "ragzip.compressors.crag:CragCompressor",
 }
 

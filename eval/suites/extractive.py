@@ -1,0 +1,209 @@
+"""Eval suite "extractive": EXIT-style sentence selection on data with sentence-level supporting facts.
+
+`ragzip eval extractive --data PATH --limit N --json OUT [--option k=v ...]` reports, for the encoder scorer at the
+default threshold and at token budgets (default 1/3 and 1/5 of the tokens):
+
+* ``support_recall``: share of gold supporting sentences kept (a sentence counts when >= 90% of its characters are
+  in kept spans); ``support_precision``: share of kept sentences that are mostly supporting text;
+* ``token_ratio`` (tokens kept / tokens in, the local LLM's tokenizer) and ``answer_survival`` (a gold answer string
+  still in the compressed text);
+* latency per question of each scorer on the same questions, side by side (``encoder_ms_per_query``,
+  ``causal_ms_per_query``, ``speedup_encoder_vs_causal``) and the causal-LM scorer's recall;
+* with ``reader=1``, reader EM/F1 of the local LLM (`ragzip.engine.LocalEngine`) on uncompressed vs compressed
+  context.
+
+Options (strings): ``threshold`` (0.5), ``rates`` ("0.3333,0.2"), ``scorers`` ("encoder,causal-lm"),
+``causal_model`` (default: the embedded SmolLM2), ``causal_limit`` (questions for the slow scorer, default 5),
+``reader`` (0/1), ``reader_model``, ``reader_limit`` (default all), ``exclude_trained`` (1: skip the HotpotQA
+questions the shipped encoder was trained on, listed in its ``train_meta.json``), ``weights`` (encoder weights
+folder).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ragzip.eval.datasets import Example, load_examples
+from ragzip.eval.metrics import answer_survival, exact_match, f1_score
+
+from ragzip.budget import Budget
+from ragzip.errors import ConfigError, InputError
+from ragzip.types import CompressionResult, Document
+
+_KEYS = ("threshold", "rates", "scorers", "causal_model", "causal_limit", "reader", "reader_model", "reader_limit",
+         "exclude_trained", "weights")
+_COVERED = 0.9
+
+
+def gold_spans(text: str, sentences: Sequence[str]) -> list[tuple[int, int]]:
+    """Char spans (whitespace trimmed) of the dataset's sentences inside `text`, located in order."""
+    spans, pos = [], 0
+    for sentence in sentences:
+        start = text.find(sentence, pos)
+        start = pos if start < 0 else start
+        end = start + len(sentence)
+        a, b = start, end
+        while a < b and text[a].isspace():
+            a += 1
+        while b > a and text[b - 1].isspace():
+            b -= 1
+        spans.append((a, b))
+        pos = end
+    return spans
+
+
+def support_counts(example: Example, docs: Sequence[Document], result: CompressionResult) -> tuple[int, int, int, int]:
+    """(supporting sentences kept, supporting sentences, kept sentences that are supporting, kept sentences)."""
+    kept: dict[str, list[tuple[int, int]]] = {}
+    for d in result.documents:
+        kept.setdefault(d.id, []).extend((s.start, s.end) for s in d.spans)
+    hit = total = good = num_kept = 0
+    for ctx, doc in zip(example.contexts, docs):
+        spans = gold_spans(ctx.text, ctx.sentences or ())
+        support = [spans[i] for i in ctx.supporting_sentence_ids if i < len(spans)]
+        mine = kept.get(doc.id, [])
+        for a, b in support:
+            total += 1
+            covered = sum(max(0, min(b, q) - max(a, p)) for p, q in mine)
+            hit += covered >= _COVERED * (b - a)
+        for p, q in mine:
+            num_kept += 1
+            overlap = sum(max(0, min(b, q) - max(a, p)) for a, b in support)
+            good += overlap >= 0.5 * (q - p)
+    return hit, total, good, num_kept
+
+
+def _aggregate(rows: list[tuple[Example, list[Document], CompressionResult]]) -> dict[str, float]:
+    hit = total = good = num_kept = 0
+    for ex, docs, res in rows:
+        h, t, g, k = support_counts(ex, docs, res)
+        hit, total, good, num_kept = hit + h, total + t, good + g, num_kept + k
+    before = sum(r.tokens_before for _, _, r in rows)
+    after = sum(r.tokens_after for _, _, r in rows)
+    return {
+        "support_recall": hit / total if total else float("nan"),
+        "support_precision": good / num_kept if num_kept else 0.0,
+        "token_ratio": after / before if before else 1.0,
+        "compression_x": before / after if after else float("inf"),
+        "answer_survival": statistics.fmean(answer_survival(r.text, ex.answers) for ex, _, r in rows),
+        "num_questions": float(len(rows)),
+    }
+
+
+def _trained_ids(weights: str | None) -> set[str]:
+    from ragzip.compressors.exit_encoder import WEIGHTS_DIR
+
+    meta = Path(weights or WEIGHTS_DIR) / "train_meta.json"
+    if not meta.is_file():
+        return set()
+    return set(json.loads(meta.read_text()).get("hotpot_train_ids", []))
+
+
+def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) -> dict[str, Any]:
+    """Run the suite on a common-schema file or folder; returns the figures as a flat JSON-able dict."""
+    from ragzip.compressors.exit import ExitCompressor
+
+    unknown = sorted(set(options) - set(_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown options {unknown} for suite 'extractive'; valid: {sorted(_KEYS)}")
+    threshold = float(options.get("threshold", "0.5"))
+    rates = [float(r) for r in options.get("rates", "0.3333,0.2").split(",") if r]
+    scorers = [s.strip() for s in options.get("scorers", "encoder,causal-lm").split(",") if s.strip()]
+    weights = options.get("weights") or None
+    skip = _trained_ids(weights) if options.get("exclude_trained", "1") not in ("0", "false") else set()
+    examples = [ex for ex in load_examples(data) if ex.id not in skip]
+    examples = [ex for ex in examples if any(c.supporting_sentence_ids for c in ex.contexts)][:limit]
+    if not examples:
+        raise InputError(f"{data}: no examples with sentence-level supporting facts (after excluding trained ids)")
+
+    encoder = ExitCompressor(scorer="encoder", weights=weights, threshold=threshold)
+    out: dict[str, Any] = {"data": str(data), "seed": seed, "num_excluded_trained": len(skip),
+                           "threshold": threshold, "scorers": scorers}
+    docs_of = {ex.id: ex.documents() for ex in examples}
+    encoder.compress(examples[0].question, docs_of[examples[0].id])  # warm-up, not timed
+    default_rows, enc_ms = [], []
+    for ex in examples:
+        start = time.perf_counter()
+        res = encoder.compress(ex.question, docs_of[ex.id])
+        enc_ms.append(1000 * (time.perf_counter() - start))
+        default_rows.append((ex, docs_of[ex.id], res))
+    out.update(_aggregate(default_rows))
+    out["encoder_ms_per_query"] = statistics.fmean(enc_ms)
+    out["encoder_ms_per_query_median"] = statistics.median(enc_ms)
+    out["uncompressed_answer_survival"] = statistics.fmean(
+        answer_survival("\n\n".join(d.text for d in docs_of[ex.id]), ex.answers) for ex in examples)
+    budget_rows: dict[float, list[tuple[Example, list[Document], CompressionResult]]] = {}
+    for rate in rates:
+        rows = [(ex, docs_of[ex.id], encoder.compress(ex.question, docs_of[ex.id], Budget.ratio(rate)))
+                for ex in examples]
+        budget_rows[rate] = rows
+        for key, value in _aggregate(rows).items():
+            out[f"{key}@rate{rate:.2f}"] = value
+
+    if "causal-lm" in scorers:
+        out.update(_side_by_side(encoder, examples[: int(options.get("causal_limit", "5"))], docs_of,
+                                 options.get("causal_model") or None, threshold))
+    if options.get("reader", "0") not in ("0", "false", ""):
+        reader_examples = examples[: int(options["reader_limit"])] if options.get("reader_limit") else examples
+        out.update(_reader(reader_examples, docs_of, default_rows, budget_rows, options.get("reader_model") or None))
+    return out
+
+
+def _side_by_side(encoder: Any, examples: list[Example], docs_of: dict[str, list[Document]], model: str | None,
+                  threshold: float) -> dict[str, Any]:
+    """Both scorers on the same questions, interleaved, so machine load affects both alike."""
+    from ragzip.compressors.exit import ExitCompressor
+
+    causal = ExitCompressor(scorer="causal-lm", model=model, threshold=threshold)
+    causal.compress(examples[0].question, docs_of[examples[0].id][:1])  # warm-up, not timed
+    enc_ms, lm_ms, enc_rows, lm_rows = [], [], [], []
+    for ex in examples:
+        docs = docs_of[ex.id]
+        start = time.perf_counter()
+        enc_rows.append((ex, docs, encoder.compress(ex.question, docs)))
+        enc_ms.append(1000 * (time.perf_counter() - start))
+        start = time.perf_counter()
+        lm_rows.append((ex, docs, causal.compress(ex.question, docs)))
+        lm_ms.append(1000 * (time.perf_counter() - start))
+    lm = _aggregate(lm_rows)
+    enc = _aggregate(enc_rows)
+    return {
+        "causal_model": model or "smollm2-135m-instruct (zero-shot)",
+        "side_by_side_questions": len(examples),
+        "side_by_side_encoder_ms_per_query": statistics.fmean(enc_ms),
+        "causal_ms_per_query": statistics.fmean(lm_ms),
+        "speedup_encoder_vs_causal": sum(lm_ms) / sum(enc_ms),
+        "causal_support_recall": lm["support_recall"],
+        "causal_support_precision": lm["support_precision"],
+        "causal_token_ratio": lm["token_ratio"],
+        "side_by_side_encoder_support_recall": enc["support_recall"],
+        "side_by_side_encoder_token_ratio": enc["token_ratio"],
+    }
+
+
+def _reader(examples: list[Example], docs_of: dict[str, list[Document]], default_rows: list[Any],
+            budget_rows: dict[float, list[Any]], model: str | None) -> dict[str, Any]:
+    """Reader EM/F1 with the local LLM: uncompressed, compressed at the default threshold and at each budget."""
+    from ragzip.engine import LocalEngine
+
+    engine = LocalEngine(model)
+    wanted = {ex.id for ex in examples}
+    settings: dict[str, dict[str, list[Document]]] = {"uncompressed": {i: docs_of[i] for i in wanted}}
+    settings["compressed"] = {ex.id: _as_docs(r) for ex, _, r in default_rows if ex.id in wanted}
+    for rate, rows in budget_rows.items():
+        settings[f"compressed@rate{rate:.2f}"] = {ex.id: _as_docs(r) for ex, _, r in rows if ex.id in wanted}
+    out: dict[str, Any] = {"reader_model": model or "smollm2-135m-instruct", "reader_questions": len(examples)}
+    for name, docs in settings.items():
+        preds = {ex.id: engine.answer(ex.question, docs[ex.id]) for ex in examples}
+        out[f"reader_em_{name}"] = statistics.fmean(exact_match(preds[ex.id], ex.answers) for ex in examples)
+        out[f"reader_f1_{name}"] = statistics.fmean(f1_score(preds[ex.id], ex.answers) for ex in examples)
+    return out
+
+
+def _as_docs(result: CompressionResult) -> list[Document]:
+    return [Document(d.id, d.text, d.title) for d in result.documents]
