@@ -95,10 +95,11 @@ class OpenAISummarizer:
         model: the model name the endpoint serves.
         api_key: sent as a bearer token when given.
         timeout_s: HTTP timeout per request.
+        client: an `httpx.Client` to send requests with (default: a new one per request).
     """
 
     def __init__(self, base_url: str, model: str = "default", *, api_key: str | None = None,
-                 timeout_s: float = 120.0) -> None:
+                 timeout_s: float = 120.0, client: Any = None) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ConfigError(f"base_url must start with http:// or https://, got {base_url!r}")
         self.base_url = base_url.rstrip("/")
@@ -106,6 +107,7 @@ class OpenAISummarizer:
         self.name = f"openai:{self.base_url}:{model}"
         self.api_key = api_key
         self.timeout_s = timeout_s
+        self.client = client
 
     def summarize(self, texts: Sequence[str], query: str = "", *, max_new_tokens: int = 96) -> str:
         import httpx
@@ -114,7 +116,8 @@ class OpenAISummarizer:
         body = {"model": self.model, "messages": summary_messages(texts, query), "temperature": 0,
                 "max_tokens": max_new_tokens}
         try:
-            resp = httpx.post(f"{self.base_url}/chat/completions", json=body, headers=headers, timeout=self.timeout_s)
+            post = self.client.post if self.client is not None else httpx.post
+            resp = post(f"{self.base_url}/chat/completions", json=body, headers=headers, timeout=self.timeout_s)
             resp.raise_for_status()
             return str(resp.json()["choices"][0]["message"]["content"]).strip()
         except httpx.HTTPError as exc:
