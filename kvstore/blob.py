@@ -14,18 +14,15 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-
-from ragzip.errors import CodecError
 from ragzip.kvstore.codecs import Codec, codec_class
 from ragzip.kvstore.codecs.raw import dtype_name, torch_dtype
 from ragzip.kvstore.key import chunk_key
 from ragzip.kvstore.record import ChunkRecord
 
-if TYPE_CHECKING:
-    pass
+from ragzip.errors import CodecError, ConfigError
 
 MAGIC = b"RZKV"
 FORMAT_VERSION = 1
@@ -140,7 +137,10 @@ def decode_record(blob: bytes | memoryview, *, expected_key: str | None = None,
     key = chunk_key(fp, tokens)
     if key != header["key"] or (expected_key is not None and key != expected_key):
         raise ForeignModelError("KV entry key does not match its fingerprint and token ids")
-    codec = codec_class(header["codec"])
+    try:
+        codec = codec_class(header["codec"])
+    except ConfigError:
+        raise CodecError(f"KV blob uses an unknown codec {header['codec']!r}") from None
     if header["codec_version"] != codec.version:
         raise CodecError(f"KV codec {header['codec']!r} version {header['codec_version']} is not supported")
     dtype = torch_dtype(header["dtype"])

@@ -47,7 +47,8 @@ def model_fingerprint(model: Any) -> str:
     """A short stable id of a model's KV semantics: `<model_type>-<dtype>-<hash>`.
 
     Two loads of the same weights at the same dtype give the same fingerprint wherever they live on disk;
-    another dtype, RoPE configuration, revision or fine-tune gives another one. Cached on the model object.
+    another dtype, RoPE configuration, revision or fine-tune gives another one. Cached on the model object
+    (edit weights in place and the cached value is stale).
 
     Args:
         model: a transformers causal LM.
@@ -55,7 +56,9 @@ def model_fingerprint(model: Any) -> str:
     Returns:
         For example `llama-bfloat16-3f9c0a1d2e4b5c6d`.
     """
-    dtype = str(next(model.parameters()).dtype)
+    first = next(model.parameters())
+    # Cached per (dtype, storage): a cast or a copy gets a fresh fingerprint. In-place weight edits are not seen.
+    dtype = f"{first.dtype}@{first.data_ptr()}"
     cached = getattr(model, "_ragzip_fingerprint", None)
     if isinstance(cached, tuple) and cached[0] == dtype:
         return str(cached[1])

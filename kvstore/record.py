@@ -6,8 +6,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ragzip.errors import CodecError
 from ragzip.kvstore.key import chunk_key
+
+from ragzip.errors import CodecError
 
 if TYPE_CHECKING:
     import torch

@@ -15,7 +15,6 @@ from ragzip.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
-
     from ragzip.kvstore.record import LayerKV
 
 Shape = tuple[int, int, int]

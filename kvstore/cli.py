@@ -1,0 +1,105 @@
+"""`ragzip kv warm|stats|evict|verify`: manage a chunk KV store from the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(help="Chunk KV store: warm it from a JSONL of chunks, inspect, evict, verify.", no_args_is_help=True)
+
+StoreOpt = Annotated[str | None, typer.Option("--store", help="memory | disk:/path (or a path) | redis://host:port/db; "
+                                                     "default: <cache dir>/kv")]
+CodecOpt = Annotated[str, typer.Option("--codec", help="raw | int8 | int4 | cachegen[:level]")]
+
+
+def _open(store: str | None, codec: str = "raw") -> Any:
+    from ragzip.kvstore.stores.base import open_store
+
+    from ragzip.settings import Settings
+
+    return open_store(store or str(Settings().cache_dir / "kv"), codec=codec)
+
+
+def _chunks(path: Path) -> list[str]:
+    """Chunk texts from a JSONL: lines with `text`, or common-schema examples (every `contexts[].text`)."""
+    out: list[str] = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise typer.BadParameter(f"{path}:{n}: not JSON ({exc})") from None
+            if isinstance(obj, dict) and isinstance(obj.get("text"), str):
+                out.append(obj["text"])
+            elif isinstance(obj, dict) and isinstance(obj.get("contexts"), list):
+                out.extend(c["text"] for c in obj["contexts"] if isinstance(c, dict) and isinstance(c.get("text"), str))
+            else:
+                raise typer.BadParameter(f"{path}:{n}: expected an object with 'text' or 'contexts'")
+    return out
+
+
+@app.command()
+def warm(
+    data: Annotated[Path, typer.Argument(help="JSONL of chunks ({'text': ...} or common-schema examples)")],
+    store: StoreOpt = None,
+    codec: CodecOpt = "cachegen",
+    model: Annotated[str | None, typer.Option(help="LLM alias, path or HF name")] = None,
+    dtype: Annotated[str, typer.Option(help="bfloat16 | float16 | float32")] = "bfloat16",
+    limit: Annotated[int | None, typer.Option(help="at most this many chunks")] = None,
+) -> None:
+    """Prefill every chunk alone and store its KV (chunks already stored are skipped)."""
+    import torch
+    from ragzip.kvstore.loader import get_or_compute
+
+    from ragzip.registry import load_causal_lm
+
+    texts = _chunks(data)[:limit]
+    kv = _open(store, codec)
+    lm, tok = load_causal_lm(model, dtype=getattr(torch, dtype))
+    hits = 0
+    with typer.progressbar(texts, label="warming") as bar:
+        for text in bar:
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            if ids:
+                _, hit = get_or_compute(kv, lm, ids)
+                hits += hit
+    typer.echo(json.dumps({"chunks": len(texts), "already_stored": hits, **kv.stats()}))
+
+
+@app.command()
+def stats(store: StoreOpt = None) -> None:
+    """Print the store's entries, bytes and counters as JSON."""
+    typer.echo(json.dumps(_open(store).stats()))
+
+
+@app.command()
+def evict(
+    store: StoreOpt = None,
+    key: Annotated[list[str] | None, typer.Option("--key", help="a chunk key (repeatable)")] = None,
+    tag: Annotated[str | None, typer.Option(help="every entry of one model (the 12-hex prefix of its keys)")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="every entry")] = False,
+) -> None:
+    """Delete entries by key, by model tag, or all of them."""
+    if not (key or tag or all_):
+        raise typer.BadParameter("give --key, --tag or --all")
+    kv = _open(store)
+    targets = list(key or [])
+    if tag or all_:
+        targets += [k for k in kv.keys() if all_ or k.startswith(f"{tag}-")]
+    removed = sum(kv.remove(k) for k in targets)
+    typer.echo(json.dumps({"removed": removed}))
+
+
+@app.command()
+def verify(store: StoreOpt = None) -> None:
+    """Decode and checksum every entry; corrupt or foreign ones are evicted. Exit code 1 if any was bad."""
+    kv = _open(store)
+    result = kv.verify()
+    typer.echo(json.dumps(result))
+    if result["corrupt"] or result["foreign"]:
+        raise typer.Exit(1)
