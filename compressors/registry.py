@@ -18,6 +18,7 @@ COMPRESSORS: dict[str, str] = {
     "random": "ragzip.compressors.baselines:RandomCompressor",
     "embed-topk": "ragzip.compressors.baselines:EmbedTopKCompressor",
     "exit": "ragzip.compressors.exit:ExitCompressor",
+    "lingua2": "ragzip.compressors.lingua2:Lingua2Compressor",
     "crag": "ragzip.compressors.crag:CragCompressor",
 }
 

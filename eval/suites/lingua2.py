@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import random
-import re
 import statistics
 import time
 from collections.abc import Iterator, Sequence
@@ -76,8 +75,13 @@ def build_tiny_classifier(folder: Path, family: str, corpus: Sequence[str], *, s
     XLM-RoBERTa, "bert-base-multilingual-cased" a WordPiece BERT) under a folder whose name carries the family, as
     the reference decides word starts from the model name."""
     import torch
-    from transformers import (BertConfig, BertForTokenClassification, PreTrainedTokenizerFast, XLMRobertaConfig,
-                              XLMRobertaForTokenClassification)
+    from transformers import (
+        BertConfig,
+        BertForTokenClassification,
+        PreTrainedTokenizerFast,
+        XLMRobertaConfig,
+        XLMRobertaForTokenClassification,
+    )
 
     torch.manual_seed(seed)
     target = folder / f"tiny-{family}-{seed}"
@@ -126,41 +130,23 @@ def _tiny_sentencepiece(corpus: Sequence[str]) -> Any:
 def agreement(ours: Sequence[bool] | np.ndarray, theirs: Sequence[int]) -> float:
     """Share of words with the same keep label (0 when the word counts differ)."""
     if len(ours) != len(theirs):
-        return 0.0
+        # the reference re-splits words with a regex when it keeps everything; all-kept equals all-kept
+        return 1.0 if all(ours) and all(theirs) else 0.0
     return float(np.mean(np.asarray(ours, dtype=int) == np.asarray(theirs))) if len(theirs) else 1.0
 
 
 # --------------------------------------------------------------------------- the suite
 def _load(data: Path, limit: int | None) -> list[dict[str, Any]]:
-    try:
-        from ragzip.eval.datasets import load_examples
+    from ragzip.eval.datasets import load_examples
 
-        return [{"question": e.question, "answers": list(e.answers), "documents": e.documents()}
-                for e in load_examples(data, limit=limit)]
-    except ImportError:
-        import gzip
-
-        path = data if data.is_file() else next(p for p in sorted(data.glob("normalized.jsonl*")))
-        opener = gzip.open if str(path).endswith(".gz") else open
-        out = []
-        with opener(path, "rt", encoding="utf-8") as fh:
-            for i, line in enumerate(fh):
-                if limit is not None and i >= limit:
-                    break
-                r = json.loads(line)
-                docs = [Document(f"{r['id']}-{j}", c["text"], c.get("title", "")) for j, c in enumerate(r["contexts"])]
-                out.append({"question": r["question"], "answers": r["answers"], "documents": docs})
-        return out
+    return [{"question": e.question, "answers": list(e.answers), "documents": e.documents()}
+            for e in load_examples(data, limit=limit)]
 
 
 def _survival(text: str, answers: Sequence[str]) -> float:
-    try:
-        from ragzip.eval.metrics import answer_survival
+    from ragzip.eval.metrics import answer_survival
 
-        return float(answer_survival(text, answers))
-    except ImportError:
-        norm = " ".join(re.findall(r"\w+", text.lower()))
-        return float(any(" ".join(re.findall(r"\w+", a.lower())) in norm for a in answers))
+    return float(answer_survival(text, answers))
 
 
 def _f1(pred: str, answers: Sequence[str]) -> float:
@@ -209,6 +195,7 @@ def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) ->
 
     from ragzip.compressors.lingua2 import Lingua2Compressor
     from ragzip.compressors.lingua2_model import save_full_model
+
     from ragzip.tokens import get_token_counter
 
     rng = random.Random(seed)

@@ -1,0 +1,352 @@
+"""LLMLingua-2-style token-level compression: a token classifier scores words, the best ones are kept.
+
+Two modes:
+* ``reference`` reproduces the `llmlingua` 0.2.2 `compress_prompt_llmlingua2` decisions word for word (the same
+  chunking, word merging, force tokens, digits, drop_consecutive and per-window percentile threshold) with the
+  per-token Python replaced by numpy; budgets are counted with this compressor's `counter` (pass a cl100k counter
+  to match the reference's tiktoken counts exactly).
+* ``exact`` (default) scores whitespace words (CJK runs split at token pieces) and keeps the best ones across all
+  windows and documents so that the output meets `target_tokens` (or the rate) as counted by `counter`; structural
+  spans are protected and the query can steer the scores.
+
+In both modes the output is a subsequence of source words, assembled from source character spans.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import numpy as np
+from ragzip.compressors.base import BaseCompressor
+from ragzip.compressors.lingua2_model import DEFAULT_MODEL, TokenClassifier, load_token_classifier
+from ragzip.compressors.lingua2_select import UnitScores, kept_runs, select_units
+from ragzip.compressors.lingua2_words import (
+    build_tables,
+    detect_rule,
+    merge_words,
+    reference_chunks,
+    sentence_windows,
+    text_units,
+    word_strings,
+)
+from ragzip.compressors.protect import protected_mask, units_touching
+
+from ragzip.budget import Budget
+from ragzip.errors import ConfigError
+from ragzip.spans import assemble
+from ragzip.tokens import TokenCounter
+from ragzip.types import CompressedDocument, Document
+
+DEFAULT_RATE = 0.5
+_STOP = frozenset("a an the of to in on at for and or is are was were be it this that with as by from what who "
+                  "when where which how why did does do".split())
+
+
+class Mode(str, Enum):
+    EXACT = "exact"
+    REFERENCE = "reference"
+
+
+class WordProb(str, Enum):
+    MEAN = "mean"
+    FIRST = "first"
+
+
+def _parse_enum(enum: type[Enum], value: Any, name: str) -> Any:
+    try:
+        return enum(value.value if isinstance(value, Enum) else str(value).lower())
+    except ValueError:
+        raise ConfigError(f"{name}={value!r}; use one of {[m.value for m in enum]}") from None  # type: ignore[attr-defined]
+
+
+def _parse_bool(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={value!r} is not a boolean (true/false)")
+
+
+def _parse_tokens(value: Any) -> tuple[str, ...]:
+    """Force tokens from a sequence, a JSON list string, or a comma-separated string."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        stripped = value.strip()
+        if stripped.startswith("["):
+            try:
+                value = json.loads(stripped)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"force_tokens is not a valid JSON list: {exc}") from None
+        else:
+            return tuple(t.strip() for t in value.split(",") if t.strip())
+    if not all(isinstance(t, str) and t for t in value):
+        raise ConfigError("force_tokens must be non-empty strings")
+    return tuple(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Lingua2Options:
+    """Validated settings of a `Lingua2Compressor` (see its docstring)."""
+
+    model: str
+    mode: Mode
+    query_aware: bool
+    force_tokens: tuple[str, ...]
+    keep_digits: bool
+    drop_consecutive: bool
+    word_prob: WordProb
+    protect: bool
+    context_filter: bool
+    query_weight: float
+    batch_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class LabeledWords:
+    """Reference-mode words of one document: source char ranges, word strings and keep labels."""
+
+    spans: np.ndarray  # [W, 2]
+    words: list[str]
+    labels: np.ndarray  # [W] bool
+
+
+class Lingua2Compressor(BaseCompressor):
+    """LLMLingua-2-style token-level pruning with exact budgets, structure protection and faithful spans.
+
+    Args:
+        counter: the target LLM's token counter (budgets are counted with it).
+        model: token classifier: ragzip's default, a local folder or a Hugging Face name such as
+            ``microsoft/llmlingua-2-xlm-roberta-large-meetingbank``.
+        mode: "exact" (default) or "reference" (word-for-word parity with `llmlingua`).
+        query_aware: blend a query-relevance score into word scores (exact mode).
+        force_tokens: strings always kept (a JSON list or comma-separated string from the CLI).
+        keep_digits: always keep words containing a digit.
+        drop_consecutive: drop a force token repeating the previous kept force token with nothing kept between.
+        word_prob: "mean" or "first" subword probability per word.
+        protect: keep code, tables, URLs, numbers and JSON keys verbatim (default: on in exact mode, off in
+            reference mode, where it would break parity).
+        context_filter: reference mode: drop whole low-scoring documents first, as the reference's
+            `use_context_level_filter`.
+        query_weight: weight of query relevance when `query_aware` (0..1).
+        batch_size: encoder windows per forward pass.
+
+    Example:
+        >>> from ragzip.tokens import get_token_counter
+        >>> comp = Lingua2Compressor(counter=get_token_counter("whitespace"))
+        >>> comp.compress("", [Document("d", "some long context ...")], Budget.ratio(0.5)).text  # doctest: +SKIP
+    """
+
+    name = "lingua2"
+    is_query_agnostic = True
+
+    def __init__(self, counter: TokenCounter, *, model: str | None = None, mode: str = "exact",
+                 query_aware: bool | str = False, force_tokens: Sequence[str] | str | None = None,
+                 keep_digits: bool | str = False, drop_consecutive: bool | str = False, word_prob: str = "mean",
+                 protect: bool | str | None = None, context_filter: bool | str = False,
+                 query_weight: float | str = 0.5, batch_size: int | str = 8) -> None:
+        super().__init__(counter)
+        parsed_mode = _parse_enum(Mode, mode, "mode")
+        try:
+            weight, batch = float(query_weight), int(batch_size)
+        except ValueError:
+            raise ConfigError(f"query_weight={query_weight!r} / batch_size={batch_size!r} must be numbers") from None
+        if not 0.0 <= weight <= 1.0 or batch < 1:
+            raise ConfigError("query_weight must be in [0, 1] and batch_size >= 1")
+        self.options = Lingua2Options(
+            model=model or DEFAULT_MODEL, mode=parsed_mode, query_aware=_parse_bool(query_aware, "query_aware"),
+            force_tokens=_parse_tokens(force_tokens), keep_digits=_parse_bool(keep_digits, "keep_digits"),
+            drop_consecutive=_parse_bool(drop_consecutive, "drop_consecutive"),
+            word_prob=_parse_enum(WordProb, word_prob, "word_prob"),
+            protect=(parsed_mode is Mode.EXACT) if protect is None else _parse_bool(protect, "protect"),
+            context_filter=_parse_bool(context_filter, "context_filter"), query_weight=weight, batch_size=batch)
+        self.is_query_agnostic = not self.options.query_aware
+        self.classifier: TokenClassifier = load_token_classifier(self.options.model)
+        self.rule = detect_rule(self.classifier.tokenizer)
+        self.tables = build_tables(self.classifier.tokenizer, self.rule, self.options.force_tokens)
+
+    # ------------------------------------------------------------------ dispatch
+    def _compress(self, query: str, documents: Sequence[Document], budget: Budget
+                  ) -> tuple[list[CompressedDocument], dict[str, object]]:
+        if self.options.mode is Mode.REFERENCE:
+            labeled = self.label_words([d.text for d in documents], budget)
+            out = [assemble(d, kept_runs(lw.spans, lw.labels)) for d, lw in zip(documents, labeled)]
+            return out, {"mode": "reference", "words": int(sum(len(lw.words) for lw in labeled)),
+                         "kept_words": int(sum(lw.labels.sum() for lw in labeled))}
+        return self._exact(query, documents, budget)
+
+    # ------------------------------------------------------------------ reference mode
+    def label_words(self, texts: Sequence[str], budget: Budget | None = None) -> list[LabeledWords]:
+        """Reference-mode keep labels for the words of each text (what `llmlingua` reports as word labels)."""
+        opts, tables, clf = self.options, self.tables, self.classifier
+        budget = budget or Budget.ratio(DEFAULT_RATE)
+        if budget.threshold is not None:
+            raise ConfigError("reference mode takes a rate or target_tokens budget, not a threshold")
+        n_orig = sum(self.counter.count_batch(list(texts)))
+        rate = budget.rate if budget.rate is not None else DEFAULT_RATE
+        encs = clf.encode(texts)
+        chunks = [reference_chunks(ids, tables.is_chunk_end, clf.max_seq_len - 2) for ids, _ in encs]
+        flat = [(d, a, b) for d, doc_chunks in enumerate(chunks) for a, b in doc_chunks]
+        bodies = [encs[d][0][a:b] for d, a, b in flat]
+        probs = clf.keep_probs(bodies, batch_size=opts.batch_size,
+                               add_sep=[len(w) <= clf.max_seq_len - 2 for w in bodies], reference_wrap=True)
+        mode = opts.word_prob.value
+        words = [merge_words(ids, p, tables, mode=mode, keep_digits=opts.keep_digits) for ids, p in zip(bodies, probs)]
+        strings = [word_strings(ids, w, tables) for ids, w in zip(bodies, words)]
+        keep_doc = np.ones(len(texts), dtype=bool)
+        if opts.context_filter and len(texts) > 1:
+            keep_doc, n_reserved = self._context_filter(budget, rate, n_orig, flat, bodies, words)
+            if budget.target_tokens is not None:
+                rate = min(budget.target_tokens / max(1, n_reserved), 1.0)
+        elif budget.target_tokens is not None:
+            rate = min(budget.target_tokens / max(1, n_orig), 1.0)
+        costs = self._costs([s for i, ss in enumerate(strings) if keep_doc[flat[i][0]] for s in ss])
+        per_doc: list[list[tuple[np.ndarray, list[str], np.ndarray]]] = [[] for _ in texts]
+        for (d, a, _), ids, w, ss in zip(flat, bodies, words, strings):
+            offs = encs[d][1][a:][w.token_pos]
+            last = np.append(w.first[1:], len(w.token_pos)) - 1
+            spans = np.stack([offs[w.first, 0], offs[last, 1]], axis=1) if len(w.first) else np.zeros((0, 2), int)
+            labels = self._reference_keep(w.prob, ss, costs, 1.0 - rate) if keep_doc[d] else np.zeros(len(ss), bool)
+            per_doc[d].append((spans, ss, labels))
+        return [LabeledWords(np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, 2), int),
+                             [s for p in parts for s in p[1]],
+                             np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, bool))
+                for parts in per_doc]
+
+    def _costs(self, strings: Sequence[str]) -> dict[str, int]:
+        unique = sorted(set(strings))
+        return dict(zip(unique, self.counter.count_batch(unique)))
+
+    def _reference_keep(self, prob: np.ndarray, strings: list[str], costs: dict[str, int],
+                        reduce_rate: float) -> np.ndarray:
+        if len(prob) == 0:
+            return np.zeros(0, dtype=bool)
+        if reduce_rate <= 0:
+            return np.ones(len(prob), dtype=bool)
+        prob = prob.astype(np.float64)
+        force = np.array([s in self.options.force_tokens for s in strings]) if self.options.force_tokens else \
+            np.zeros(len(prob), dtype=bool)
+        if self.options.drop_consecutive and force.any():
+            thr0 = np.percentile(prob, int(100 * reduce_rate))
+            between = np.cumsum(~force & (prob > thr0))
+            f = np.flatnonzero(force)
+            for k in range(1, len(f)):  # one step per force word; the rest stays vectorised
+                if between[f[k]] == between[f[k - 1]] and strings[f[k]] == strings[f[k - 1]]:
+                    prob[f[k]] = 0.0
+        weights = np.array([costs[s] for s in strings], dtype=np.int64)
+        thr = np.percentile(np.repeat(prob, weights), int(100 * reduce_rate + 1)) if weights.sum() else 1.0
+        keep = (prob > thr) | ((thr == 1.0) & (prob == thr))
+        if self.options.drop_consecutive and force.any():
+            kept = np.flatnonzero(keep)
+            for j in range(1, len(kept)):
+                i, prev = kept[j], kept[j - 1]
+                if force[i] and strings[i] == strings[prev]:
+                    keep[i] = False
+        return keep
+
+    def _context_filter(self, budget: Budget, rate: float, n_orig: int, flat: list[tuple[int, int, int]],
+                        bodies: list[np.ndarray], words: list[Any]) -> tuple[np.ndarray, int]:
+        n_docs = 1 + max(d for d, _, _ in flat)
+        ctx_rate = (rate + 1.0) / 2 if budget.target_tokens is None else min(2 * budget.target_tokens / n_orig, 1.0)
+        per_doc: list[list[np.ndarray]] = [[] for _ in range(n_docs)]
+        for (d, _, _), w in zip(flat, words):
+            per_doc[d].append(w.prob_no_force)
+        # float32 running sums, as the reference's Python `sum` over float32 scalars
+        ctx_prob = np.array([np.cumsum(np.concatenate(ps), dtype=np.float32)[-1] / np.float32(sum(map(len, ps)))
+                             for ps in per_doc], dtype=np.float32)
+        keep = ctx_prob >= np.percentile(ctx_prob, int(100 * (1 - ctx_rate)))
+        detok = self.classifier.tokenizer.convert_tokens_to_string
+        chunk_text = [detok(list(self.tables.tokens[ids])) for ids in bodies]
+        n_reserved = sum(c for (d, _, _), c in zip(flat, self.counter.count_batch(chunk_text)) if keep[d])
+        return keep, n_reserved
+
+    # ------------------------------------------------------------------ exact mode
+    def _exact(self, query: str, documents: Sequence[Document], budget: Budget
+               ) -> tuple[list[CompressedDocument], dict[str, object]]:
+        opts, clf = self.options, self.classifier
+        texts = [d.text for d in documents]
+        encs = clf.encode(texts)
+        windows = [sentence_windows(t, offs, clf.max_seq_len - 2) for t, (_, offs) in zip(texts, encs)]
+        flat = [(d, a, b) for d, ws in enumerate(windows) for a, b in ws]
+        probs = clf.keep_probs([encs[d][0][a:b] for d, a, b in flat], batch_size=opts.batch_size)
+        tok_probs = [np.zeros(len(ids), dtype=np.float32) for ids, _ in encs]
+        for (d, a, b), p in zip(flat, probs):
+            tok_probs[d][a:b] = p
+        qwords = {w for w in re.findall(r"\w+", query.lower()) if w not in _STOP} if opts.query_aware else set()
+        scores = []
+        for text, (ids, offs), p in zip(texts, encs, tok_probs):
+            units = text_units(text, offs[:, 0])
+            score = _unit_prob(units, offs, p, ~self.tables.is_special[ids], opts.word_prob)
+            forced = self._forced(text, units)
+            if qwords:
+                score = (1 - opts.query_weight) * score + opts.query_weight * _query_relevance(text, units, qwords)
+            scores.append(UnitScores(units, score, forced))
+        kept = select_units(texts, scores, budget, self.counter, default_rate=DEFAULT_RATE,
+                            drop_repeats=opts.force_tokens if opts.drop_consecutive else ())
+        out = [assemble(d, kept_runs(s.units, k), scores=_run_scores(s, k)) for d, s, k in zip(documents, scores, kept)]
+        return out, {"mode": "exact", "words": int(sum(len(s.units) for s in scores)),
+                     "kept_words": int(sum(k.sum() for k in kept)), "windows": len(flat)}
+
+    def _forced(self, text: str, units: np.ndarray) -> np.ndarray:
+        forced = np.zeros(len(units), dtype=bool)
+        if self.options.protect:
+            forced |= units_touching(protected_mask(text), units)
+        if self.options.keep_digits:
+            forced |= units_touching(_pattern_mask(text, r"\d"), units)
+        if self.options.force_tokens:
+            pattern = "|".join(re.escape(t) for t in sorted(self.options.force_tokens, key=len, reverse=True))
+            forced |= units_touching(_pattern_mask(text, pattern), units)
+        return forced
+
+
+def _pattern_mask(text: str, pattern: str) -> np.ndarray:
+    mask = np.zeros(len(text) + 1, dtype=np.int32)
+    for m in re.finditer(pattern, text):
+        mask[m.start()] += 1
+        mask[m.end()] -= 1
+    return np.cumsum(mask[:-1]) > 0
+
+
+def _unit_prob(units: np.ndarray, offs: np.ndarray, p: np.ndarray, real: np.ndarray, mode: WordProb) -> np.ndarray:
+    """[U] unit scores from token probabilities: mean (or first) over the tokens starting inside each unit."""
+    if len(units) == 0:
+        return np.zeros(0)
+    unit_of = np.searchsorted(units[:, 0], offs[:, 0], side="right") - 1  # [T]
+    ok = (unit_of >= 0) & real
+    unit_of, pv = unit_of[ok], p[ok].astype(np.float64)
+    fallback = float(pv.mean()) if len(pv) else 0.5
+    counts = np.bincount(unit_of, minlength=len(units))
+    if mode is WordProb.FIRST:
+        score = np.full(len(units), fallback)
+        first_tok = np.unique(unit_of, return_index=True)
+        score[first_tok[0]] = pv[first_tok[1]]
+        return score
+    sums = np.bincount(unit_of, weights=pv, minlength=len(units))
+    return np.where(counts > 0, sums / np.maximum(counts, 1), fallback)
+
+
+def _query_relevance(text: str, units: np.ndarray, qwords: set[str]) -> np.ndarray:
+    """[U] in [0, 1]: 1 for a unit naming a query word, else the share of query words in its line or sentence."""
+    norm = [re.sub(r"\W", "", text[s:e].lower()) for s, e in units]
+    hit = np.array([n in qwords or (len(n) > 3 and any(n.startswith(q[:4]) and len(q) > 3 for q in qwords))
+                    for n in norm], dtype=np.float64)
+    bounds = [m.end() for m in re.finditer(r"[.!?。！？\n]+", text)]
+    sent = np.searchsorted(np.array(bounds, dtype=np.int64), units[:, 0], side="right")
+    per_sent = np.bincount(sent, weights=hit) / max(1, len(qwords))
+    return np.maximum(hit, np.minimum(1.0, per_sent[sent]) * 0.8)
+
+
+def _run_scores(scores: Any, keep: np.ndarray) -> list[float]:
+    idx = np.flatnonzero(keep)
+    if len(idx) == 0:
+        return []
+    groups = np.split(idx, np.flatnonzero(np.diff(idx) > 1) + 1)
+    return [round(float(scores.score[g].mean()), 4) for g in groups if scores.units[g[-1], 1] > scores.units[g[0], 0]]
