@@ -288,6 +288,7 @@ class CragCompressor(BaseCompressor):
             reps = ranked[: self.options.per_cluster]
             # Each member is represented by the kept item it is most similar to.
             owner = {i: reps[int(np.argmax(emb[reps] @ emb[i]))] for i in members.tolist()}
+            owner.update({rep: rep for rep in reps})  # even when two kept items are identical
             for rep in reps:
                 member_idx = sorted(i for i, o in owner.items() if o == rep)
                 pieces.append(_Piece(self._whole(documents[rep], member_idx, documents, float(scores[rep])),

@@ -174,6 +174,13 @@ def test_per_cluster_keeps_more_and_splits_members(items: list[Document]) -> Non
     assert_provenance(result, items)
 
 
+def test_identical_items_kept_twice_each_stand_for_themselves() -> None:
+    docs = [Document(f"d{i}", "Exactly the same review text.") for i in range(3)]
+    result = crag(k=1, per_cluster=2).compress("", docs)
+    assert [d.members for d in result.documents] == [("d0", "d2"), ("d1",)]
+    assert_provenance(result, docs)
+
+
 def test_empty_input_gives_empty_output() -> None:
     result = crag().compress("q", [])
     assert result.documents == () and result.tokens_before == 0
