@@ -1,0 +1,300 @@
+"""Blended prefill (CacheBlend-style selective recompute) over reused chunk caches.
+
+Layer by layer: the first ``check_layer`` layers run on every token; at the check layer each token's
+fresh K (or V) is compared with its reused, re-rotated one and only the most deviating tokens (plus the
+prompt's last tokens and every token without a cached entry) go on; from then on only those rows are
+recomputed, their fresh K/V are scattered into the reused cache, and they attend over the whole cache
+under an exact causal mask by global position. With gradual filtering the set shrinks over a few layers.
+
+Example:
+    >>> adapter = HFAdapter(model)
+    >>> segs = [Segment(header_ids, header_kv), Segment(chunk_ids, chunk_kv), Segment(question_ids)]
+    >>> result = blended_prefill(adapter, segs, BlendConfig(recompute_ratio=0.15))
+    >>> next_token = int(result.logits.argmax())
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+from torch import Tensor
+
+from ragzip.errors import ConfigError, UnsupportedModelError
+from ragzip.kernels.attention import causal_mask
+from ragzip.kernels.hf_adapter import HFAdapter, LayerKV, ScatterCache
+from ragzip.kernels.rope import apply_rotation, rope_cos_sin
+from ragzip.kernels.select import gradual_ratios, kv_deviation, num_to_select, random_scores, select_tokens
+
+
+class Deviation(str, Enum):
+    """Which states score a token's deviation at the check layer(s)."""
+
+    VALUE = "value"
+    KEY = "key"
+    KV = "kv"
+    RANDOM = "random"
+
+    @classmethod
+    def parse(cls, value: str | Deviation) -> Deviation:
+        try:
+            return cls(value)
+        except ValueError:
+            raise ConfigError(f"unknown deviation {value!r}; valid: {[m.value for m in cls]}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class BlendConfig:
+    """Fixed hyperparameters of selective recompute.
+
+    Attributes:
+        recompute_ratio: share of reused tokens recomputed after the check layer(s), in [0, 1].
+        check_layer: layers before it run on every token; selection happens at it (>= 0).
+        deviation: selection strategy (value / key / kv deviation, or random as a control).
+        gradual_layers: 0 = one-shot selection; n > 0 = gradual filtering, shrinking from
+            ``gradual_start_ratio`` to ``recompute_ratio`` over n further layers.
+        gradual_start_ratio: the first set's size for gradual filtering (default ``min(1, 2 * ratio)``).
+        num_last_tokens: prompt tail always recomputed.
+        fresh_check_kv: write the fresh K/V of every scored token at a check layer (they are computed
+            anyway and exact at the first one); False keeps reused K/V for unselected tokens, so that
+            ratio 0 is exactly plain reuse.
+        seed: seed of the random control.
+    """
+
+    recompute_ratio: float = 0.15
+    check_layer: int = 1
+    deviation: Deviation = Deviation.VALUE
+    gradual_layers: int = 0
+    gradual_start_ratio: float | None = None
+    num_last_tokens: int = 1
+    fresh_check_kv: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.recompute_ratio <= 1.0:
+            raise ConfigError(f"recompute_ratio must be in [0, 1], got {self.recompute_ratio}")
+        if self.check_layer < 0 or self.gradual_layers < 0 or self.num_last_tokens < 1:
+            raise ConfigError("check_layer and gradual_layers must be >= 0 and num_last_tokens >= 1")
+        if self.gradual_start_ratio is not None and not 0.0 < self.gradual_start_ratio <= 1.0:
+            raise ConfigError(f"gradual_start_ratio must be in (0, 1], got {self.gradual_start_ratio}")
+        object.__setattr__(self, "deviation", Deviation.parse(self.deviation))
+
+    def layer_ratios(self) -> list[float]:
+        start = self.gradual_start_ratio or min(1.0, 2.0 * self.recompute_ratio)
+        return gradual_ratios(self.recompute_ratio, start_ratio=start, num_layers=self.gradual_layers)
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """A run of prompt tokens and, if reused, its cached K/V.
+
+    Attributes:
+        token_ids: the segment's token ids.
+        kv: per layer ``(K, V)``, each ``[H_kv, S, D]`` (or ``[1, H_kv, S, D]``), cached at positions
+            ``kv_start .. kv_start + S - 1``; None = no cached entry (always recomputed).
+        kv_start: the position the cached entry started at.
+    """
+
+    token_ids: Sequence[int]
+    kv: Sequence[LayerKV] | None = None
+    kv_start: int = 0
+
+
+@dataclass(slots=True)
+class BlendResult:
+    """Output of one blended prefill (per request, never shared)."""
+
+    logits: Tensor  # [V] float32, next-token logits after the prompt
+    kv: list[LayerKV]  # per layer [1, H_kv, N, D], the fused cache
+    num_tokens: int
+    num_reused: int  # tokens with a cached entry
+    selected: list[int] = field(default_factory=list)  # rows recomputed per layer
+    final_index: Tensor | None = None  # [r] tokens recomputed in the last layer
+
+    @property
+    def recomputed_tokens(self) -> int:
+        """Token-layers recomputed, in units of whole-prompt layers' tokens (sum over layers / num_layers)."""
+        return round(sum(self.selected) / max(1, len(self.selected)))
+
+
+def fuse_caches(adapter: HFAdapter, segments: Sequence[Segment], num_tokens: int) -> tuple[list[LayerKV], Tensor]:
+    """Concatenate the segments' caches, keys re-rotated to their global positions (plain reuse).
+
+    Returns:
+        Per layer ``(K, V)`` ``[1, H_kv, N, D]`` (zeros where a segment has no cache) and ``[N]`` bool,
+        True where a token has a cached entry.
+    """
+    device, dtype = adapter.device, adapter.dtype
+    shape = (1, adapter.num_kv_heads, num_tokens, adapter.head_dim)
+    cached = torch.zeros(num_tokens, dtype=torch.bool, device=device)
+    delta = torch.zeros(num_tokens, dtype=torch.long)
+    start = 0
+    for seg in segments:
+        n = len(seg.token_ids)
+        if seg.kv is not None:
+            if len(seg.kv) != adapter.num_layers:
+                raise ConfigError(f"segment cache has {len(seg.kv)} layers, the model {adapter.num_layers}")
+            cached[start : start + n] = True
+            delta[start : start + n] = start - seg.kv_start
+        start += n
+    tables: dict[int, tuple[Tensor, Tensor]] = {}
+    out: list[LayerKV] = []
+    for layer_idx in range(adapter.num_layers):
+        key = torch.zeros(shape, dtype=dtype, device=device)  # [1, H_kv, N, D]
+        value = torch.zeros(shape, dtype=dtype, device=device)
+        start = 0
+        for seg in segments:
+            n = len(seg.token_ids)
+            if seg.kv is not None:
+                k, v = seg.kv[layer_idx]
+                if k.shape[-2] != n:
+                    raise ConfigError(f"segment cache holds {k.shape[-2]} tokens, the segment {n}")
+                key[0, :, start : start + n] = k.reshape(-1, n, adapter.head_dim).to(device, dtype)
+                value[0, :, start : start + n] = v.reshape(-1, n, adapter.head_dim).to(device, dtype)
+            start += n
+        inv_freq = adapter.inv_freq(layer_idx)
+        if bool((delta != 0).any()):
+            tbl = tables.get(id(inv_freq))
+            if tbl is None:
+                cos, sin = rope_cos_sin(inv_freq, delta, dtype=torch.float32)  # [N, D]
+                tbl = tables[id(inv_freq)] = (cos.to(device), sin.to(device))
+            key = apply_rotation(key.float(), *tbl).to(dtype)
+        out.append((key, value))
+    return out, cached
+
+
+def _deviation(cfg: BlendConfig, fresh: LayerKV, reused: LayerKV, index: Tensor, layer_idx: int) -> Tensor:
+    if cfg.deviation is Deviation.RANDOM:
+        return random_scores(index.numel(), seed=cfg.seed + layer_idx, device=index.device)
+    score = torch.zeros(index.numel(), device=index.device)
+    if cfg.deviation in (Deviation.KEY, Deviation.KV):
+        score += kv_deviation(fresh[0], reused[0].index_select(2, index))
+    if cfg.deviation in (Deviation.VALUE, Deviation.KV):
+        score += kv_deviation(fresh[1], reused[1].index_select(2, index))
+    return score
+
+
+@torch.inference_mode()
+def blended_prefill(adapter: HFAdapter, segments: Sequence[Segment], config: BlendConfig | None = None) -> BlendResult:
+    """Prefill a prompt made of reused and fresh segments with selective recompute.
+
+    Args:
+        adapter: the model's `HFAdapter`.
+        segments: the prompt in order; their token ids concatenated are the prompt.
+        config: blend hyperparameters (default `BlendConfig()`).
+
+    Returns:
+        A `BlendResult` with next-token logits and the fused cache.
+
+    Raises:
+        ConfigError: empty prompt, or caches that do not match their segments or the model.
+    """
+    cfg = config or BlendConfig()
+    ids = [t for seg in segments for t in seg.token_ids]
+    num_tokens = len(ids)
+    if num_tokens == 0:
+        raise ConfigError("cannot prefill an empty prompt")
+    device = adapter.device
+    kv, cached = fuse_caches(adapter, segments, num_tokens)
+    forced = ~cached
+    forced[-min(cfg.num_last_tokens, num_tokens) :] = True
+    num_reused = int(cached.sum())
+    ratios = cfg.layer_ratios()
+    first_check = min(cfg.check_layer, adapter.num_layers)
+    check_layers = range(first_check, min(first_check + len(ratios), adapter.num_layers))
+
+    index = torch.arange(num_tokens, device=device)  # [r] rows being recomputed
+    hidden = adapter.embed(torch.tensor([ids], device=device))  # [1, N, hidden]
+    result = BlendResult(logits=torch.empty(0), kv=kv, num_tokens=num_tokens, num_reused=num_reused)
+    pos_cache: dict[str, tuple[Tensor, Tensor]] = {}
+    mask_cache: dict[int | None, Tensor | None] = {}
+    kv_pos = torch.arange(num_tokens, device=device)
+    for layer_idx in range(adapter.num_layers):
+        position_ids = index[None]  # [1, r]
+        layer_type = adapter.layer_types[layer_idx]
+        if layer_type not in pos_cache:
+            pos_cache[layer_type] = adapter.position_embeddings(layer_idx, hidden, position_ids)
+        pos_emb = pos_cache[layer_type]
+        if layer_idx in check_layers:
+            fresh = adapter.project_kv(layer_idx, hidden, *pos_emb)  # 2 x [1, H_kv, r, D]
+            if cfg.fresh_check_kv:
+                ScatterCache(*kv[layer_idx], index).update(*fresh, layer_idx)
+            score = _deviation(cfg, fresh, kv[layer_idx], index, layer_idx)  # [r]
+            ratio = ratios[layer_idx - first_check]
+            keep = select_tokens(score, forced.index_select(0, index), num_to_select(num_reused, ratio))  # [r']
+            index, hidden = index.index_select(0, keep), hidden.index_select(1, keep)
+            position_ids = index[None]
+            pos_emb = (pos_emb[0].index_select(1, keep), pos_emb[1].index_select(1, keep))
+            pos_cache = {t: (c.index_select(1, keep), s.index_select(1, keep)) for t, (c, s) in pos_cache.items()}
+            mask_cache.clear()
+        window = adapter.sliding_windows[layer_idx]
+        if window not in mask_cache:
+            full = index.numel() == num_tokens
+            implicit = full and adapter.can_use_implicit_causal(layer_idx, num_tokens)
+            mask_cache[window] = None if implicit else causal_mask(
+                index, kv_pos, sliding_window=window, dtype=hidden.dtype
+            )
+        cache = ScatterCache(*kv[layer_idx], index)
+        hidden = adapter.run_layer(layer_idx, hidden, position_ids, pos_emb, cache, attention_mask=mask_cache[window])
+        result.selected.append(int(index.numel()))
+    result.logits = adapter.logits(hidden[:, -1:])[0, -1]
+    result.final_index = index
+    return result
+
+
+def split_kv(kv: Sequence[LayerKV], start: int, end: int) -> list[LayerKV]:
+    """Token slice ``[start, end)`` of a per-layer ``[1, H_kv, N, D]`` cache, as ``[H_kv, S, D]`` tensors."""
+    return [(k[0, :, start:end].clone(), v[0, :, start:end].clone()) for k, v in kv]
+
+
+@torch.inference_mode()
+def compute_chunk_kv(adapter: HFAdapter, token_ids: Sequence[int]) -> list[LayerKV]:
+    """Prefill one chunk alone at positions ``0..S-1``; per layer ``(K, V)`` ``[H_kv, S, D]``."""
+    full = blended_prefill(adapter, [Segment(token_ids)], BlendConfig(recompute_ratio=1.0))
+    return split_kv(full.kv, 0, len(token_ids))
+
+
+@dataclass(frozen=True, slots=True)
+class SelfCheckReport:
+    """Outcome of `self_check`: worst absolute logit differences on the probe."""
+
+    full_vs_reference: float  # all-recompute blended prefill vs the model's own forward
+    rerotation: float  # layer-0 keys of a re-rotated chunk vs the same keys computed in place
+    passed: bool
+
+
+@torch.inference_mode()
+def self_check(adapter: HFAdapter, *, probe_len: int = 48, atol: float | None = None) -> SelfCheckReport:
+    """Compare blended and full prefill on a deterministic probe; raise if the model fails.
+
+    Checks that (1) ratio-1 blending reproduces the model's own logits and (2) a chunk cached at
+    position 0 and re-rotated to its place matches in-place layer-0 keys (which see no context).
+
+    Raises:
+        UnsupportedModelError: when either difference exceeds ``atol`` (default 1e-3 fp32, 5e-2 otherwise).
+    """
+    tol = atol if atol is not None else (1e-3 if adapter.dtype == torch.float32 else 5e-2)
+    vocab = int(adapter.model.get_input_embeddings().num_embeddings)
+    gen = torch.Generator().manual_seed(1234)
+    ids = torch.randint(3, max(4, min(vocab, 30000)), (probe_len,), generator=gen).tolist()
+    third = probe_len // 3
+    segs = [Segment(ids[:third]), Segment(ids[third : 2 * third]), Segment(ids[2 * third :])]
+    ref_logits, ref_cache = adapter.full_prefill(torch.tensor([ids], device=adapter.device))
+    full = blended_prefill(adapter, segs, BlendConfig(recompute_ratio=1.0))
+    scale = max(1.0, float(ref_logits.abs().max()))
+    d_full = float((full.logits - ref_logits).abs().max()) / scale
+    chunk_kv = compute_chunk_kv(adapter, ids[third : 2 * third])
+    moved, _ = fuse_caches(adapter, [Segment(ids[:third]), Segment(ids[third : 2 * third], chunk_kv)], 2 * third)
+    in_place = full.kv[0][0][0, :, third : 2 * third]  # [H_kv, S, D]
+    k0 = moved[0][0][0, :, third : 2 * third]
+    d_rot = float((k0 - in_place).abs().max()) / max(1.0, float(in_place.abs().max()))
+    passed = d_full <= tol and d_rot <= tol
+    if not passed:
+        raise UnsupportedModelError(
+            f"blending self-check failed for {adapter.model_type!r}: relative logit error {d_full:.2e}, "
+            f"re-rotation error {d_rot:.2e} (tolerance {tol:.0e}); refusing selective recompute for this model"
+        )
+    del ref_cache
+    return SelfCheckReport(d_full, d_rot, passed)
