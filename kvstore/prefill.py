@@ -49,7 +49,8 @@ def prefill_chunk(model: Any, token_ids: Sequence[int]) -> ChunkRecord:
     with torch.no_grad():
         # The decoder alone: the LM head's logits are not needed for K/V.
         model.model(input_ids=input_ids, cache=cache, use_cache=True)
-    layers = [(layer.keys[0].detach().clone(), layer.values[0].detach().clone()) for layer in cache.layers]  # [H_kv, S, D]
+    # [H_kv, S, D] per layer (batch dimension dropped)
+    layers = [(layer.keys[0].detach().clone(), layer.values[0].detach().clone()) for layer in cache.layers]
     return ChunkRecord(
         fingerprint=model_fingerprint(model),
         token_ids=tuple(ids),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import statistics
 import tempfile
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 DEFAULT_LEVEL = 3
+log = logging.getLogger(__name__)
 
 
 def _examples(data: Path, limit: int | None) -> list[dict[str, Any]]:
@@ -38,27 +40,33 @@ def _codecs(profile: Any) -> list[tuple[str, Any]]:
     from ragzip.kvstore.codecs import get_codec
     from ragzip.kvstore.codecs.cachegen import LEVEL_STEPS, CacheGenCodec
 
-    out: list[tuple[str, Any]] = [("raw", get_codec("raw")), ("int8", get_codec("int8")), ("int4", get_codec("int4"))]
+    out: list[tuple[str, Any]] = [("raw", get_codec("raw")), ("raw-bf16", get_codec("raw", dtype="bfloat16")),
+                                  ("int8", get_codec("int8")), ("int4", get_codec("int4"))]
     out += [(f"cachegen:{lv}", CacheGenCodec(lv, profile)) for lv in range(len(LEVEL_STEPS))]
-    out += [(f"cachegen-banded:{lv}", CacheGenCodec(lv, None)) for lv in (1, 3, 5)]
+    out += [(f"cachegen-banded:{lv}", CacheGenCodec(lv, None)) for lv in (1, 3)]
     out += [(f"cachegen-delta:{DEFAULT_LEVEL}", CacheGenCodec(DEFAULT_LEVEL, profile, delta="on"))]
     return out
 
 
 def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) -> dict[str, Any]:
-    """Run the suite. Options: model (alias), prefix (tokens, 320), cont (64), calib (3), dtype (bfloat16),
-    threads (1)."""
-    import torch
+    """Run the suite.
 
+    Options: model (alias; default the local LLM), dtype (bfloat16), prefix (tokens, 320), cont (64),
+    calib (chunks, 3), profile (a saved CacheGen profile: skip calibration), save_profile (path), threads (1).
+    """
+    import torch
     from ragzip.kvstore.calibrate import agreement, continuation_logits, measure_sensitivity
+    from ragzip.kvstore.codecs.cachegen import CacheGenProfile
     from ragzip.kvstore.prefill import prefill_chunk
     from ragzip.kvstore.record import ChunkRecord
     from ragzip.kvstore.stores.disk import DiskStore
+
     from ragzip.registry import load_causal_lm
 
     torch.manual_seed(seed)
     torch.set_num_threads(int(options.get("threads", "1")))
-    prefix, cont_len, n_calib = int(options.get("prefix", 320)), int(options.get("cont", 64)), int(options.get("calib", 3))
+    prefix, cont_len = int(options.get("prefix", 320)), int(options.get("cont", 64))
+    n_calib = int(options.get("calib", 3))
     dtype = getattr(torch, options.get("dtype", "bfloat16"))
     model, tok = load_causal_lm(options.get("model"), dtype=dtype)
     examples = _examples(Path(data), (limit or 20) + n_calib)
@@ -71,9 +79,16 @@ def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) ->
         return prefill_chunk(model, ids[:prefix]), ids[prefix:prefix + cont_len] + q
 
     t0 = time.perf_counter()
-    calib = [s for ex in examples[:n_calib] if (s := sample(ex, min(1, len(ex["contexts"]) - 1)))]
-    profile = measure_sensitivity(model, calib, seed=seed)
-    calib_s = time.perf_counter() - t0
+    if "profile" in options:
+        profile = CacheGenProfile.load(options["profile"])
+        calib_s = 0.0
+    else:
+        calib = [s for ex in examples[:n_calib] if (s := sample(ex, min(1, len(ex["contexts"]) - 1)))]
+        profile = measure_sensitivity(model, calib, seed=seed)
+        calib_s = time.perf_counter() - t0
+        log.info("kvcodec: profile measured on %d chunks in %.0f s", len(calib), calib_s)
+    if "save_profile" in options:
+        profile.save(options["save_profile"])
     codecs = _codecs(profile)
     rows: dict[str, dict[str, list[float]]] = {name: {} for name, _ in codecs}
     load_ratio: dict[str, list[float]] = {"raw": [], "int8": [], f"cachegen:{DEFAULT_LEVEL}": []}
@@ -86,6 +101,7 @@ def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) ->
                 continue
             record, cont = s
             n_chunks += 1
+            log.info("kvcodec: chunk %d (%s)", n_chunks, ex.get("id"))
             ref = continuation_logits(model, record.layers, cont)
             n_el = sum(k.numel() + v.numel() for k, v in record.layers)
             mb = record.nbytes / 1e6

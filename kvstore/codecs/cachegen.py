@@ -10,8 +10,10 @@ For each layer and each of K, V (`x [H_kv, S, D]`):
 3. Optional change-based coding: tokens in groups of `group` tokens are coded as the integer difference from the
    group's first (anchor) token. On one grid this is a lossless transform of the symbols, so it only changes the
    size; the encoder keeps it for a (layer, kind) only where it measures fewer bits, and the meta records where.
-4. Range coding (constriction) with a quantized Laplace per (layer, kind, head, channel) and stream
-   (anchors / deltas): mean and scale are fp16 side information in the payload and counted in its size.
+4. Range coding (constriction) per (layer, kind, head, channel) and stream (anchors / deltas): each channel is
+   centred on its median and coded with the empirical frequency table of its spread class (half-octave
+   classes of mean |symbol|). Medians, classes and tables are side information inside the payload, so they
+   are counted in bits per element.
 """
 
 from __future__ import annotations
@@ -33,9 +35,11 @@ if TYPE_CHECKING:
     from ragzip.kvstore.record import LayerKV
 
 # Base step (in units of a token's RMS) of each level for a layer of average sensitivity; level 0 is the finest.
-LEVEL_STEPS = (0.06, 0.1, 0.14, 0.2, 0.28, 0.4)
+LEVEL_STEPS = (0.06, 0.1, 0.15, 0.22, 0.3, 0.4)
 DEFAULT_LEVEL = 3
 _MIN_B = 0.02
+_NUM_CLASSES = 24
+_MAX_SYMBOL = 32000
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,23 +190,48 @@ def _streams(q: np.ndarray, group: int, use_delta: bool) -> tuple[np.ndarray, np
     return q[:, anchor_idx, :], deltas
 
 
+def _channel_classes(b: np.ndarray) -> np.ndarray:
+    """Half-octave classes of per-channel spread: channels of one class share one frequency table."""
+    return np.clip(np.round(np.log2(b + 0.05) * 2) + 8, 0, _NUM_CLASSES - 1).astype(np.uint8)
+
+
 def _code(sym: np.ndarray) -> tuple[dict[str, Any], bytes]:
+    """Range-code sym [H_kv, N, D] with per-(head, channel) centring and per-class empirical tables.
+
+    Side information (all in the payload): an int16 median and a class byte per channel, and per class the
+    symbol range and uint16 frequencies. Tables are integers, so encoder and decoder build bit-identical models
+    on every platform (a float-parametrised model could differ in the last bit across libm versions).
+    """
     import constriction
 
-    if sym.shape[1] == 0:
+    h, n, d = sym.shape
+    if n == 0:
         return {"n": 0}, b""
-    mu, b = _laplace_params(sym)
-    lo, hi = int(sym.min()), int(sym.max())
-    if hi == lo:
-        hi = lo + 1
-    family = constriction.stream.model.QuantizedLaplace(lo, hi)
-    means = np.broadcast_to(mu.astype(np.float64)[:, None, :], sym.shape).reshape(-1)
-    scales = np.broadcast_to(b.astype(np.float64)[:, None, :], sym.shape).reshape(-1)
+    ch = sym.transpose(0, 2, 1).reshape(h * d, n)  # [C, N], C = H_kv * D channels
+    med = np.round(np.median(ch, axis=1)).astype(np.int64)
+    centred = ch - med[:, None]
+    if np.abs(centred).max() > _MAX_SYMBOL or np.abs(med).max() > _MAX_SYMBOL:
+        raise CodecError("cachegen symbols out of range (step too small for this data)")
+    cls = _channel_classes(np.abs(centred).mean(axis=1))
+    side = [med.astype("<i2").tobytes(), cls.tobytes()]
     enc = constriction.stream.queue.RangeEncoder()
-    enc.encode(sym.reshape(-1).astype(np.int32), family, means, scales)
+    for k in np.unique(cls):
+        vals = centred[cls == k].reshape(-1)
+        lo, hi = int(vals.min()), int(vals.max())
+        hi = max(hi, lo + 1)  # constriction needs two or more symbols in a table
+        counts = np.bincount(vals - lo, minlength=hi - lo + 1).astype(np.float64)
+        freq = np.where(counts > 0, np.maximum(1, np.round(counts / counts.max() * 65535)), 0).astype("<u2")
+        side.append(np.array([lo, hi - lo + 1], dtype="<i2").tobytes() + freq.tobytes())
+        enc.encode((vals - lo).astype(np.int32), _categorical(freq))
     words = enc.get_compressed().astype("<u4").tobytes()
-    side = mu.astype("<f2").tobytes() + b.astype("<f2").tobytes()
-    return {"n": int(sym.shape[1]), "lo": lo, "hi": hi, "words": len(words) // 4}, side + words
+    return {"n": int(n), "words": len(words) // 4}, b"".join(side) + words
+
+
+def _categorical(freq: np.ndarray) -> Any:
+    import constriction
+
+    p = freq.astype(np.float64)
+    return constriction.stream.model.Categorical(p / p.sum(), perfect=False)
 
 
 def _encode_tensor(x: torch.Tensor, step: float, group: int, delta: str) -> tuple[dict[str, Any], bytes]:
@@ -233,29 +262,41 @@ def _decode_stream(m: Any, view: memoryview, pos: int, h: int, d: int) -> tuple[
     n = m["n"]
     if n == 0:
         return np.zeros((h, 0, d), dtype=np.int64), pos
-    try:
-        lo, hi, words = int(m["lo"]), int(m["hi"]), int(m["words"])
-    except (KeyError, TypeError, ValueError):
-        raise CodecError("cachegen stream meta is malformed") from None
-    side = h * d * 2
-    if lo >= hi or words < 0 or pos + 2 * side + 4 * words > len(view):
+    words = m.get("words")
+    c = h * d
+    if not isinstance(words, int) or words < 0 or pos + 3 * c > len(view):
         raise CodecError("cachegen payload is truncated or its meta is inconsistent")
-    mu = np.frombuffer(view[pos:pos + side], dtype="<f2").reshape(h, d).astype(np.float64)
-    b = np.frombuffer(view[pos + side:pos + 2 * side], dtype="<f2").reshape(h, d).astype(np.float64)
-    pos += 2 * side
-    if not (np.isfinite(mu).all() and np.isfinite(b).all() and (b > 0).all()):
-        raise CodecError("cachegen side information is invalid")
+    med = np.frombuffer(view[pos:pos + 2 * c], dtype="<i2").astype(np.int64)
+    cls = np.frombuffer(view[pos + 2 * c:pos + 3 * c], dtype=np.uint8)
+    pos += 3 * c
+    tables = []
+    for _k in np.unique(cls):
+        if pos + 4 > len(view):
+            raise CodecError("cachegen payload is truncated")
+        lo, size = (int(v) for v in np.frombuffer(view[pos:pos + 4], dtype="<i2"))
+        pos += 4
+        if size < 2 or pos + 2 * size > len(view):
+            raise CodecError("cachegen frequency table is invalid or truncated")
+        freq = np.frombuffer(view[pos:pos + 2 * size], dtype="<u2")
+        pos += 2 * size
+        if not freq.any():
+            raise CodecError("cachegen frequency table is empty")
+        tables.append((lo, freq))
+    if pos + 4 * words > len(view):
+        raise CodecError("cachegen payload is truncated")
     compressed = np.frombuffer(view[pos:pos + 4 * words], dtype="<u4").astype(np.uint32)
     pos += 4 * words
-    shape = (h, n, d)
-    means = np.broadcast_to(mu[:, None, :], shape).reshape(-1)
-    scales = np.broadcast_to(b[:, None, :], shape).reshape(-1)
-    family = constriction.stream.model.QuantizedLaplace(lo, hi)
+    centred = np.empty((c, n), dtype=np.int64)
+    dec = constriction.stream.queue.RangeDecoder(compressed)
     try:
-        sym = constriction.stream.queue.RangeDecoder(compressed).decode(family, means, scales)
-    except (ValueError, RuntimeError) as exc:
+        for k, (lo, freq) in zip(np.unique(cls), tables):
+            rows = cls == k
+            vals = dec.decode(_categorical(freq), int(rows.sum()) * n)
+            centred[rows] = np.asarray(vals, dtype=np.int64).reshape(-1, n) + lo
+    except (ValueError, RuntimeError, AssertionError) as exc:
         raise CodecError(f"cachegen range decoding failed: {exc}") from None
-    return np.asarray(sym, dtype=np.int64).reshape(shape), pos
+    sym = (centred + med[:, None]).reshape(h, d, n).transpose(0, 2, 1)  # [H_kv, N, D]
+    return np.ascontiguousarray(sym), pos
 
 
 def _decode_tensor(m: Any, view: memoryview, pos: int, shape: Shape, group: int) -> tuple[torch.Tensor, int]:

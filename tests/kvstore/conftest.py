@@ -18,8 +18,8 @@ REDIS_URL = os.environ.get("RAGZIP_TEST_REDIS_URL", f"redis://127.0.0.1:{REDIS_P
 def make_record(seed: int = 0, num_tokens: int = 12, num_layers: int = 3, fingerprint: str = "test-fp",
                 dtype: torch.dtype = torch.float32) -> ChunkRecord:
     gen = torch.Generator().manual_seed(seed)
-    layers = [(torch.randn(2, num_tokens, 8, generator=gen).to(dtype), torch.randn(2, num_tokens, 8, generator=gen).to(dtype))
-              for _ in range(num_layers)]
+    layers = [(torch.randn(2, num_tokens, 8, generator=gen).to(dtype),
+               torch.randn(2, num_tokens, 8, generator=gen).to(dtype)) for _ in range(num_layers)]
     ids = tuple(int(t) for t in torch.randint(0, 1000, (num_tokens,), generator=gen))
     return ChunkRecord(fingerprint, ids, 0, layers, dtype)
 

@@ -89,7 +89,7 @@ def _spawn(root: Path, worker: int, n: int, size: int, cap: int) -> subprocess.P
 def test_concurrent_writer_processes(tmp_path: Path) -> None:
     root = tmp_path / "kv"
     cap = 5 * 5000
-    procs = [_spawn(root, w, 25, 64, cap) for w in range(3)]
+    procs = [_spawn(root, w, 15, 64, cap) for w in range(3)]
     for p in procs:
         out, err = p.communicate(timeout=120)
         assert p.returncode == 0, err
