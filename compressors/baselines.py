@@ -1,0 +1,141 @@
+"""Baseline compressors: identity, head truncation, random sentence/word drop, embedding top-k sentences."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from ragzip.budget import Budget
+from ragzip.compressors.base import BaseCompressor, select_within_limit
+from ragzip.errors import ConfigError
+from ragzip.retrieval.sentences import split_sentences
+from ragzip.spans import assemble
+from ragzip.tokens import TokenCounter
+from ragzip.types import CompressedDocument, Document
+
+_WORD = re.compile(r"\S+")
+DEFAULT_RATE = 0.5
+
+
+def _limit(budget: Budget, tokens_before: int) -> int:
+    """Baselines need a token limit; with none (or only a threshold) they keep DEFAULT_RATE."""
+    limit = budget.token_limit(tokens_before)
+    return limit if limit is not None else max(1, int(DEFAULT_RATE * tokens_before))
+
+
+def _units(documents: Sequence[Document], unit: str) -> list[tuple[int, int, int]]:
+    """(doc index, start, end) of every sentence or word, in reading order."""
+    out = []
+    for i, doc in enumerate(documents):
+        if unit == "sentence":
+            out.extend((i, a, b) for a, b in split_sentences(doc.text))
+        else:
+            out.extend((i, m.start(), m.end()) for m in _WORD.finditer(doc.text))
+    return out
+
+
+def _build(documents: Sequence[Document], units: list[tuple[int, int, int]], chosen: Sequence[int],
+           scores: Sequence[float] | None = None) -> list[CompressedDocument]:
+    per_doc: dict[int, list[int]] = {}
+    for k in chosen:
+        per_doc.setdefault(units[k][0], []).append(k)
+    kept = []
+    for i, doc in enumerate(documents):
+        if i in per_doc:
+            ks = per_doc[i]
+            kept.append(assemble(doc, [(units[k][1], units[k][2]) for k in ks],
+                                 scores=[scores[k] for k in ks] if scores is not None else ()))
+    return kept
+
+
+class IdentityCompressor(BaseCompressor):
+    """Keeps everything (the uncompressed baseline)."""
+
+    name = "none"
+    is_query_agnostic = True
+
+    def _compress(self, query: str, documents: Sequence[Document], budget: Budget):  # type: ignore[no-untyped-def]
+        return [assemble(d, [(0, len(d.text))]) for d in documents if d.text], {}
+
+
+class TruncateCompressor(BaseCompressor):
+    """Keeps the head of the context (whole words, documents in order) up to the budget."""
+
+    name = "truncate"
+    is_query_agnostic = True
+
+    def _compress(self, query: str, documents: Sequence[Document], budget: Budget):  # type: ignore[no-untyped-def]
+        units = _units(documents, "word")
+        costs = self.counter.count_batch([documents[i].text[a:b] for i, a, b in units])
+        limit = _limit(budget, sum(self.counter.count_batch([d.text for d in documents])))
+        chosen, total = [], 0
+        for k, cost in enumerate(costs):
+            if total + cost > limit:
+                break
+            chosen.append(k)
+            total += cost
+        if not chosen and units:
+            chosen = [0]  # never an empty context
+        return _build(documents, units, chosen), {"limit": limit}
+
+
+class RandomCompressor(BaseCompressor):
+    """Keeps random sentences (or words) up to the budget, seeded by the query so results repeat."""
+
+    name = "random"
+    is_query_agnostic = False
+
+    def __init__(self, counter: TokenCounter, *, unit: str = "sentence", seed: int | str = 0) -> None:
+        super().__init__(counter)
+        if unit not in ("sentence", "word"):
+            raise ConfigError(f"unit must be 'sentence' or 'word', got {unit!r}")
+        self.unit = unit
+        self.seed = int(seed)
+
+    def _compress(self, query: str, documents: Sequence[Document], budget: Budget):  # type: ignore[no-untyped-def]
+        units = _units(documents, self.unit)
+        costs = self.counter.count_batch([documents[i].text[a:b] for i, a, b in units])
+        limit = _limit(budget, sum(self.counter.count_batch([d.text for d in documents])))
+        digest = hashlib.blake2b(f"{self.seed}:{query}".encode(), digest_size=8).digest()
+        rng = random.Random(int.from_bytes(digest, "little"))
+        scores = [rng.random() for _ in units]
+        chosen = select_within_limit(scores, costs, limit) or ([0] if units else [])
+        return _build(documents, units, chosen), {"limit": limit, "unit": self.unit}
+
+
+class EmbedTopKCompressor(BaseCompressor):
+    """Keeps the sentences most similar to the query (cosine of sentence embeddings), in original order.
+
+    Threshold mode keeps sentences whose cosine passes `budget.threshold`; token budgets keep the best ones that fit.
+    """
+
+    name = "embed-topk"
+    is_query_agnostic = False
+
+    def __init__(self, counter: TokenCounter, *, embedder: str | None = None, min_keep: int | str = 1) -> None:
+        super().__init__(counter)
+        self.embedder_name = embedder
+        self.min_keep = int(min_keep)
+
+    def _compress(self, query: str, documents: Sequence[Document], budget: Budget):  # type: ignore[no-untyped-def]
+        from ragzip.registry import load_embedder
+
+        units = _units(documents, "sentence")
+        if not units:
+            return [], {}
+        texts = [documents[i].text[a:b] for i, a, b in units]
+        model: Any = load_embedder(self.embedder_name)
+        emb = model.encode([query, *texts], normalize_embeddings=True, convert_to_numpy=True)
+        scores = [float(x) for x in emb[1:] @ emb[0]]
+        if budget.threshold is not None:
+            chosen = [k for k, s in enumerate(scores) if s >= budget.threshold]
+        else:
+            costs = self.counter.count_batch(texts)
+            chosen = select_within_limit(scores, costs, _limit(budget, sum(costs)))
+        if len(chosen) < self.min_keep:
+            best = sorted(range(len(scores)), key=lambda k: -scores[k])[: self.min_keep]
+            chosen = sorted(set(chosen) | set(best))
+        return _build(documents, units, chosen, scores), {"num_sentences": len(units)}

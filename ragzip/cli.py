@@ -1,0 +1,302 @@
+"""The `ragzip` command line: compress, index, ask, demo, eval, serve, kv."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ragzip.budget import Budget
+from ragzip.errors import ConfigError, RagzipError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="RAG context compression middleware.")
+err = Console(stderr=True)
+# Wide tables when piped (CI logs, files); the terminal width otherwise.
+out = Console() if sys.stdout.isatty() else Console(width=160)
+
+EVAL_SUITES: dict[str, str] = {
+    "extractive": "ragzip.eval.suites.extractive:run",
+    "lingua2": "ragzip.eval.suites.lingua2:run",
+    "crag": "ragzip.eval.suites.crag:run",
+    "kvcodec": "ragzip.eval.suites.kvcodec:run",
+    "blend": "ragzip.eval.suites.blend:run",
+    "baselines": "ragzip.eval.suites.baselines:run",
+}
+
+
+def _budget(rate: float | None, target_tokens: int | None, threshold: float | None) -> Budget:
+    return Budget(rate=rate, target_tokens=target_tokens, threshold=threshold)
+
+
+def parse_options(pairs: list[str] | None) -> dict[str, Any]:
+    """`key=value` pairs; `stage.key=value` nests under the stage name (for pipelines)."""
+    options: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"option {pair!r} is not of the form key=value")
+        if "." in key:
+            stage, _, sub = key.partition(".")
+            options.setdefault(stage, {})[sub] = value
+        else:
+            options[key] = value
+    return options
+
+
+def _fail(exc: Exception) -> None:
+    err.print(f"[red]error:[/red] {exc}")
+    raise typer.Exit(2)
+
+
+@app.command()
+def compress(
+    input_path: Path = typer.Argument(..., exists=True, dir_okay=False, help="Input JSONL (the CLI contract)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output JSONL."),
+    method: str = typer.Option("exit", "--method", "-m", help="Compressor, 'a+b' pipeline, or pipeline JSON file."),
+    rate: float = typer.Option(None, help="Fraction of tokens to keep (0, 1]."),
+    target_tokens: int = typer.Option(None, "--target-tokens", help="Hard cap on kept tokens per record."),
+    threshold: float = typer.Option(None, help="Score threshold (compressor-specific)."),
+    option: list[str] = typer.Option(None, "--option", "-O", help="Compressor option key=value (repeatable)."),
+    scorer: str = typer.Option(None, help="EXIT scorer: encoder | causal-lm."),
+    query_aware: bool = typer.Option(None, "--query-aware/--no-query-aware", help="LLMLingua-2 query-aware mode."),
+    tokenizer: str = typer.Option(None, help="Tokenizer that counts budgets (default: the local LLM's)."),
+    on_error: str = typer.Option("skip", help="Bad input lines: 'skip' (report and go on) or 'fail'."),
+    resume: bool = typer.Option(False, help="Append to OUTPUT, skipping lines it already holds."),
+    engine: str = typer.Option("local", help="local | ray"),
+) -> None:
+    """Compress every record of a JSONL file (see README: CLI contract)."""
+    from ragzip.batch import compress_record, done_lines, iter_jsonl, truncate_partial_line
+    from ragzip.pipeline import build_compressor
+    from ragzip.tokens import get_token_counter
+
+    try:
+        if on_error not in ("skip", "fail"):
+            raise ConfigError(f"--on-error must be 'skip' or 'fail', got {on_error!r}")
+        budget = _budget(rate, target_tokens, threshold)
+        options = parse_options(option)
+        if scorer is not None:
+            options["scorer"] = scorer
+        if query_aware is not None:
+            options["query_aware"] = query_aware
+        if engine == "ray":
+            from ragzip.batch_ray import run_ray  # type: ignore[import-not-found]
+
+            run_ray(input_path, output, method=method, budget=budget, options=options, tokenizer=tokenizer,
+                    on_error=on_error, resume=resume)
+            return
+        if engine != "local":
+            raise ConfigError(f"--engine must be 'local' or 'ray', got {engine!r}")
+        compressor = build_compressor(method, counter=get_token_counter(tokenizer), options=options)
+    except RagzipError as exc:
+        _fail(exc)
+    skip = done_lines(output) if resume else set()
+    if resume:
+        truncate_partial_line(output)
+    num_ok = num_bad = tokens_in = tokens_out = 0
+    records = list(iter_jsonl(input_path))
+    from rich.progress import Progress
+
+    with open(output, "a" if resume else "w", encoding="utf-8") as fh, Progress(console=err, transient=True) as bar:
+        task = bar.add_task("compressing", total=len(records))
+        for lineno, obj, problem in records:
+            bar.advance(task)
+            if lineno in skip:
+                continue
+            try:
+                if problem:
+                    raise RagzipError(problem)
+                row = compress_record(compressor, obj, budget, source_line=lineno)
+            except RagzipError as exc:
+                num_bad += 1
+                err.print(f"[yellow]{input_path}:{lineno}:[/yellow] {exc}")
+                if on_error == "fail":
+                    raise typer.Exit(1) from None
+                continue
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            fh.flush()
+            num_ok += 1
+            tokens_in += row["compressed"]["tokens_before"]
+            tokens_out += row["compressed"]["tokens_after"]
+    rate_txt = f"{tokens_out / tokens_in:.3f}" if tokens_in else "n/a"
+    err.print(f"{num_ok} compressed, {num_bad} bad lines skipped, {len(skip)} already done; "
+              f"tokens {tokens_in} -> {tokens_out} (rate {rate_txt})")
+    if num_bad and num_ok == 0 and not skip:
+        raise typer.Exit(1)
+
+
+@app.command()
+def index(
+    input_path: Path = typer.Argument(..., exists=True, dir_okay=False, help="JSONL of {id, title?, text} or contract records."),
+    output: Path = typer.Option(..., "-o", "--output", help="Index folder."),
+    kind: str = typer.Option("flat", help="flat (exact) | hnsw (approximate)."),
+    chunk_tokens: int = typer.Option(256, help="Chunk size in tokens."),
+    embedder: str = typer.Option(None, help="Sentence embedder (default: packaged all-MiniLM-L6-v2)."),
+    append: bool = typer.Option(False, help="Add to an existing index."),
+) -> None:
+    """Chunk, embed and index documents."""
+    from ragzip.batch import iter_jsonl
+    from ragzip.retrieval.index import VectorIndex
+    from ragzip.retrieval.retriever import Retriever
+    from ragzip.types import Document
+
+    try:
+        docs = []
+        for lineno, obj, problem in iter_jsonl(input_path):
+            if problem or not isinstance(obj, dict):
+                raise RagzipError(f"{input_path}:{lineno}: {problem or 'expected an object'}")
+            if isinstance(obj.get("contexts"), list):
+                items = [(c, f"{obj.get('id', lineno)}/{j}") for j, c in enumerate(obj["contexts"])]
+            else:
+                items = [(obj, str(lineno))]
+            for item, default_id in items:
+                if not isinstance(item, dict) or not isinstance(item.get("text"), str):
+                    raise RagzipError(f"{input_path}:{lineno}: each document needs a string 'text'")
+                docs.append(Document(str(item.get("id", default_id)), item["text"], str(item.get("title") or "")))
+        if append and (output / "meta.json").exists():
+            retriever = Retriever(index=VectorIndex.load(output), chunk_tokens=chunk_tokens)
+        else:
+            retriever = Retriever(embedder=embedder, kind=kind, chunk_tokens=chunk_tokens)
+        start = time.perf_counter()
+        added = retriever.add(docs)
+        retriever.save(output)
+    except RagzipError as exc:
+        _fail(exc)
+    err.print(f"indexed {len(docs)} documents as {added} chunks in {time.perf_counter() - start:.1f}s "
+              f"({len(retriever.index)} chunks in {output})")
+
+
+@app.command()
+def ask(
+    question: str = typer.Argument(...),
+    index_path: Path = typer.Option(..., "--index", exists=True, file_okay=False, help="Index folder."),
+    k: int = typer.Option(5, "-k", "--k", help="Chunks to retrieve."),
+    method: str = typer.Option("exit", "--method", "-m"),
+    rate: float = typer.Option(None),
+    target_tokens: int = typer.Option(None, "--target-tokens"),
+    threshold: float = typer.Option(None),
+    option: list[str] = typer.Option(None, "--option", "-O"),
+    llm: str = typer.Option(None, help="Local LLM (default: embedded SmolLM2-135M-Instruct)."),
+    max_new_tokens: int = typer.Option(48),
+) -> None:
+    """Retrieve, compress and answer with the local LLM (streamed)."""
+    from ragzip.engine import LocalEngine
+    from ragzip.pipeline import build_compressor
+    from ragzip.retrieval.retriever import Retriever
+    from ragzip.tokens import get_token_counter
+
+    try:
+        retriever = Retriever.load(index_path)
+        hits = retriever.search(question, k)
+        compressor = build_compressor(method, counter=get_token_counter(None), options=parse_options(option))
+        result = compressor.compress(question, [d for d, _ in hits], _budget(rate, target_tokens, threshold))
+        engine = LocalEngine(llm)
+    except RagzipError as exc:
+        _fail(exc)
+    err.print(f"[dim]{len(hits)} chunks, tokens {result.tokens_before} -> {result.tokens_after} "
+              f"({result.rate:.2f}) by {result.method} in {result.seconds:.2f}s[/dim]")
+    from ragzip.types import Document
+
+    docs = [Document(d.id, d.text, d.title) for d in result.documents]
+    for delta in engine.stream(question, docs, max_new_tokens=max_new_tokens):
+        out.print(delta, end="")
+    out.print()
+
+
+@app.command()
+def demo(
+    method: str = typer.Option("embed-topk", "--method", "-m", help="Compressor or pipeline to demo."),
+    rate: float = typer.Option(None),
+    llm: str = typer.Option(None, help="Local LLM (default: embedded SmolLM2-135M-Instruct)."),
+    k: int = typer.Option(4, help="Chunks retrieved per question."),
+) -> None:
+    """Index the bundled corpus, retrieve, compress, answer with the local LLM, print a table."""
+    from ragzip.demo import run_demo
+
+    try:
+        rows = run_demo(method=method, rate=rate, llm=llm, k=k, log=err.print)
+    except RagzipError as exc:
+        _fail(exc)
+    table = Table(title=f"ragzip demo: {method} (local LLM answers from full vs compressed context)")
+    for col in ("question", "tokens", "kept", "rate", "compress s", "answer (full)", "answer (compressed)", "gold"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r["question"], str(r["tokens_before"]), str(r["tokens_after"]), f"{r['rate']:.2f}",
+                      f"{r['seconds']:.2f}", r["answer_full"][:80], r["answer_compressed"][:80], r["gold"])
+    out.print(table)
+    n = len(rows) or 1
+    out.print(f"mean rate {sum(r['rate'] for r in rows) / n:.2f}; answer F1 full {sum(r['f1_full'] for r in rows) / n:.2f}"
+              f" vs compressed {sum(r['f1_compressed'] for r in rows) / n:.2f} ({len(rows)} questions)")
+
+
+@app.command(name="eval")
+def eval_cmd(
+    suite: str = typer.Argument(..., help=f"One of: {', '.join(sorted(EVAL_SUITES))}."),
+    data: Path = typer.Option(..., "--data", exists=True, help="Data file or folder (common schema)."),
+    limit: int = typer.Option(None, help="At most N examples."),
+    json_out: Path = typer.Option(None, "--json", help="Write the results as JSON."),
+    seed: int = typer.Option(0),
+    option: list[str] = typer.Option(None, "--option", "-O", help="Suite option key=value (repeatable)."),
+) -> None:
+    """Run a benchmark suite, print its table and write its JSON."""
+    import importlib
+
+    try:
+        target = EVAL_SUITES.get(suite)
+        if target is None:
+            raise ConfigError(f"unknown eval suite {suite!r}; valid: {sorted(EVAL_SUITES)}")
+        module_name, attr = target.split(":")
+        run = getattr(importlib.import_module(module_name), attr)
+        results = run(data, limit=limit, seed=seed, options=parse_options(option))
+    except RagzipError as exc:
+        _fail(exc)
+    table = Table(title=f"ragzip eval {suite}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in results.items():
+        if isinstance(value, (int, float, str, bool)) or value is None:
+            table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    out.print(table)
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(results, indent=1, ensure_ascii=False))
+        err.print(f"wrote {json_out}")
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(8000),
+    upstream: str = typer.Option(None, help="OpenAI-compatible upstream base URL; default: the local engine."),
+    config: Path = typer.Option(None, help="Server config file (JSON)."),
+) -> None:
+    """Start the OpenAI-compatible proxy."""
+    try:
+        from ragzip.server.app import serve as run_server  # type: ignore[attr-defined]
+    except ImportError as exc:
+        _fail(ConfigError(f"the server needs its extra: pip install 'ragzip[server]' ({exc})"))
+    run_server(host=host, port=port, upstream=upstream, config=config)
+
+
+def _mount_kv() -> None:
+    try:
+        from ragzip.kvstore.cli import app as kv_app
+    except ImportError:
+        return
+    app.add_typer(kv_app, name="kv", help="Chunk KV store: warm, stats, evict, verify.")
+
+
+_mount_kv()
+
+
+def main() -> None:
+    try:
+        app()
+    except RagzipError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        sys.exit(2)

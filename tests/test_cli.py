@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from ragzip.cli import app
+
+RECORDS = [
+    {"id": "q1", "question": "Where does the Rhine end?", "contexts": [
+        {"id": "a", "title": "Rhine", "text": "The Rhine rises in the Swiss Alps. It ends in the North Sea. It is long."},
+        {"title": "Paris", "text": "Paris is the capital of France. It has many museums."}]},
+    {"id": "q2", "question": "What is oxygen?", "contexts": [
+        {"text": "Oxygen is a chemical element. Its symbol is O. It has atomic number 8."}]},
+]
+
+
+def _write(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("method", ["truncate", "random", "embed-topk", "embed-topk+truncate"])
+def test_compress_contract_end_to_end(method: str, tmp_path: Path) -> None:
+    src = _write(tmp_path / "in.jsonl", [json.dumps(r) for r in RECORDS])
+    out = tmp_path / "out.jsonl"
+    res = CliRunner().invoke(app, ["compress", str(src), "-o", str(out), "--method", method, "--rate", "0.5"])
+    assert res.exit_code == 0, res.output
+    rows = _read(out)
+    assert [r["id"] for r in rows] == ["q1", "q2"]
+    for row, record in zip(rows, RECORDS):
+        c = row["compressed"]
+        assert {"method", "contexts", "text", "tokens_before", "tokens_after", "rate", "seconds"} <= set(c)
+        assert 0 < c["tokens_after"] <= max(1, int(0.5 * c["tokens_before"]))
+        assert c["contexts"], "never an empty context"
+        originals = {ctx.get("id", str(i)): ctx["text"] for i, ctx in enumerate(record["contexts"])}
+        for ctx in c["contexts"]:
+            for start, end in ctx["spans"]:
+                assert originals[ctx["id"]][start:end] in ctx["text"]
+
+
+def test_bad_lines_are_reported_with_line_numbers(tmp_path: Path) -> None:
+    src = _write(tmp_path / "in.jsonl", [json.dumps(RECORDS[0]), "{not json", json.dumps({"id": "x"}),
+                                         json.dumps(RECORDS[1])])
+    out = tmp_path / "out.jsonl"
+    res = CliRunner().invoke(app, ["compress", str(src), "-o", str(out), "-m", "truncate", "--rate", "0.5"])
+    assert res.exit_code == 0
+    assert ":2:" in res.output and ":3:" in res.output and "contexts" in res.output
+    assert [r["id"] for r in _read(out)] == ["q1", "q2"]
+    res = CliRunner().invoke(app, ["compress", str(src), "-o", str(out), "-m", "truncate", "--on-error", "fail"])
+    assert res.exit_code == 1
+
+
+def test_resume_skips_done_lines_and_repairs_a_partial_line(tmp_path: Path) -> None:
+    src = _write(tmp_path / "in.jsonl", [json.dumps(r) for r in RECORDS])
+    out = tmp_path / "out.jsonl"
+    runner = CliRunner()
+    assert runner.invoke(app, ["compress", str(src), "-o", str(out), "-m", "truncate", "--rate", "0.5"]).exit_code == 0
+    lines = out.read_text().splitlines()
+    out.write_text(lines[0] + "\n" + lines[1][:20])  # interrupted while writing the second record
+    res = runner.invoke(app, ["compress", str(src), "-o", str(out), "-m", "truncate", "--rate", "0.5", "--resume"])
+    assert res.exit_code == 0, res.output
+    assert [r["id"] for r in _read(out)] == ["q1", "q2"]
+
+
+def test_unknown_method_and_bad_budget_are_clear_errors(tmp_path: Path) -> None:
+    src = _write(tmp_path / "in.jsonl", [json.dumps(RECORDS[0])])
+    res = CliRunner().invoke(app, ["compress", str(src), "-o", str(tmp_path / "o.jsonl"), "-m", "nope"])
+    assert res.exit_code == 2 and "unknown compressor" in res.output
+    res = CliRunner().invoke(app, ["compress", str(src), "-o", str(tmp_path / "o.jsonl"), "-m", "truncate",
+                                   "--rate", "0.5", "--target-tokens", "3"])
+    assert res.exit_code == 2 and "exactly one" in res.output
+
+
+def test_index_and_ask(tmp_path: Path) -> None:
+    docs = _write(tmp_path / "docs.jsonl", [json.dumps({"id": "t", "title": "Tower",
+                                                        "text": "The Eiffel Tower is in Paris, France."}),
+                                            json.dumps({"id": "o", "text": "Oxygen has atomic number 8."})])
+    res = CliRunner().invoke(app, ["index", str(docs), "-o", str(tmp_path / "idx")])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, ["index", str(docs), "-o", str(tmp_path / "idx"), "--append"])
+    assert res.exit_code == 2 and "already in the index" in res.output
+    res = CliRunner().invoke(app, ["ask", "In which city is the Eiffel Tower?", "--index", str(tmp_path / "idx"),
+                                   "-k", "1", "-m", "none", "--max-new-tokens", "12"])
+    assert res.exit_code == 0, res.output
+    assert "Paris" in res.output

@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from ragzip.errors import ConfigError
+from ragzip.kernels.blend import BlendConfig
+from ragzip.kv_engine import KVReuseEngine, ReuseMode
+from ragzip.types import Document
+
+WORDS = (
+    "the a of in and to was is who what where when which river city born wrote novel author college educated "
+    "capital country music album band played film directed by first largest island lake mountain king queen "
+    "war year team won river's question answer documents using only reply with short few words no explanation"
+).split()
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}<s> assistant {% endif %}"
+)
+
+
+def _tokenizer() -> Any:
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "system", "user", "assistant", ":", ".", ",", "?"])}
+    for w in WORDS:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+@pytest.fixture(scope="module")
+def engine_parts() -> tuple[Any, Any]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = _tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      initializer_range=0.2, eos_token_id=2, bos_token_id=1, pad_token_id=0)
+    return LlamaForCausalLM(cfg).eval(), tokenizer
+
+
+DOCS = [
+    Document("1", "the river is the largest river of the country and the capital city is on the river", "river"),
+    Document("2", "the author wrote a novel in the year of the war and was educated in a college"),
+    Document("3", "the band played music and won the first album of the year with the king and queen"),
+]
+
+
+def _engine(parts: tuple[Any, Any], **kw: Any) -> KVReuseEngine:
+    return KVReuseEngine(parts[0], parts[1], **kw)
+
+
+def test_pieces_are_stable_across_order_and_neighbours(engine_parts: tuple[Any, Any]) -> None:
+    engine = _engine(engine_parts, run_self_check=False)
+    a = engine.pieces("who wrote the novel ?", DOCS)
+    b = engine.pieces("where is the river ?", list(reversed(DOCS)))
+    assert a.header == b.header and a.documents[0] == b.documents[2]
+    assert a.token_ids == a.header + a.documents[0] + a.documents[1] + a.documents[2] + a.tail
+
+
+def test_store_hits_after_first_request(engine_parts: tuple[Any, Any], tmp_path: Path) -> None:
+    from ragzip.kvstore.stores.disk import DiskStore
+
+    engine = _engine(engine_parts, store=DiskStore(tmp_path))
+    engine.prefill("who wrote the novel ?", DOCS)
+    assert (engine.stats.hits, engine.stats.misses) == (0, 4)  # header + 3 documents
+    engine.prefill("where is the river ?", list(reversed(DOCS)))
+    assert (engine.stats.hits, engine.stats.misses) == (4, 0)
+    assert engine.stats.ttft_s > 0 and engine.stats.reused_tokens > 0
+    assert 0 < engine.stats.recomputed_tokens < engine.stats.prompt_tokens
+
+
+def test_ratio_one_blend_matches_full_prefill_and_generation(engine_parts: tuple[Any, Any]) -> None:
+    engine = _engine(engine_parts, blend=BlendConfig(recompute_ratio=1.0))
+    q = "who wrote the novel ?"
+    full = engine.prefill(q, DOCS, mode="full")
+    blend = engine.prefill(q, DOCS, mode="blend")
+    torch.testing.assert_close(blend.logits, full.logits, atol=1e-5, rtol=1e-5)
+    target = list(engine.generate_ids(engine.prefill(q, DOCS, mode="full"), max_new_tokens=6))
+    assert list(engine.generate_ids(blend, max_new_tokens=6)) == target
+    assert engine.answer(q, DOCS, max_new_tokens=6) == engine.answer(q, DOCS, max_new_tokens=6, mode="full")
+    assert "".join(engine.stream(q, DOCS, max_new_tokens=6)).strip() == engine.answer(q, DOCS, max_new_tokens=6)
+
+
+def test_reuse_mode_equals_blend_at_ratio_zero(engine_parts: tuple[Any, Any]) -> None:
+    engine = _engine(engine_parts, run_self_check=False)
+    q = "where is the capital city ?"
+    reuse = engine.prefill(q, DOCS, mode=ReuseMode.REUSE)
+    zero = engine.prefill(q, DOCS, mode="blend", blend=BlendConfig(recompute_ratio=0.0, fresh_check_kv=False))
+    torch.testing.assert_close(zero.logits, reuse.logits, atol=1e-5, rtol=1e-5)
+    prefix = engine.prefill(q, DOCS, mode="prefix")
+    full = engine.prefill(q, DOCS, mode="full")
+    assert prefix.num_tokens == full.num_tokens
+    # The first document at its true place is exact; with one document prefix caching equals full prefill.
+    one_prefix = engine.prefill(q, DOCS[:1], mode="prefix")
+    torch.testing.assert_close(one_prefix.logits, engine.prefill(q, DOCS[:1], mode="full").logits, atol=1e-5,
+                               rtol=1e-5)
+    rows = engine.teacher_forced_logits(full, [3, 4, 5])
+    assert rows.shape == (3, len(engine_parts[1]))
+
+
+def test_unknown_mode_is_refused(engine_parts: tuple[Any, Any]) -> None:
+    with pytest.raises(ConfigError, match="valid"):
+        _engine(engine_parts, run_self_check=False, mode="sometimes")
