@@ -63,18 +63,30 @@ class RedisStore(ByteStore):
     def _exists(self, key: str) -> bool:
         return bool(self._call("exists", self.prefix + key))
 
+    def _names(self) -> list[bytes]:
+        # SCAN, not KEYS: it does not block a shared server while it walks a large keyspace.
+        names = self._call("scan_iter", match=self.prefix + "*", count=1000)
+        try:
+            return list(names)
+        except self._errors as exc:
+            raise BackendUnavailable(f"redis at {self.url}: {exc}") from exc
+
     def _keys(self) -> Iterator[str]:
         n = len(self.prefix)
-        names = self._call("keys", self.prefix + "*")
-        return iter([(k.decode() if isinstance(k, bytes) else k)[n:] for k in names])
+        return iter([(k.decode() if isinstance(k, bytes) else k)[n:] for k in self._names()])
 
     def _usage(self) -> tuple[int, int]:
-        names = self._call("keys", self.prefix + "*")
-        total = 0
+        names = self._names()
+        if not names:
+            return 0, 0
+        pipe = self._client.pipeline(transaction=False)
         for name in names:
-            size = self._call("strlen", name)
-            total += int(size or 0)
-        return len(names), total
+            pipe.strlen(name)
+        try:
+            sizes = pipe.execute()
+        except self._errors as exc:
+            raise BackendUnavailable(f"redis at {self.url}: {exc}") from exc
+        return len(names), sum(int(x or 0) for x in sizes)
 
     def close(self) -> None:
         self._client.close()

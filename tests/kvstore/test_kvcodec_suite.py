@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+FIXTURE = Path(__file__).parent / "fixtures" / "chunks.jsonl"
+
+
+@pytest.mark.slow
+def test_kvcodec_suite_runs_on_the_local_llm(tmp_path: Path) -> None:
+    from ragzip.eval.suites import kvcodec
+
+    from ragzip.errors import ModelNotFoundError
+
+    try:
+        result = kvcodec.run(FIXTURE, limit=1, seed=0,
+                             options={"prefix": "48", "cont": "16", "calib": "1", "save_profile": str(tmp_path / "p")})
+    except ModelNotFoundError as exc:
+        pytest.skip(str(exc))
+    for key in ("bits_per_element", "ratio_vs_int8", "top1_agreement", "decode_mb_s", "load_vs_recompute"):
+        assert isinstance(result[key], float)
+    assert result["chunks"] == 1 and (tmp_path / "p").exists()
+    rows = {row["codec"]: row for row in result["table"]}
+    assert rows["raw"]["top1"] == 1.0 and rows["raw"]["kl"] == 0.0
+    assert rows["cachegen:0"]["bits"] > rows["cachegen:5"]["bits"]
