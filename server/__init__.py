@@ -1,0 +1,1 @@
+"""ragzip.server"""

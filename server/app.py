@@ -1,0 +1,188 @@
+"""The FastAPI app: OpenAI-compatible chat completions with context compression, /v1/compress, index, health,
+metrics. `create_app(config)` builds it; `serve(...)` runs it with uvicorn (what `ragzip serve` calls).
+
+Example:
+    >>> from ragzip.server.app import create_app
+    >>> from ragzip.server.config import ServerConfig
+    >>> app = create_app(ServerConfig(upstream="http://127.0.0.1:8001/v1", method="embed-topk"))
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Header
+from fastapi.responses import JSONResponse, Response
+from ragzip.server import errors
+from ragzip.server.chat import chat_completion
+from ragzip.server.compression import CompressionService
+from ragzip.server.config import ServerConfig, load_config
+from ragzip.server.guard import Guard, Slots
+from ragzip.server.index import IndexService
+from ragzip.server.metrics import Metrics
+from ragzip.server.schemas import (
+    AddDocumentsRequest,
+    AddDocumentsResponse,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompressRequest,
+    CompressResponse,
+    ErrorResponse,
+    Health,
+)
+
+from ragzip.settings import Settings
+from ragzip.types import Document
+
+log = logging.getLogger("ragzip.server")
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 413, 429, 500, 502, 504)
+}
+
+
+@dataclass(slots=True)
+class ServerState:
+    """What the routes share; built once per app."""
+
+    config: ServerConfig
+    settings: Settings
+    metrics: Metrics
+    compression: CompressionService
+    index: IndexService
+    upstream: Any = None
+    backend: Any = None
+    slots: Slots | None = None
+
+
+def _load_backend(config: ServerConfig, settings: Settings, engine: Any, metrics: Metrics) -> Any:
+    from ragzip.server.local import LocalBackend
+
+    if engine is None:
+        from ragzip.engine import LocalEngine
+
+        if settings.num_threads:
+            import torch
+
+            torch.set_num_threads(settings.num_threads)
+        engine = LocalEngine(config.llm or settings.llm, dtype=config.dtype or settings.dtype)
+    kv_engine = None
+    if config.kv_store:
+        from ragzip.kvstore.stores.base import open_store
+
+        from ragzip.kv_engine import KVReuseEngine
+
+        kv_engine = KVReuseEngine(engine.model, engine.tokenizer, store=open_store(config.kv_store))
+    return LocalBackend(engine, kv_engine=kv_engine, model_name=config.model_name, metrics=metrics)
+
+
+def create_app(config: ServerConfig | None = None, *, settings: Settings | None = None, engine: Any = None) -> FastAPI:
+    """Build the proxy.
+
+    Args:
+        config: server settings (default: `ServerConfig()`: local engine, method "exit", no auth).
+        settings: process settings (default: read from `RAGZIP_*` environment variables once, here).
+        engine: an already loaded `LocalEngine` to serve instead of loading one at startup (no upstream only).
+    """
+    config = config or ServerConfig()
+    settings = settings or Settings()
+    metrics = Metrics()
+    tokenizer = config.tokenizer or settings.tokenizer
+    state = ServerState(config, settings, metrics, CompressionService(config, metrics, tokenizer=tokenizer),
+                        IndexService(config, tokenizer=tokenizer), slots=Slots())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        import anyio
+
+        if config.upstream:
+            from ragzip.server.upstream import Upstream
+
+            state.upstream = Upstream(config.upstream, api_key=config.upstream_api_key,
+                                      timeout_s=config.upstream_timeout_s,
+                                      connect_timeout_s=config.upstream_connect_timeout_s)
+        else:
+            state.backend = await anyio.to_thread.run_sync(_load_backend, config, settings, engine, metrics)
+        try:
+            yield
+        finally:
+            if state.upstream is not None:
+                await state.upstream.aclose()
+
+    app = FastAPI(title="ragzip proxy", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible chat completions with RAG context compression.")
+    app.state.ragzip = state
+    errors.install(app)
+    app.add_middleware(Guard, config=config, metrics=metrics, slots=state.slots)  # type: ignore[arg-type]
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS,
+              summary="Chat completion (OpenAI-compatible; `stream: true` answers with server-sent events)")
+    async def chat(req: ChatCompletionRequest,
+                   authorization: Annotated[str | None, Header()] = None) -> Any:
+        return await chat_completion(state, req, authorization)
+
+    @app.post("/v1/compress", response_model=CompressResponse, responses=_ERRORS,
+              summary="Compress one CLI-contract record; returns it with `compressed` added")
+    async def compress(req: CompressRequest) -> Any:
+        from ragzip.batch import parse_record
+
+        if len(req.contexts) > config.max_documents:
+            raise errors.APIError(400, f"{len(req.contexts)} contexts; this server accepts at most "
+                                       f"{config.max_documents}", code="too_many_documents", param="contexts")
+        record = req.model_dump(exclude_unset=True, exclude={"ragzip"})
+        record["contexts"] = [c.model_dump(exclude_none=True) for c in req.contexts]
+        question, docs = parse_record(record)
+        plan = state.compression.plan(req.ragzip)
+        result = await state.compression.compress(plan, question, docs)
+        return JSONResponse({**record, "compressed": result.to_contract()})
+
+    @app.post("/v1/documents", response_model=AddDocumentsResponse, responses=_ERRORS,
+              summary="Add documents to the proxy's own index")
+    async def add_documents(req: AddDocumentsRequest) -> AddDocumentsResponse:
+        if len(req.documents) > config.max_documents:
+            raise errors.APIError(400, f"{len(req.documents)} documents; at most {config.max_documents} per call",
+                                  code="too_many_documents", param="documents")
+        ids = state.index.next_ids(len(req.documents))
+        docs = [Document(str(d.id) if d.id is not None else ids[i], d.text, d.title or "")
+                for i, d in enumerate(req.documents)]
+        added = await state.index.add(docs)
+        return AddDocumentsResponse(added_documents=len(docs), added_chunks=added, total_chunks=state.index.size)
+
+    @app.get("/v1/models", summary="The model this proxy serves (OpenAI-compatible list)")
+    async def models() -> dict[str, Any]:
+        name = config.model_name if state.upstream is None else "upstream"
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": int(time.time()),
+                                            "owned_by": "ragzip"}]}
+
+    @app.get("/healthz", response_model=Health, summary="Liveness and backend summary")
+    async def healthz() -> Health:
+        backend = "upstream" if state.upstream is not None else "local"
+        model = (config.upstream or "") if state.upstream is not None else config.model_name
+        return Health(status="ok", backend=backend, model=model, index_chunks=state.index.size,
+                      in_flight=state.slots.in_flight if state.slots else 0, max_concurrency=config.max_concurrency)
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    return app
+
+
+def serve(*, host: str = "127.0.0.1", port: int = 8000, upstream: str | None = None,
+          config: Path | None = None) -> None:
+    """Run the proxy with uvicorn (blocking). `upstream` overrides the config file's.
+
+    Raises:
+        ConfigError: invalid config file or values.
+    """
+    import uvicorn
+
+    cfg = load_config(config, upstream=upstream)
+    settings = Settings()
+    log.info("ragzip proxy on http://%s:%d (%s)", host, port, cfg.upstream or "local engine")
+    uvicorn.run(create_app(cfg, settings=settings), host=host, port=port, log_level="info")

@@ -1,0 +1,166 @@
+"""`POST /v1/chat/completions`: find the context, compress it, and answer through the upstream or the local engine."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi.responses import JSONResponse, StreamingResponse
+from ragzip.server.compression import Outcome
+from ragzip.server.context import ChatContext, extract, inject
+from ragzip.server.errors import APIError, UpstreamError, error_body
+from ragzip.server.local import GenerationDone, engine_messages
+from ragzip.server.schemas import ChatCompletionRequest
+
+from ragzip.api import to_documents
+from ragzip.types import CompressedDocument, Document
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def ragzip_info(ctx: ChatContext, outcome: Outcome) -> dict[str, Any]:
+    r = outcome.result
+    return {"method": r.method, "tokens_before": r.tokens_before, "tokens_after": r.tokens_after,
+            "rate": round(r.rate, 6), "seconds": round(r.seconds, 6), "source": ctx.source,
+            "num_documents": len(ctx.documents), "fallback": outcome.fallback}
+
+
+def ragzip_headers(info: dict[str, Any]) -> dict[str, str]:
+    headers = {"x-ragzip-method": str(info["method"]), "x-ragzip-tokens-before": str(info["tokens_before"]),
+               "x-ragzip-tokens-after": str(info["tokens_after"]), "x-ragzip-rate": str(info["rate"]),
+               "x-ragzip-source": str(info["source"])}
+    if info["fallback"]:
+        headers["x-ragzip-fallback"] = "uncompressed"
+    return headers
+
+
+def _as_documents(docs: tuple[CompressedDocument, ...]) -> list[Document]:
+    return [Document(d.id, d.text, d.title) for d in docs if d.text]
+
+
+async def prepare(state: Any, req: ChatCompletionRequest) -> tuple[ChatContext, Outcome, list[Document]]:
+    """Context from `documents`, a `<documents>` block, or the proxy index; then compression (with fallback)."""
+    cfg = state.config
+    if req.documents is not None and len(req.documents) > cfg.max_documents:
+        raise APIError(400, f"{len(req.documents)} documents; this server accepts at most {cfg.max_documents}",
+                       code="too_many_documents", param="documents")
+    messages = [m.model_dump(exclude_unset=True) for m in req.messages]
+    explicit = to_documents([d.model_dump(exclude_none=True) for d in req.documents]) if req.documents else None
+    ctx = extract(messages, explicit)
+    if len(ctx.documents) > cfg.max_documents:
+        raise APIError(400, f"{len(ctx.documents)} documents in the messages; this server accepts at most "
+                            f"{cfg.max_documents}", code="too_many_documents", param="messages")
+    opts = req.ragzip
+    plan = state.compression.plan(opts)
+    if not ctx.documents and (opts is None or opts.retrieve is not False) and state.index.size:
+        k = (opts.top_k if opts and opts.top_k else None) or cfg.top_k
+        ctx.documents = await state.index.search(ctx.query, k)
+        ctx.source = "index" if ctx.documents else "none"
+    outcome = await state.compression.compress_or_fallback(plan, ctx.query, ctx.documents)
+    return ctx, outcome, _as_documents(outcome.result.documents)
+
+
+async def chat_completion(state: Any, req: ChatCompletionRequest, authorization: str | None) -> Any:
+    ctx, outcome, kept = await prepare(state, req)
+    info = ragzip_info(ctx, outcome)
+    headers = ragzip_headers(info)
+    if state.upstream is not None:
+        return await _via_upstream(state, req, ctx, kept, info, headers, authorization)
+    return await _via_local(state, req, ctx, kept, info, headers)
+
+
+async def _via_upstream(state: Any, req: ChatCompletionRequest, ctx: ChatContext, kept: list[Document],
+                        info: dict[str, Any], headers: dict[str, str], authorization: str | None) -> Any:
+    body = req.model_dump(exclude_unset=True, exclude={"documents", "ragzip"})
+    body["messages"] = inject(ctx, kept)
+    forward_auth = authorization if not state.config.api_keys else None
+    try:
+        if not req.stream:
+            data = await state.upstream.chat(body, authorization=forward_auth)
+            data["ragzip"] = info
+            return JSONResponse(data, headers=headers)
+        resp = await state.upstream.open_stream(body, authorization=forward_auth)
+    except UpstreamError as exc:
+        state.metrics.upstream_errors.labels(exc.code or "upstream").inc()
+        raise
+
+    async def events() -> AsyncIterator[str]:
+        first = True
+        try:
+            async for payload in state.upstream.iter_events(resp):
+                if payload == "[DONE]":
+                    yield "data: [DONE]\n\n"
+                    continue
+                if first:
+                    try:
+                        chunk = json.loads(payload)
+                    except json.JSONDecodeError:
+                        chunk = None
+                    if isinstance(chunk, dict):
+                        chunk["ragzip"] = info
+                        payload = json.dumps(chunk, ensure_ascii=False)
+                    first = False
+                yield f"data: {payload}\n\n"
+        except UpstreamError as exc:
+            state.metrics.upstream_errors.labels(exc.code or "upstream").inc()
+            yield _sse(error_body(exc.message, type=exc.type, code=exc.code))
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"})
+
+
+def _max_new_tokens(state: Any, req: ChatCompletionRequest) -> int:
+    asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    cfg = state.config
+    return min(asked if asked is not None else cfg.default_max_new_tokens, cfg.max_new_tokens)
+
+
+async def _via_local(state: Any, req: ChatCompletionRequest, ctx: ChatContext, kept: list[Document],
+                     info: dict[str, Any], headers: dict[str, str]) -> Any:
+    backend = state.backend
+    messages = engine_messages(ctx.messages, ctx.query, kept)
+    max_new = _max_new_tokens(state, req)
+    cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), backend.model_name
+    if not req.stream:
+        text, done = await backend.complete(messages, query=ctx.query, documents=kept, max_new_tokens=max_new)
+        state.metrics.generated_tokens.inc(done.completion_tokens)
+        usage = {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+                 "total_tokens": done.prompt_tokens + done.completion_tokens}
+        body = {"id": cid, "object": "chat.completion", "created": created, "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "finish_reason": done.finish_reason}],
+                "usage": usage, "ragzip": info}
+        return JSONResponse(body, headers=headers)
+    include_usage = bool((req.stream_options or {}).get("include_usage"))
+
+    def chunk(delta: dict[str, Any], finish: str | None, **extra: Any) -> str:
+        return _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra})
+
+    async def events() -> AsyncIterator[str]:
+        yield chunk({"role": "assistant", "content": ""}, None, ragzip=info)
+        done = GenerationDone(0, 0, "stop")
+        try:
+            async for item in backend.stream(messages, query=ctx.query, documents=kept, max_new_tokens=max_new):
+                if isinstance(item, GenerationDone):
+                    done = item
+                else:
+                    yield chunk({"content": item}, None)
+        except Exception as exc:  # headers are gone: report the failure in-band, as OpenAI streams do
+            yield _sse(error_body(f"generation failed: {type(exc).__name__}: {exc}", type="server_error",
+                                  code="generation_failed"))
+            return
+        state.metrics.generated_tokens.inc(done.completion_tokens)
+        yield chunk({}, done.finish_reason)
+        if include_usage:
+            yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+                        "choices": [], "usage": {"prompt_tokens": done.prompt_tokens,
+                                                 "completion_tokens": done.completion_tokens,
+                                                 "total_tokens": done.prompt_tokens + done.completion_tokens}})
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"})

@@ -1,0 +1,156 @@
+"""Compression for the proxy: method/budget resolution, a small cache of built pipelines, worker threads, and
+the fallback to the uncompressed context when a compressor fails."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+from ragzip.server.config import ServerConfig
+from ragzip.server.errors import APIError
+from ragzip.server.metrics import Metrics
+from ragzip.server.schemas import RagzipOptions
+
+from ragzip.budget import Budget
+from ragzip.errors import ConfigError, RagzipError
+from ragzip.spans import assemble
+from ragzip.tokens import TokenCounter, get_token_counter
+from ragzip.types import CompressionResult, Document
+
+log = logging.getLogger("ragzip.server")
+_MAX_PIPELINES = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What to run for one request."""
+
+    method: str
+    budget: Budget
+    options: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    result: CompressionResult
+    fallback: str | None = None
+
+
+class CompressionService:
+    """Builds pipelines once per (method, options) and runs them in worker threads, one at a time (tokenizers and
+    embedders are not safe to share between threads)."""
+
+    def __init__(self, config: ServerConfig, metrics: Metrics, *, tokenizer: str | None = None) -> None:
+        from ragzip.compressors.registry import COMPRESSORS
+
+        self.config = config
+        self.metrics = metrics
+        self.tokenizer = tokenizer
+        self.registered = set(COMPRESSORS)
+        self._counter: TokenCounter | None = None
+        self._pipelines: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def counter(self) -> TokenCounter:
+        if self._counter is None:
+            self._counter = get_token_counter(self.tokenizer)
+        return self._counter
+
+    def plan(self, opts: RagzipOptions | None) -> Plan:
+        """Resolve the request's `ragzip` object against the server defaults.
+
+        Raises:
+            APIError: 400 for a method that is not registered or not allowed, or options the server refuses.
+        """
+        opts = opts or RagzipOptions()
+        method = opts.method or self.config.method
+        if opts.method is not None:
+            allowed = set(self.config.allowed_methods or self.registered)
+            names = [n.strip() for n in opts.method.split("+")]
+            bad = [n for n in names if n not in self.registered or n not in allowed]
+            if bad or not names:
+                valid = sorted(allowed & self.registered)
+                raise APIError(400, f"method {opts.method!r} is not available; valid: {valid}",
+                               code="invalid_method", param="ragzip.method")
+        options: dict[str, Any] = dict(self.config.options) if method == self.config.method else {}
+        if opts.options:
+            if not self.config.allow_request_options:
+                raise APIError(400, "this server does not accept per-request compressor options",
+                               code="options_not_allowed", param="ragzip.options")
+            options.update(opts.options)
+        if opts.rate is not None or opts.target_tokens is not None or opts.threshold is not None:
+            budget = Budget(rate=opts.rate, target_tokens=opts.target_tokens, threshold=opts.threshold)
+        else:
+            budget = Budget(rate=self.config.rate, target_tokens=self.config.target_tokens)
+        return Plan(method, budget, options)
+
+    def pipeline(self, plan: Plan) -> Any:
+        """The built pipeline for `plan` (ConfigError for options the compressor rejects)."""
+        from ragzip.pipeline import build_compressor
+
+        key = plan.method + "\x00" + json.dumps(plan.options, sort_keys=True, default=str)
+        with self._lock:
+            if key in self._pipelines:
+                self._pipelines.move_to_end(key)
+                self.metrics.cache_hits.labels("pipeline").inc()
+                return self._pipelines[key]
+            self.metrics.cache_misses.labels("pipeline").inc()
+            built = build_compressor(plan.method, counter=self.counter, options=plan.options)
+            self._pipelines[key] = built
+            while len(self._pipelines) > _MAX_PIPELINES:
+                self._pipelines.popitem(last=False)
+            return built
+
+    def _run(self, plan: Plan, query: str, documents: Sequence[Document]) -> CompressionResult:
+        pipe = self.pipeline(plan)
+        with self._lock:
+            return pipe.compress(query, list(documents), plan.budget)  # type: ignore[no-any-return]
+
+    def _uncompressed(self, documents: Sequence[Document], started: float) -> CompressionResult:
+        try:
+            counts = self.counter.count_batch([d.text for d in documents])
+        except (RagzipError, OSError, RuntimeError, ValueError):
+            counts = [len(d.text.split()) for d in documents]
+        total = sum(counts)
+        docs = tuple(assemble(d, [(0, len(d.text))]) for d in documents if d.text)
+        return CompressionResult("none", docs, total, total, time.perf_counter() - started)
+
+    async def compress(self, plan: Plan, query: str, documents: Sequence[Document]) -> CompressionResult:
+        """Compress or raise (the /v1/compress contract): a failure is a clear 500, bad options a 400."""
+        try:
+            result = await anyio.to_thread.run_sync(self._run, plan, query, documents)
+        except RagzipError:
+            raise
+        except Exception as exc:  # a compressor bug must not look like a server crash without a message
+            log.exception("compression failed")
+            raise APIError(500, f"compression with {plan.method!r} failed: {type(exc).__name__}: {exc}",
+                           type="server_error", code="compression_failed") from exc
+        self.metrics.record_compression(result.method, result.tokens_before, result.tokens_after, result.seconds)
+        return result
+
+    async def compress_or_fallback(self, plan: Plan, query: str, documents: Sequence[Document]) -> Outcome:
+        """Compress for a chat request; when the compressor fails at run time, return the uncompressed context
+        and the reason. Invalid methods or options still raise (they are the caller's mistake)."""
+        started = time.perf_counter()
+        if not documents:
+            return Outcome(CompressionResult(plan.method, (), 0, 0, 0.0))
+        await anyio.to_thread.run_sync(self.pipeline, plan)  # ConfigError here is a 400, not a fallback
+        try:
+            result = await anyio.to_thread.run_sync(self._run, plan, query, documents)
+        except ConfigError:
+            raise
+        except Exception as exc:  # any compressor failure: serve the full context instead, and say so
+            log.warning("compressor %r failed, serving the uncompressed context: %s", plan.method, exc)
+            self.metrics.fallbacks.labels(plan.method).inc()
+            result = await anyio.to_thread.run_sync(self._uncompressed, documents, started)
+            return Outcome(result, f"{type(exc).__name__}: {exc}"[:500])
+        self.metrics.record_compression(result.method, result.tokens_before, result.tokens_after, result.seconds)
+        return Outcome(result)

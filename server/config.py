@@ -1,0 +1,86 @@
+"""Server configuration: one validated object, read from a JSON file and/or built in code."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ragzip.errors import ConfigError
+
+
+class ServerConfig(BaseModel):
+    """Everything the proxy can be told at startup. Unknown keys are rejected.
+
+    Example (JSON file for `ragzip serve --config server.json`):
+        {"upstream": "http://127.0.0.1:8001/v1", "method": "exit", "rate": 0.5, "api_keys": ["sk-local"]}
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Generation backend: an OpenAI-compatible upstream (base URL including /v1) or, when None, the local engine.
+    upstream: str | None = Field(default=None, description="OpenAI-compatible base URL, e.g. http://host:8000/v1")
+    upstream_api_key: str | None = Field(default=None, description="Bearer key sent to the upstream")
+    upstream_timeout_s: float = Field(default=120.0, gt=0, description="Read timeout for one upstream call")
+    upstream_connect_timeout_s: float = Field(default=5.0, gt=0)
+    llm: str | None = Field(default=None, description="Local engine model (default: Settings.llm)")
+    dtype: str | None = Field(default=None, description="Local engine dtype (default: Settings.dtype)")
+    model_name: str = Field(default="ragzip-local", description="Model name the local engine reports")
+    kv_store: str | None = Field(default=None, description="Local engine KV reuse store: memory, disk:/p, redis://")
+    max_new_tokens: int = Field(default=512, gt=0, description="Cap on max_tokens for the local engine")
+    default_max_new_tokens: int = Field(default=128, gt=0)
+
+    # Compression defaults (a request's `ragzip` object overrides them).
+    method: str = Field(default="exit", description="Compressor or '+'-joined pipeline")
+    rate: float | None = Field(default=None, gt=0, le=1)
+    target_tokens: int | None = Field(default=None, gt=0)
+    tokenizer: str | None = Field(default=None, description="Tokenizer that counts budgets (default: the LLM's)")
+    options: dict[str, object] = Field(default_factory=dict, description="Options of the default method")
+    allowed_methods: list[str] | None = Field(default=None, description="Registered names requests may use")
+    allow_request_options: bool = Field(default=False, description="Let requests pass compressor options")
+
+    # The proxy's own index.
+    embedder: str | None = None
+    chunk_tokens: int = Field(default=256, gt=0)
+    top_k: int = Field(default=5, gt=0, le=100)
+    max_index_chunks: int = Field(default=100_000, gt=0)
+
+    # Protection.
+    api_keys: list[str] = Field(default_factory=list, description="Accepted keys; empty = no auth")
+    max_body_bytes: int = Field(default=8 << 20, gt=0)
+    max_documents: int = Field(default=256, gt=0)
+    max_concurrency: int = Field(default=8, gt=0, description="Requests in flight; more get 429")
+
+    @model_validator(mode="after")
+    def _check(self) -> ServerConfig:
+        if self.rate is not None and self.target_tokens is not None:
+            raise ValueError("give at most one of rate and target_tokens")
+        if self.upstream is not None and not self.upstream.startswith(("http://", "https://")):
+            raise ValueError(f"upstream must be an http(s) URL, got {self.upstream!r}")
+        if self.default_max_new_tokens > self.max_new_tokens:
+            raise ValueError("default_max_new_tokens must be <= max_new_tokens")
+        return self
+
+
+def load_config(path: str | Path | None, **overrides: object) -> ServerConfig:
+    """Read a JSON server config (or none) and apply non-None `overrides`.
+
+    Raises:
+        ConfigError: unreadable file, invalid JSON or invalid values (the message lists each problem).
+    """
+    data: dict[str, object] = {}
+    if path is not None:
+        try:
+            loaded = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"cannot read server config {path}: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a JSON object")
+        data.update(loaded)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return ServerConfig(**data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"invalid server config: {problems}") from None

@@ -1,0 +1,180 @@
+"""HTTP request and response models (pydantic only lives at this boundary)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class DocumentIn(BaseModel):
+    """One context document: `{"id"?, "title"?, "text"}`."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str | int | None = None
+    title: str | None = None
+    text: str
+
+
+class RagzipOptions(BaseModel):
+    """Per-request compression settings (top-level `ragzip` object; OpenAI clients send it via `extra_body`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str | None = Field(default=None, max_length=200, description="Compressor or '+'-joined pipeline")
+    rate: float | None = Field(default=None, gt=0, le=1, description="Fraction of tokens to keep")
+    target_tokens: int | None = Field(default=None, gt=0, le=10_000_000, description="Hard cap on context tokens")
+    threshold: float | None = Field(default=None, allow_inf_nan=False, description="Score threshold")
+    options: dict[str, Any] | None = Field(default=None, description="Compressor options (if the server allows)")
+    retrieve: bool | None = Field(default=None, description="Use the proxy index when no documents are given")
+    top_k: int | None = Field(default=None, gt=0, le=100)
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> RagzipOptions:
+        if sum(x is not None for x in (self.rate, self.target_tokens, self.threshold)) > 1:
+            raise ValueError("give at most one of rate, target_tokens and threshold")
+        return self
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
+
+
+class ChatCompletionRequest(BaseModel):
+    """OpenAI chat completion request plus two extensions: `documents` and `ragzip`. Other OpenAI fields pass
+    through to an upstream unchanged."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = Field(default=None, max_length=256)
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool | None = False
+    max_tokens: int | None = Field(default=None, ge=0)
+    max_completion_tokens: int | None = Field(default=None, ge=0)
+    stream_options: dict[str, Any] | None = None
+    documents: list[DocumentIn] | None = Field(default=None, description="Context documents (ragzip extension)")
+    ragzip: RagzipOptions | None = Field(default=None, description="Compression settings (ragzip extension)")
+
+
+class CompressRequest(BaseModel):
+    """One CLI-contract record: `{"id"?, "question"?, "contexts": [...]}`, plus an optional `ragzip` object.
+    Other keys are kept and returned."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str | int | None = None
+    question: str | None = None
+    contexts: list[DocumentIn]
+    ragzip: RagzipOptions | None = None
+
+
+class CompressedContext(BaseModel):
+    id: str
+    title: str
+    text: str
+    spans: list[list[int]]
+    members: list[str] | None = None
+
+
+class CompressedOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    method: str
+    contexts: list[CompressedContext]
+    text: str
+    tokens_before: int
+    tokens_after: int
+    rate: float
+    seconds: float
+    stages: list[dict[str, Any]]
+
+
+class CompressResponse(BaseModel):
+    """The input record with `compressed` added."""
+
+    model_config = ConfigDict(extra="allow")
+
+    compressed: CompressedOut
+
+
+class AddDocumentsRequest(BaseModel):
+    documents: list[DocumentIn] = Field(min_length=1)
+
+
+class AddDocumentsResponse(BaseModel):
+    added_documents: int
+    added_chunks: int
+    total_chunks: int
+
+
+class RagzipInfo(BaseModel):
+    """The `ragzip` object of a chat completion response."""
+
+    method: str
+    tokens_before: int
+    tokens_after: int
+    rate: float
+    seconds: float
+    source: Literal["documents", "messages", "index", "none"]
+    num_documents: int
+    fallback: str | None = None
+
+
+class ChatChoiceMessage(BaseModel):
+    role: str
+    content: str | None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatChoiceMessage
+    finish_reason: str | None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletionResponse(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+    ragzip: RagzipInfo
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    code: str | None = None
+    param: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    backend: str
+    model: str
+    index_chunks: int
+    in_flight: int
+    max_concurrency: int
