@@ -8,10 +8,11 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from ragzip.budget import Budget
 from ragzip.compressors.base import BaseCompressor, select_within_limit
-from ragzip.errors import ConfigError
 from ragzip.retrieval.sentences import split_sentences
+
+from ragzip.budget import Budget
+from ragzip.errors import ConfigError
 from ragzip.spans import assemble
 from ragzip.tokens import TokenCounter
 from ragzip.types import CompressedDocument, Document
@@ -69,16 +70,16 @@ class TruncateCompressor(BaseCompressor):
 
     def _compress(self, query: str, documents: Sequence[Document], budget: Budget):  # type: ignore[no-untyped-def]
         units = _units(documents, "word")
-        costs = self.counter.count_batch([documents[i].text[a:b] for i, a, b in units])
         limit = _limit(budget, sum(self.counter.count_batch([d.text for d in documents])))
-        chosen, total = [], 0
-        for k, cost in enumerate(costs):
-            if total + cost > limit:
-                break
-            chosen.append(k)
-            total += cost
-        if not chosen and units:
-            chosen = [0]  # never an empty context
+
+        def cost(n: int) -> int:  # exact count of the output the first n words would give
+            return sum(self.counter.count_batch([d.text for d in _build(documents, units, range(n))]))
+
+        lo, hi = 0, len(units)  # largest n with cost(n) <= limit (cost grows with n)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if cost(mid) <= limit else (lo, mid - 1)
+        chosen = list(range(max(lo, 1 if units else 0)))  # never an empty context
         return _build(documents, units, chosen), {"limit": limit}
 
 
