@@ -8,11 +8,10 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from ragzip.compressors.base import BaseCompressor, select_within_limit
-from ragzip.retrieval.sentences import split_sentences
-
 from ragzip.budget import Budget
+from ragzip.compressors.base import BaseCompressor, select_within_limit
 from ragzip.errors import ConfigError
+from ragzip.retrieval.sentences import split_sentences
 from ragzip.spans import assemble
 from ragzip.tokens import TokenCounter
 from ragzip.types import CompressedDocument, Document

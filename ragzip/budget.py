@@ -28,8 +28,8 @@ class Budget:
             raise BudgetError("give exactly one of rate, target_tokens or threshold")
         if self.rate is not None and not (0.0 < self.rate <= 1.0):
             raise BudgetError(f"rate must be in (0, 1], got {self.rate}")
-        if self.target_tokens is not None and (isinstance(self.target_tokens, bool) or int(self.target_tokens) != self.target_tokens
-                                                or self.target_tokens <= 0):
+        tokens = self.target_tokens
+        if tokens is not None and (isinstance(tokens, bool) or int(tokens) != tokens or tokens <= 0):
             raise BudgetError(f"target_tokens must be a positive integer, got {self.target_tokens}")
         if self.threshold is not None and not math.isfinite(self.threshold):
             raise BudgetError(f"threshold must be a finite number, got {self.threshold}")

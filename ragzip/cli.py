@@ -132,7 +132,7 @@ def compress(
 
 @app.command()
 def index(
-    input_path: Path = typer.Argument(..., exists=True, dir_okay=False, help="JSONL of {id, title?, text} or contract records."),
+    input_path: Path = typer.Argument(..., exists=True, dir_okay=False, help="JSONL of {id, title?, text} or records."),
     output: Path = typer.Option(..., "-o", "--output", help="Index folder."),
     kind: str = typer.Option("flat", help="flat (exact) | hnsw (approximate)."),
     chunk_tokens: int = typer.Option(256, help="Chunk size in tokens."),
@@ -230,7 +230,8 @@ def demo(
                       f"{r['seconds']:.2f}", r["answer_full"][:80], r["answer_compressed"][:80], r["gold"])
     out.print(table)
     n = len(rows) or 1
-    out.print(f"mean rate {sum(r['rate'] for r in rows) / n:.2f}; answer F1 full {sum(r['f1_full'] for r in rows) / n:.2f}"
+    mean_f1_full = sum(r["f1_full"] for r in rows) / n
+    out.print(f"mean rate {sum(r['rate'] for r in rows) / n:.2f}; answer F1 full {mean_f1_full:.2f}"
               f" vs compressed {sum(r['f1_compressed'] for r in rows) / n:.2f} ({len(rows)} questions)")
 
 

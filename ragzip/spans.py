@@ -35,9 +35,10 @@ def compose(previous: CompressedDocument, current: CompressedDocument) -> Compre
     """Map `current` (whose spans point into `previous.text`) back to the original document's offsets.
 
     A current span that crosses pieces of `previous` splits into one source span per piece; characters that were
-    separators (not source text) carry no provenance.
+    separators (not source text) carry no provenance. A piece with `members` but no spans (an abstractive summary)
+    keeps its members; an extractive piece with both (a CRAG representative) keeps both.
     """
-    if current.members or not previous.spans:
+    if (current.members and not current.spans) or not previous.spans:
         return CompressedDocument(current.id, current.text, current.title or previous.title, (), (),
                                   current.members or previous.members, current.scores)
     spans: list[Span] = []
@@ -51,7 +52,7 @@ def compose(previous: CompressedDocument, current: CompressedDocument) -> Compre
             spans.append(Span(src.doc_id, src.start + (lo - p_start), src.start + (hi - p_start)))
             offsets.append((shift, shift + (hi - lo)))
     return CompressedDocument(current.id, current.text, current.title or previous.title, tuple(spans), tuple(offsets),
-                              previous.members, current.scores)
+                              current.members or previous.members, current.scores)
 
 
 def as_document(compressed: CompressedDocument) -> Document:

@@ -100,7 +100,8 @@ class CompressionResult:
         """The `compressed` object of the CLI/HTTP contract."""
         contexts = []
         for d in self.documents:
-            ctx: dict[str, Any] = {"id": d.id, "title": d.title, "text": d.text, "spans": [[s.start, s.end] for s in d.spans]}
+            spans = [[s.start, s.end] for s in d.spans]
+            ctx: dict[str, Any] = {"id": d.id, "title": d.title, "text": d.text, "spans": spans}
             if d.members:
                 ctx["members"] = list(d.members)
             contexts.append(ctx)

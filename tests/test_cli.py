@@ -10,7 +10,8 @@ from ragzip.cli import app
 
 RECORDS = [
     {"id": "q1", "question": "Where does the Rhine end?", "contexts": [
-        {"id": "a", "title": "Rhine", "text": "The Rhine rises in the Swiss Alps. It ends in the North Sea. It is long."},
+        {"id": "a", "title": "Rhine",
+         "text": "The Rhine rises in the Swiss Alps. It ends in the North Sea. It is long."},
         {"title": "Paris", "text": "Paris is the capital of France. It has many museums."}]},
     {"id": "q2", "question": "What is oxygen?", "contexts": [
         {"text": "Oxygen is a chemical element. Its symbol is O. It has atomic number 8."}]},
