@@ -103,7 +103,12 @@ class CompressionService:
                 self.metrics.cache_hits.labels("pipeline").inc()
                 return self._pipelines[key]
             self.metrics.cache_misses.labels("pipeline").inc()
-            built = build_compressor(plan.method, counter=self.counter, options=plan.options)
+            try:
+                built = build_compressor(plan.method, counter=self.counter, options=plan.options)
+            except (TypeError, ValueError) as exc:  # option values the compressor cannot parse
+                if isinstance(exc, ConfigError):
+                    raise
+                raise ConfigError(f"invalid options for {plan.method!r}: {type(exc).__name__}: {exc}") from None
             self._pipelines[key] = built
             while len(self._pipelines) > _MAX_PIPELINES:
                 self._pipelines.popitem(last=False)

@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from ragzip.server.config import ServerConfig
-from ragzip.server.errors import APIError, error_body
+from ragzip.server.errors import error_body
 from ragzip.server.metrics import Metrics
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -92,8 +92,16 @@ class Guard:
             await _send_error(send, 413, f"request body larger than {limit} bytes", type="invalid_request_error",
                               code="request_too_large")
             return
+        if scope.get("method") in ("POST", "PUT", "PATCH"):
+            buffered = await _buffered(receive, limit)
+            if buffered is None:
+                self.metrics.rejected.labels("too_large").inc()
+                await _send_error(send, 413, f"request body larger than {limit} bytes",
+                                  type="invalid_request_error", code="request_too_large")
+                return
+            receive = buffered
         if path not in LIMITED or scope.get("method") != "POST":
-            await self.app(scope, _capped(receive, limit), send)
+            await self.app(scope, receive, send)
             return
         if self.slots.in_flight >= self.config.max_concurrency:
             self.metrics.rejected.labels("busy").inc()
@@ -104,22 +112,32 @@ class Guard:
         self.slots.in_flight += 1
         self.metrics.in_flight.inc()
         try:
-            await self.app(scope, _capped(receive, limit), send)
+            await self.app(scope, receive, send)
         finally:
             self.slots.in_flight -= 1
             self.metrics.in_flight.dec()
 
 
-def _capped(receive: Receive, limit: int) -> Receive:
-    """A receive that raises 413 once more than `limit` body bytes arrived (bodies without content-length)."""
-    seen = {"bytes": 0}
-
-    async def wrapped() -> Any:
+async def _buffered(receive: Receive, limit: int) -> Receive | None:
+    """Read the whole body (at most `limit` bytes) and return a receive that replays it; None when too large.
+    Bodies without content-length are caught here too, before any route parses them."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
         message = await receive()
-        if message["type"] == "http.request":
-            seen["bytes"] += len(message.get("body", b""))
-            if seen["bytes"] > limit:
-                raise APIError(413, f"request body larger than {limit} bytes", code="request_too_large")
-        return message
+        if message["type"] != "http.request":
+            chunks = []
+            break
+        body = message.get("body", b"")
+        size += len(body)
+        if size > limit:
+            return None
+        chunks.append(body)
+        if not message.get("more_body", False):
+            break
+    replay: list[Message] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
-    return wrapped
+    async def replaying() -> Any:
+        return replay.pop() if replay else await receive()
+
+    return replaying

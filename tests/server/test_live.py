@@ -1,0 +1,162 @@
+"""Real clients against real servers: the official `openai` client talks to a ragzip proxy over loopback, whose
+upstream is a second ragzip server running the local engine (SmolLM2-135M)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import openai
+import pytest
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from ragzip.server.app import create_app
+from ragzip.server.config import ServerConfig
+
+from ragzip.engine import LocalEngine
+
+if TYPE_CHECKING:
+    from .conftest import LiveServer, ServerFactory  # type: ignore[import-not-found]
+
+DOCS = [
+    {"id": "eiffel", "title": "Eiffel Tower",
+     "text": "The Eiffel Tower is a wrought-iron lattice tower in Paris, France. It was completed in 1889. "
+             "Gustave Eiffel's company designed and built the tower. It is 330 metres tall."},
+    {"id": "bread", "title": "Bread",
+     "text": "Bread is a staple food prepared from a dough of flour and water. It is usually baked. "
+             "Throughout recorded history bread has been popular around the world."},
+    {"id": "oxygen", "title": "Oxygen",
+     "text": "Oxygen is a chemical element with the symbol O and atomic number 8. It is a highly reactive "
+             "nonmetal. Oxygen is the third-most abundant element in the universe by mass."},
+]
+QUESTION = "In which city is the Eiffel Tower?"
+HOLD = threading.Event()
+
+
+@pytest.fixture(scope="module")
+def engine_server(live_server: ServerFactory, engine: LocalEngine) -> LiveServer:
+    cfg = ServerConfig(method="none", tokenizer="whitespace", max_new_tokens=16, default_max_new_tokens=8)
+    return live_server(create_app(cfg, engine=engine))
+
+
+@pytest.fixture(scope="module")
+def proxy(live_server: ServerFactory, engine_server: LiveServer) -> LiveServer:
+    cfg = ServerConfig(upstream=f"{engine_server.url}/v1", method="embed-topk", target_tokens=30,
+                       tokenizer="whitespace", api_keys=["sk-test"])
+    return live_server(create_app(cfg))
+
+
+def stub_upstream() -> FastAPI:
+    """A deliberately misbehaving OpenAI-compatible server: slow, failing, or holding until released."""
+    app = FastAPI()
+
+    @app.post("/slow/v1/chat/completions")
+    async def slow() -> Any:
+        await asyncio.sleep(5)
+        return {"choices": []}
+
+    @app.post("/fail/v1/chat/completions")
+    async def fail() -> Any:
+        return JSONResponse({"error": {"message": "model crashed", "type": "server_error"}}, status_code=500)
+
+    @app.post("/hold/v1/chat/completions")
+    async def hold() -> Any:
+        while not HOLD.is_set():
+            await asyncio.sleep(0.02)
+        return {"id": "x", "object": "chat.completion", "created": 0, "model": "stub",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]}
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def stub(live_server: ServerFactory) -> LiveServer:
+    return live_server(stub_upstream())
+
+
+def test_openai_client_through_proxy_to_engine_server(proxy: LiveServer) -> None:
+    client = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="sk-test", max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(
+        model="ragzip-local", messages=[{"role": "user", "content": QUESTION}], max_tokens=8,
+        extra_body={"documents": DOCS, "ragzip": {"method": "embed-topk", "target_tokens": 25}})
+    completion = raw.parse()
+    assert completion.choices[0].message.content
+    assert completion.model == "ragzip-local"  # the engine server's answer came back through the proxy
+    assert completion.usage is not None and 0 < completion.usage.completion_tokens <= 8
+    info = completion.model_extra["ragzip"]
+    assert info["method"] == "embed-topk" and info["source"] == "documents" and info["fallback"] is None
+    total = sum(len(d["text"].split()) for d in DOCS)
+    assert info["tokens_before"] == total and 0 < info["tokens_after"] <= 25
+    assert raw.headers["x-ragzip-tokens-after"] == str(info["tokens_after"])
+    assert raw.headers["x-ragzip-method"] == "embed-topk"
+
+
+def test_openai_client_streams_through_proxy(proxy: LiveServer) -> None:
+    client = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="sk-test", max_retries=0)
+    stream = client.chat.completions.create(
+        model="ragzip-local", stream=True, max_tokens=6, stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": f"<documents>\n{DOCS[2]['text']}\n\n{DOCS[1]['text']}\n</documents>\n"
+                                              "What is the atomic number of oxygen?"}])
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip()
+    first = chunks[0].model_extra["ragzip"]
+    assert first["source"] == "messages" and first["num_documents"] == 2
+    assert first["tokens_after"] < first["tokens_before"]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+
+
+def test_engine_server_directly_and_auth_on_proxy(engine_server: LiveServer, proxy: LiveServer) -> None:
+    client = openai.OpenAI(base_url=f"{engine_server.url}/v1", api_key="unused", max_retries=0)
+    completion = client.chat.completions.create(model="x", max_tokens=4, messages=[{"role": "user", "content": "Hi"}])
+    assert completion.choices[0].finish_reason in ("stop", "length")
+    assert completion.model_extra["ragzip"]["source"] == "none"
+    bad = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as exc:
+        bad.chat.completions.create(model="x", messages=[{"role": "user", "content": "Hi"}])
+    assert exc.value.code == "invalid_api_key"
+
+
+def test_upstream_timeout_is_504_and_failure_502(live_server: ServerFactory, stub: LiveServer) -> None:
+    slow = live_server(create_app(ServerConfig(upstream=f"{stub.url}/slow/v1", upstream_timeout_s=0.5,
+                                               method="none", tokenizer="whitespace")))
+    client = openai.OpenAI(base_url=f"{slow.url}/v1", api_key="k", max_retries=0)
+    started = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as exc:
+        client.chat.completions.create(model="x", messages=[{"role": "user", "content": "Hi"}])
+    assert exc.value.status_code == 504 and exc.value.code == "upstream_timeout"
+    assert time.monotonic() - started < 4
+    failing = live_server(create_app(ServerConfig(upstream=f"{stub.url}/fail/v1", method="none",
+                                                  tokenizer="whitespace")))
+    client = openai.OpenAI(base_url=f"{failing.url}/v1", api_key="k", max_retries=0)
+    for stream in (False, True):
+        with pytest.raises(openai.APIStatusError) as exc:
+            client.chat.completions.create(model="x", stream=stream, messages=[{"role": "user", "content": "Hi"}])
+        assert exc.value.status_code == 502 and "model crashed" in exc.value.message
+
+
+def test_full_server_answers_429(live_server: ServerFactory, stub: LiveServer) -> None:
+    HOLD.clear()
+    server = live_server(create_app(ServerConfig(upstream=f"{stub.url}/hold/v1", max_concurrency=1, method="none",
+                                                 tokenizer="whitespace")))
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="k", max_retries=0)
+    results: list[Any] = []
+    first = threading.Thread(target=lambda: results.append(
+        client.chat.completions.create(model="x", messages=[{"role": "user", "content": "one"}])))
+    first.start()
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{server.url}/healthz").json()["in_flight"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    with pytest.raises(openai.RateLimitError) as exc:
+        client.chat.completions.create(model="x", messages=[{"role": "user", "content": "two"}])
+    assert exc.value.code == "server_busy" and exc.value.response.headers["retry-after"] == "1"
+    HOLD.set()
+    first.join(timeout=10)
+    assert results and results[0].choices[0].message.content == "ok"
+    metrics = httpx.get(f"{server.url}/metrics").text
+    assert 'ragzip_rejected_total{reason="busy"} 1.0' in metrics
