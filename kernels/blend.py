@@ -25,7 +25,7 @@ from torch import Tensor
 from ragzip.errors import ConfigError, UnsupportedModelError
 from ragzip.kernels.attention import causal_mask
 from ragzip.kernels.hf_adapter import HFAdapter, LayerKV, ScatterCache
-from ragzip.kernels.rope import apply_rotation, rope_cos_sin
+from ragzip.kernels.rope import rope_cos_sin
 from ragzip.kernels.select import gradual_ratios, kv_deviation, num_to_select, random_scores, select_tokens
 
 
@@ -139,11 +139,17 @@ def fuse_caches(adapter: HFAdapter, segments: Sequence[Segment], num_tokens: int
             cached[start : start + n] = True
             delta[start : start + n] = start - seg.kv_start
         start += n
+    # One buffer per K and V for all layers: large fresh allocations are slow (page faults), so make few.
+    keys = torch.empty((adapter.num_layers, *shape), dtype=dtype, device=device)  # [L, 1, H_kv, N, D]
+    values = torch.empty_like(keys)
+    if not bool(cached.all()):
+        keys[:, :, :, ~cached] = 0
+        values[:, :, :, ~cached] = 0
     tables: dict[int, tuple[Tensor, Tensor]] = {}
+    scratch = torch.empty(shape, dtype=torch.float32, device=device) if bool((delta != 0).any()) else None
     out: list[LayerKV] = []
     for layer_idx in range(adapter.num_layers):
-        key = torch.zeros(shape, dtype=dtype, device=device)  # [1, H_kv, N, D]
-        value = torch.zeros(shape, dtype=dtype, device=device)
+        key, value = keys[layer_idx], values[layer_idx]  # [1, H_kv, N, D]
         start = 0
         for seg in segments:
             n = len(seg.token_ids)
@@ -151,18 +157,30 @@ def fuse_caches(adapter: HFAdapter, segments: Sequence[Segment], num_tokens: int
                 k, v = seg.kv[layer_idx]
                 if k.shape[-2] != n:
                     raise ConfigError(f"segment cache holds {k.shape[-2]} tokens, the segment {n}")
-                key[0, :, start : start + n] = k.reshape(-1, n, adapter.head_dim).to(device, dtype)
-                value[0, :, start : start + n] = v.reshape(-1, n, adapter.head_dim).to(device, dtype)
+                key[0, :, start : start + n] = k.reshape(-1, n, adapter.head_dim)
+                value[0, :, start : start + n] = v.reshape(-1, n, adapter.head_dim)
             start += n
-        inv_freq = adapter.inv_freq(layer_idx)
-        if bool((delta != 0).any()):
+        if scratch is not None:
+            inv_freq = adapter.inv_freq(layer_idx)
             tbl = tables.get(id(inv_freq))
             if tbl is None:
                 cos, sin = rope_cos_sin(inv_freq, delta, dtype=torch.float32)  # [N, D]
                 tbl = tables[id(inv_freq)] = (cos.to(device), sin.to(device))
-            key = apply_rotation(key.float(), *tbl).to(dtype)
+            _rotate_in_place(key, *tbl, scratch)
         out.append((key, value))
     return out, cached
+
+
+def _rotate_in_place(key: Tensor, cos: Tensor, sin: Tensor, scratch: Tensor) -> None:
+    """``key = key * cos + rotate_half(key) * sin`` without temporaries (``scratch`` is ``key``-shaped fp32)."""
+    half = key.shape[-1] // 2
+    scratch[..., :half].copy_(key[..., half:]).neg_()
+    scratch[..., half:].copy_(key[..., :half])  # scratch = rotate_half(key)
+    scratch.mul_(sin)
+    if key.dtype == torch.float32:
+        key.mul_(cos).add_(scratch)
+    else:
+        key.copy_(key.float().mul_(cos).add_(scratch))
 
 
 def _deviation(cfg: BlendConfig, fresh: LayerKV, reused: LayerKV, index: Tensor, layer_idx: int) -> Tensor:
