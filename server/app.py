@@ -19,6 +19,7 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, Header
 from fastapi.responses import JSONResponse, Response
+
 from ragzip.server import errors
 from ragzip.server.chat import chat_completion
 from ragzip.server.compression import CompressionService
@@ -36,7 +37,6 @@ from ragzip.server.schemas import (
     ErrorResponse,
     Health,
 )
-
 from ragzip.settings import Settings
 from ragzip.types import Document
 
@@ -73,9 +73,8 @@ def _load_backend(config: ServerConfig, settings: Settings, engine: Any, metrics
         engine = LocalEngine(config.llm or settings.llm, dtype=config.dtype or settings.dtype)
     kv_engine = None
     if config.kv_store:
-        from ragzip.kvstore.stores.base import open_store
-
         from ragzip.kv_engine import KVReuseEngine
+        from ragzip.kvstore.stores.base import open_store
 
         kv_engine = KVReuseEngine(engine.model, engine.tokenizer, store=open_store(config.kv_store))
     return LocalBackend(engine, kv_engine=kv_engine, model_name=config.model_name, metrics=metrics)

@@ -9,13 +9,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi.responses import JSONResponse, StreamingResponse
+
+from ragzip.api import to_documents
 from ragzip.server.compression import Outcome
 from ragzip.server.context import ChatContext, extract, inject
 from ragzip.server.errors import APIError, UpstreamError, error_body
 from ragzip.server.local import GenerationDone, engine_messages
 from ragzip.server.schemas import ChatCompletionRequest
-
-from ragzip.api import to_documents
 from ragzip.types import CompressedDocument, Document
 
 

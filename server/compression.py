@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import anyio
+
+from ragzip.budget import Budget
+from ragzip.errors import ConfigError, RagzipError
 from ragzip.server.config import ServerConfig
 from ragzip.server.errors import APIError
 from ragzip.server.metrics import Metrics
 from ragzip.server.schemas import RagzipOptions
-
-from ragzip.budget import Budget
-from ragzip.errors import ConfigError, RagzipError
 from ragzip.spans import assemble
 from ragzip.tokens import TokenCounter, get_token_counter
 from ragzip.types import CompressionResult, Document

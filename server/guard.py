@@ -11,10 +11,11 @@ import json
 import time
 from typing import Any
 
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
 from ragzip.server.config import ServerConfig
 from ragzip.server.errors import error_body
 from ragzip.server.metrics import Metrics
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # Routes that do work: they count against the concurrency limit and need a key when keys are configured.
 LIMITED = frozenset({"/v1/chat/completions", "/v1/compress", "/v1/documents"})

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import anyio
+
 from ragzip.server.config import ServerConfig
 from ragzip.server.errors import APIError
-
 from ragzip.types import Document
 
 
@@ -29,7 +29,6 @@ class IndexService:
 
     def _add(self, documents: Sequence[Document]) -> int:
         from ragzip.retrieval.retriever import Retriever
-
         from ragzip.tokens import get_token_counter
 
         with self._lock:

@@ -8,10 +8,9 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ragzip.engine import SYSTEM_PROMPT, answer_messages
 from ragzip.server.context import content_text, last_user_index
 from ragzip.server.metrics import Metrics
-
-from ragzip.engine import SYSTEM_PROMPT, answer_messages
 from ragzip.types import Document
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}

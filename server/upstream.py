@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+
 from ragzip.server.errors import APIError, UpstreamError
 
 

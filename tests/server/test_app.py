@@ -6,14 +6,14 @@ from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
-from ragzip.server.app import create_app
-from ragzip.server.config import ServerConfig, load_config
 
 from ragzip.batch import compress_record
 from ragzip.budget import Budget
 from ragzip.engine import LocalEngine
 from ragzip.errors import ConfigError
 from ragzip.pipeline import build_compressor
+from ragzip.server.app import create_app
+from ragzip.server.config import ServerConfig, load_config
 from ragzip.tokens import get_token_counter
 
 RECORD = {"id": "q1", "question": "Where is the tower?", "extra": [1, 2],

@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 import pytest
-from ragzip.server.context import extract, inject, parse_block, render_block
 
 from ragzip.errors import InputError
+from ragzip.server.context import extract, inject, parse_block, render_block
 from ragzip.types import Document
 
 

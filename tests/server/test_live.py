@@ -13,10 +13,10 @@ import openai
 import pytest
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
-from ragzip.server.app import create_app
-from ragzip.server.config import ServerConfig
 
 from ragzip.engine import LocalEngine
+from ragzip.server.app import create_app
+from ragzip.server.config import ServerConfig
 
 if TYPE_CHECKING:
     from .conftest import LiveServer, ServerFactory  # type: ignore[import-not-found]
@@ -160,3 +160,17 @@ def test_full_server_answers_429(live_server: ServerFactory, stub: LiveServer) -
     assert results and results[0].choices[0].message.content == "ok"
     metrics = httpx.get(f"{server.url}/metrics").text
     assert 'ragzip_rejected_total{reason="busy"} 1.0' in metrics
+
+
+def test_langchain_compressor_uses_the_server_asynchronously(proxy: LiveServer) -> None:
+    from langchain_core.documents import Document
+
+    from ragzip.langchain import RagzipCompressor
+
+    comp = RagzipCompressor(base_url=proxy.url, api_key="sk-test", method="truncate", target_tokens=5)
+    docs = [Document(page_content=d["text"], metadata={"title": d["title"]}, id=d["id"]) for d in DOCS]
+    out = asyncio.run(comp.acompress_documents(docs, QUESTION))
+    assert [d.page_content for d in out] == ["The Eiffel Tower is a"]
+    assert out[0].id == "eiffel" and out[0].metadata["title"] == "Eiffel Tower"
+    assert out[0].metadata["ragzip"]["spans"][0] == [0, 3] and out[0].metadata["ragzip"]["method"] == "truncate"
+    assert [d.page_content for d in comp.compress_documents(docs, QUESTION)] == ["The Eiffel Tower is a"]

@@ -1,0 +1,217 @@
+"""LangChain integration (needs only `langchain-core`): a document compressor, a retriever wrapper, embeddings.
+
+Example:
+    >>> from langchain_core.vectorstores import InMemoryVectorStore
+    >>> from ragzip.langchain import RagzipCompressor, RagzipEmbeddings, RagzipRetriever
+    >>> store = InMemoryVectorStore.from_texts(texts, RagzipEmbeddings())
+    >>> retriever = RagzipRetriever(base_retriever=store.as_retriever(search_kwargs={"k": 8}),
+    ...                             compressor=RagzipCompressor(method="exit", rate=0.3))
+    >>> docs = retriever.invoke("who designed the Eiffel Tower?")
+    >>> docs[0].metadata["ragzip"]["spans"]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from langchain_core.callbacks import AsyncCallbackManagerForRetrieverRun, CallbackManagerForRetrieverRun, Callbacks
+from langchain_core.documents import BaseDocumentCompressor
+from langchain_core.documents import Document as LCDocument
+from langchain_core.embeddings import Embeddings
+from langchain_core.retrievers import BaseRetriever
+from pydantic import ConfigDict, Field, PrivateAttr
+
+from ragzip.budget import Budget
+from ragzip.errors import InputError
+from ragzip.types import CompressionResult, Document
+
+
+def to_ragzip(documents: Sequence[LCDocument]) -> list[Document]:
+    """LangChain documents as ragzip Documents; ids from `doc.id`, `metadata["id"]` or the position."""
+    docs, seen = [], set()
+    for i, d in enumerate(documents):
+        doc_id = str(d.id or d.metadata.get("id") or i)
+        if doc_id in seen:
+            doc_id = f"{doc_id}#{i}"
+        seen.add(doc_id)
+        docs.append(Document(doc_id, d.page_content, str(d.metadata.get("title") or "")))
+    return docs
+
+
+def _contract_to_lc(compressed: dict[str, Any], documents: Sequence[LCDocument], docs: Sequence[Document],
+                    counts: dict[str, int] | None) -> list[LCDocument]:
+    by_id = {d.id: (lc, d) for lc, d in zip(documents, docs)}
+    out = []
+    for ctx in compressed["contexts"]:
+        members = ctx.get("members") or [ctx["id"]]
+        lc, source = by_id.get(ctx["id"]) or by_id.get(members[0], (None, None))
+        meta = dict(lc.metadata) if lc is not None else {}
+        scores = ctx.get("scores") or []
+        meta["ragzip"] = {
+            "method": compressed["method"], "spans": ctx["spans"], "scores": scores,
+            "members": members, "tokens_before": (counts or {}).get(ctx["id"], ctx.get("tokens_before")),
+            "tokens_after": ctx.get("tokens_after"), "query_rate": compressed["rate"],
+        }
+        if scores:
+            meta["relevance_score"] = max(scores)
+        out.append(LCDocument(page_content=ctx["text"], metadata=meta, id=lc.id if lc is not None else None))
+    return out
+
+
+class RagzipCompressor(BaseDocumentCompressor):
+    """Compress retrieved LangChain documents with any ragzip method or pipeline.
+
+    Each returned Document keeps its metadata and gains `metadata["ragzip"]`: `spans` (char offsets into the
+    original text), `scores` (per kept unit, when the method scores), `tokens_before`/`tokens_after` of that
+    document, `method` and the query's achieved `query_rate`. Never returns an empty list when documents came in.
+
+    With `base_url` the work is done by a ragzip server (`POST {base_url}/v1/compress`), with real async I/O in
+    `acompress_documents`; without it, compression runs in-process (async runs it in a worker thread).
+
+    Args:
+        method: compressor name, '+'-joined pipeline, or pipeline JSON path.
+        rate / target_tokens / threshold: the budget (at most one).
+        tokenizer: tokenizer that counts budgets (default: the local LLM's; "whitespace" counts words).
+        options: compressor options.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    method: str = "exit"
+    rate: float | None = None
+    target_tokens: int | None = None
+    threshold: float | None = None
+    tokenizer: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    base_url: str | None = None
+    api_key: str | None = None
+    timeout_s: float = 120.0
+
+    _pipeline: Any = PrivateAttr(default=None)
+    _lock: Any = PrivateAttr(default_factory=threading.Lock)
+
+    @property
+    def budget(self) -> Budget:
+        return Budget(rate=self.rate, target_tokens=self.target_tokens, threshold=self.threshold)
+
+    def _compressor(self) -> Any:
+        from ragzip.pipeline import build_compressor
+        from ragzip.tokens import get_token_counter
+
+        if self._pipeline is None:
+            self._pipeline = build_compressor(self.method, counter=get_token_counter(self.tokenizer),
+                                              options=self.options)
+        return self._pipeline
+
+    def _local(self, documents: Sequence[LCDocument], query: str) -> list[LCDocument]:
+        docs = to_ragzip(documents)
+        with self._lock:  # tokenizers and embedders are not safe to share between threads
+            pipe = self._compressor()
+            result: CompressionResult = pipe.compress(query, docs, self.budget)
+            kept = pipe.counter.count_batch([d.text for d in result.documents])
+            after = {d.id: n for d, n in zip(result.documents, kept)}
+            before = dict(zip([d.id for d in docs], pipe.counter.count_batch([d.text for d in docs])))
+        contract = result.to_contract()
+        for ctx, d in zip(contract["contexts"], result.documents):
+            ctx["scores"] = [round(float(s), 6) for s in d.scores]
+            ctx["tokens_after"] = after.get(d.id, 0)
+        return self._finish(_contract_to_lc(contract, documents, docs, before), documents)
+
+    def _request(self, documents: Sequence[LCDocument], query: str) -> tuple[dict[str, Any], dict[str, str]]:
+        budget = {k: v for k, v in (("rate", self.rate), ("target_tokens", self.target_tokens),
+                                    ("threshold", self.threshold)) if v is not None}
+        body = {"question": query, "contexts": [{"id": d.id, "title": d.title, "text": d.text}
+                                                for d in to_ragzip(documents)],
+                "ragzip": {"method": self.method, **budget, **({"options": self.options} if self.options else {})}}
+        headers = {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        return body, headers
+
+    def _remote_result(self, data: dict[str, Any], documents: Sequence[LCDocument]) -> list[LCDocument]:
+        return self._finish(_contract_to_lc(data["compressed"], documents, to_ragzip(documents), None), documents)
+
+    @staticmethod
+    def _finish(out: list[LCDocument], documents: Sequence[LCDocument]) -> list[LCDocument]:
+        if out or not documents:
+            return out
+        first = documents[0]  # nothing survived (e.g. all-empty texts): keep the first document as it was
+        return [LCDocument(page_content=first.page_content, metadata={**first.metadata, "ragzip": {
+            "method": "none", "spans": [[0, len(first.page_content)]], "scores": [], "fallback": "min_keep"}},
+            id=first.id)]
+
+    def compress_documents(self, documents: Sequence[LCDocument], query: str,
+                           callbacks: Callbacks | None = None) -> Sequence[LCDocument]:
+        """Compress `documents` for `query` (blocking)."""
+        if not documents:
+            return []
+        if self.base_url is None:
+            return self._local(documents, query)
+        import httpx
+
+        body, headers = self._request(documents, query)
+        resp = httpx.post(f"{self.base_url.rstrip('/')}/v1/compress", json=body, headers=headers,
+                          timeout=self.timeout_s)
+        _raise_for(resp)
+        return self._remote_result(resp.json(), documents)
+
+    async def acompress_documents(self, documents: Sequence[LCDocument], query: str,
+                                  callbacks: Callbacks | None = None) -> Sequence[LCDocument]:
+        """Compress without blocking the event loop: an async HTTP call with `base_url`, else a worker thread."""
+        if not documents:
+            return []
+        if self.base_url is None:
+            return await asyncio.to_thread(self._local, documents, query)
+        import httpx
+
+        body, headers = self._request(documents, query)
+        async with httpx.AsyncClient(timeout=self.timeout_s) as client:
+            resp = await client.post(f"{self.base_url.rstrip('/')}/v1/compress", json=body, headers=headers)
+        _raise_for(resp)
+        return self._remote_result(resp.json(), documents)
+
+
+def _raise_for(resp: Any) -> None:
+    if resp.status_code >= 400:
+        try:
+            message = resp.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = resp.text[:300]
+        raise InputError(f"ragzip server returned {resp.status_code}: {message}")
+
+
+class RagzipRetriever(BaseRetriever):
+    """A retriever followed by a compressor (any `BaseDocumentCompressor`, e.g. `RagzipCompressor`)."""
+
+    base_retriever: BaseRetriever
+    compressor: BaseDocumentCompressor
+
+    def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun) -> list[LCDocument]:
+        docs = self.base_retriever.invoke(query, config={"callbacks": run_manager.get_child()})
+        return list(self.compressor.compress_documents(docs, query, callbacks=run_manager.get_child()))
+
+    async def _aget_relevant_documents(self, query: str, *,
+                                       run_manager: AsyncCallbackManagerForRetrieverRun) -> list[LCDocument]:
+        docs = await self.base_retriever.ainvoke(query, config={"callbacks": run_manager.get_child()})
+        return list(await self.compressor.acompress_documents(docs, query, callbacks=run_manager.get_child()))
+
+
+class RagzipEmbeddings(Embeddings):
+    """LangChain embeddings from ragzip's sentence embedder (default: the packaged all-MiniLM-L6-v2)."""
+
+    def __init__(self, name: str | None = None) -> None:
+        from ragzip.retrieval.embed import Embedder
+
+        self.embedder = Embedder(name)
+        self._lock = threading.Lock()
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        with self._lock:
+            return [list(map(float, row)) for row in self.embedder.encode(texts)]
+
+    def embed_query(self, text: str) -> list[float]:
+        return self.embed_documents([text])[0]
+
+
+__all__ = ["RagzipCompressor", "RagzipEmbeddings", "RagzipRetriever", "to_ragzip"]
