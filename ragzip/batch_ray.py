@@ -1,0 +1,132 @@
+"""`ragzip compress --engine ray`: the JSONL contract on a Ray cluster (a local one by default).
+
+Records go to a pool of actors (each builds the compressor once) in batches, as JSON text; results come back in
+input order and are appended and flushed as they arrive, so the output is the single-process output (same lines,
+same order; only the `seconds` timings differ) and an interrupted run resumes with `resume=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, TextIO
+
+from ragzip.batch import compress_record, done_lines, iter_jsonl, truncate_partial_line
+from ragzip.budget import Budget
+from ragzip.errors import ConfigError, InputError, RagzipError
+
+# One batch: [(line number, JSON text, read error)]; one result: (line number, output JSON text, error).
+# Lines that failed to parse travel too, so that errors are reported (and --on-error fail stops) in input order.
+Batch = list[tuple[int, str | None, str | None]]
+Result = tuple[int, str | None, str | None]
+
+
+class _Worker:
+    """Builds the compressor once, then compresses batches of records (plain class; made a Ray actor at run)."""
+
+    def __init__(self, method: str, budget: dict[str, Any], options: dict[str, Any], tokenizer: str | None) -> None:
+        from ragzip.pipeline import build_compressor
+        from ragzip.tokens import get_token_counter
+
+        self.budget = Budget(**budget)
+        self.compressor = build_compressor(method, counter=get_token_counter(tokenizer), options=options)
+
+    def compress(self, batch: Batch) -> list[Result]:
+        out: list[Result] = []
+        for lineno, text, problem in batch:
+            if text is None:
+                out.append((lineno, None, problem or "unreadable line"))
+                continue
+            try:
+                row = compress_record(self.compressor, json.loads(text), self.budget, source_line=lineno)
+            except RagzipError as exc:
+                out.append((lineno, None, str(exc)))
+                continue
+            out.append((lineno, json.dumps(row, ensure_ascii=False), None))
+        return out
+
+
+def _batches(records: list[tuple[int, Any, str | None]], size: int) -> Iterator[Batch]:
+    for i in range(0, len(records), size):
+        yield [(n, None if problem else json.dumps(obj, ensure_ascii=False), problem)
+               for n, obj, problem in records[i:i + size]]
+
+
+def run_ray(input_path: str | Path, output: str | Path, *, method: str, budget: Budget,
+            options: Mapping[str, Any] | None = None, tokenizer: str | None = None, on_error: str = "skip",
+            resume: bool = False, address: str | None = None, num_workers: int | None = None,
+            batch_size: int = 16, log: TextIO | None = None) -> dict[str, int]:
+    """Compress every record of `input_path` into `output` on Ray.
+
+    Args:
+        method, budget, options, tokenizer: as for `build_compressor` and the single-process CLI.
+        on_error: "skip" (report bad lines and go on) or "fail" (stop at the first bad line, raise InputError).
+        resume: append to `output`, skipping input lines it already holds.
+        address: a Ray cluster address (default: the one this process is connected to, else a new local one).
+        num_workers: actors to start (default: the cluster's CPUs).
+        batch_size: records per task.
+
+    Returns:
+        Counts: `ok`, `bad`, `skipped` (already done), `tokens_before`, `tokens_after`.
+
+    Raises:
+        ConfigError: bad arguments or Ray not installed; InputError: a bad line with on_error="fail".
+    """
+    if on_error not in ("skip", "fail"):
+        raise ConfigError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
+    if batch_size <= 0:
+        raise ConfigError(f"batch_size must be positive, got {batch_size}")
+    try:
+        import ray
+        from ray.util import ActorPool
+    except ImportError as exc:
+        raise ConfigError(f"--engine ray needs Ray: pip install 'ragzip[ray]' ({exc})") from None
+    log = log or sys.stderr
+    budget_args = {"rate": budget.rate, "target_tokens": budget.target_tokens, "threshold": budget.threshold}
+    # Build once here so that a bad method or option fails fast, before any cluster work.
+    _Worker(method, budget_args, dict(options or {}), tokenizer)
+
+    skip = done_lines(output) if resume else set()
+    if resume:
+        truncate_partial_line(output)
+    counts = {"ok": 0, "bad": 0, "skipped": len(skip), "tokens_before": 0, "tokens_after": 0}
+    todo = [(lineno, obj, problem) for lineno, obj, problem in iter_jsonl(input_path) if lineno not in skip]
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        workers = num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        actor = ray.remote(num_cpus=1)(_Worker)
+        pool = ActorPool([actor.remote(method, budget_args, dict(options or {}), tokenizer)
+                          for _ in range(min(workers, max(1, len(todo))))])
+        with open(output, "a" if resume else "w", encoding="utf-8") as fh:
+            results = pool.map(lambda a, b: a.compress.remote(b), _batches(todo, batch_size))
+            for batch in results:
+                for lineno, row, problem in batch:
+                    if problem is not None:
+                        _bad(counts, input_path, lineno, problem, on_error, log)
+                        continue
+                    assert row is not None
+                    fh.write(row + "\n")
+                    compressed = json.loads(row)["compressed"]
+                    counts["ok"] += 1
+                    counts["tokens_before"] += compressed["tokens_before"]
+                    counts["tokens_after"] += compressed["tokens_after"]
+                fh.flush()
+    finally:
+        if started_here:
+            ray.shutdown()
+    rate = f"{counts['tokens_after'] / counts['tokens_before']:.3f}" if counts["tokens_before"] else "n/a"
+    print(f"{counts['ok']} compressed on Ray, {counts['bad']} bad lines skipped, {counts['skipped']} already done; "
+          f"tokens {counts['tokens_before']} -> {counts['tokens_after']} (rate {rate})", file=log)
+    return counts
+
+
+def _bad(counts: dict[str, int], path: str | Path, lineno: int, problem: str, on_error: str, log: TextIO) -> None:
+    counts["bad"] += 1
+    print(f"{path}:{lineno}: {problem}", file=log)
+    if on_error == "fail":
+        raise InputError(f"{path}:{lineno}: {problem}")
