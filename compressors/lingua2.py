@@ -22,9 +22,11 @@ from enum import Enum
 from typing import Any
 
 import numpy as np
+
+from ragzip.budget import Budget
 from ragzip.compressors.base import BaseCompressor
 from ragzip.compressors.lingua2_model import DEFAULT_MODEL, TokenClassifier, load_token_classifier
-from ragzip.compressors.lingua2_select import UnitScores, kept_runs, select_units
+from ragzip.compressors.lingua2_select import UnitScores, kept_runs, run_scores, select_units
 from ragzip.compressors.lingua2_words import (
     build_tables,
     detect_rule,
@@ -35,8 +37,6 @@ from ragzip.compressors.lingua2_words import (
     word_strings,
 )
 from ragzip.compressors.protect import protected_mask, units_touching
-
-from ragzip.budget import Budget
 from ragzip.errors import ConfigError
 from ragzip.spans import assemble
 from ragzip.tokens import TokenCounter
@@ -152,7 +152,7 @@ class Lingua2Compressor(BaseCompressor):
                  query_aware: bool | str = False, force_tokens: Sequence[str] | str | None = None,
                  keep_digits: bool | str = False, drop_consecutive: bool | str = False, word_prob: str = "mean",
                  protect: bool | str | None = None, context_filter: bool | str = False,
-                 query_weight: float | str = 0.5, batch_size: int | str = 8) -> None:
+                 query_weight: float | str = 0.5, batch_size: int | str = 4) -> None:
         super().__init__(counter)
         parsed_mode = _parse_enum(Mode, mode, "mode")
         try:
@@ -291,7 +291,8 @@ class Lingua2Compressor(BaseCompressor):
             scores.append(UnitScores(units, score, forced))
         kept = select_units(texts, scores, budget, self.counter, default_rate=DEFAULT_RATE,
                             drop_repeats=opts.force_tokens if opts.drop_consecutive else ())
-        out = [assemble(d, kept_runs(s.units, k), scores=_run_scores(s, k)) for d, s, k in zip(documents, scores, kept)]
+        out = [assemble(d, kept_runs(s.units, k), scores=run_scores(s.units, k, s.score))
+               for d, s, k in zip(documents, scores, kept)]
         return out, {"mode": "exact", "words": int(sum(len(s.units) for s in scores)),
                      "kept_words": int(sum(k.sum() for k in kept)), "windows": len(flat)}
 
@@ -342,11 +343,3 @@ def _query_relevance(text: str, units: np.ndarray, qwords: set[str]) -> np.ndarr
     sent = np.searchsorted(np.array(bounds, dtype=np.int64), units[:, 0], side="right")
     per_sent = np.bincount(sent, weights=hit) / max(1, len(qwords))
     return np.maximum(hit, np.minimum(1.0, per_sent[sent]) * 0.8)
-
-
-def _run_scores(scores: Any, keep: np.ndarray) -> list[float]:
-    idx = np.flatnonzero(keep)
-    if len(idx) == 0:
-        return []
-    groups = np.split(idx, np.flatnonzero(np.diff(idx) > 1) + 1)
-    return [round(float(scores.score[g].mean()), 4) for g in groups if scores.units[g[-1], 1] > scores.units[g[0], 0]]

@@ -34,9 +34,22 @@ def kept_runs(spans: np.ndarray, keep: np.ndarray) -> list[tuple[int, int]]:
     if len(idx) == 0:
         return []
     breaks = np.flatnonzero(np.diff(idx) > 1)
-    firsts = np.concatenate([[idx[0]], idx[breaks + 1]])
-    lasts = np.concatenate([idx[breaks], [idx[-1]]])
-    return [(int(spans[a, 0]), int(spans[b, 1])) for a, b in zip(firsts, lasts) if spans[b, 1] > spans[a, 0]]
+    starts = spans[np.concatenate([[idx[0]], idx[breaks + 1]]), 0]
+    ends = spans[np.concatenate([idx[breaks], [idx[-1]]]), 1]
+    ok = ends > starts
+    return list(zip(starts[ok].tolist(), ends[ok].tolist()))
+
+
+def run_scores(spans: np.ndarray, keep: np.ndarray, score: np.ndarray) -> list[float]:
+    """Mean unit score of each run `kept_runs` returns."""
+    idx = np.flatnonzero(keep)
+    if len(idx) == 0:
+        return []
+    group_starts = np.concatenate([[0], np.flatnonzero(np.diff(idx) > 1) + 1])
+    sizes = np.diff(np.append(group_starts, len(idx)))
+    means = np.add.reduceat(score[idx].astype(np.float64), group_starts) / sizes
+    ok = spans[idx[group_starts + sizes - 1], 1] > spans[idx[group_starts], 0]
+    return np.round(means[ok], 4).tolist()
 
 
 def render(text: str, units: np.ndarray, keep: np.ndarray) -> str:

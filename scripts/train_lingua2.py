@@ -4,7 +4,8 @@ Labels come from aligning human summaries back to their sources, the way LLMLing
 compressions to MeetingBank: every summary word is matched, in order, to the nearest unlabelled source word with
 the same normalised form (forward window first), and matched source words are labelled "keep" (class 1).
 Sources: QMSum query-specific answers vs their relevant transcript spans, multi_news summaries vs articles, and
-FewSum summaries vs the 8 reviews (all from ``data_root``).
+FewSum summaries vs the 8 reviews, and HotpotQA (train) supporting paragraphs vs "question + answer" with answer
+spans kept whole (all from ``data_root``).
 
 Only the top ``trained_layers`` of MiniLM plus the classification head are trained; the frozen lower layers' states
 are computed once. The saved file holds just those tensors (fp16, a few MB) and is loaded on top of the packaged
@@ -24,6 +25,7 @@ import re
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +44,9 @@ def _norm(word: str) -> str:
     return re.sub(r"[^\w]", "", word.lower())
 
 
-def align(source: str, summaries: list[str], window: int) -> list[tuple[int, int, int]]:
-    """Source words as (start, end, label): label 1 where a summary word was aligned to it."""
+def align(source: str, summaries: list[str], window: int, phrases: Sequence[str] = ()) -> list[tuple[int, int, int]]:
+    """Source words as (start, end, label): label 1 where a summary word was aligned to it, or where the word
+    lies inside an occurrence of one of `phrases` (QA answers: kept whole)."""
     words = [(m.start(), m.end()) for m in _WORD.finditer(source)]
     norms = [_norm(source[s:e]) for s, e in words]
     where: dict[str, list[int]] = defaultdict(list)
@@ -71,12 +74,25 @@ def align(source: str, summaries: list[str], window: int) -> list[tuple[int, int
                 pick = near
             labels[pick] = 1
             pointer = pick + 1
+    starts = [s for s, _ in words]
+    for phrase in phrases:
+        if len(phrase.strip()) < 2 or phrase.lower() in ("yes", "no"):
+            continue
+        for m in re.finditer(re.escape(phrase), source, re.I):
+            lo = bisect.bisect_right(starts, m.start()) - 1
+            hi = bisect.bisect_left(starts, m.end())
+            for i in range(max(0, lo), hi):
+                labels[i] = 1
     return [(s, e, lab) for (s, e), lab in zip(words, labels)]
 
 
-def load_pairs(root: Path) -> list[tuple[str, str, list[str]]]:
-    """(group, source, summaries) pairs from QMSum, multi_news and FewSum."""
-    pairs: list[tuple[str, str, list[str]]] = []
+def load_pairs(root: Path) -> list[tuple[str, str, list[str], list[str]]]:
+    """(group, source, summaries, answer phrases) from QMSum, multi_news, FewSum and HotpotQA.
+
+    For HotpotQA the supporting paragraphs are the source and "question + answer" is the compression target
+    (what a reader needs from the paragraph); answer occurrences are kept whole.
+    """
+    pairs: list[tuple[str, str, list[str], list[str]]] = []
     with open(root / "qmsum_val" / "val.jsonl", encoding="utf-8") as fh:
         for mi, line in enumerate(fh):
             rec = json.loads(line)
@@ -85,27 +101,34 @@ def load_pairs(root: Path) -> list[tuple[str, str, list[str]]]:
                 text = []
                 for a, b in q["relevant_text_span"]:
                     text += [f"{t['speaker']}: {t['content']}" for t in turns[int(a): int(b) + 1]]
-                pairs.append((f"qmsum{mi}", "\n".join(text), [q["answer"]]))
+                pairs.append((f"qmsum{mi}", "\n".join(text), [q["answer"]], []))
     with open(root / "multi_news_dev100" / "multi_news.jsonl", encoding="utf-8") as fh:
         for i, line in enumerate(fh):
             rec = json.loads(line)
             text = rec["context"].replace("NEWLINE_CHAR", "\n")
-            pairs.append((f"mn{i}", text, list(rec["answers"])))
+            pairs.append((f"mn{i}", text, list(rec["answers"]), []))
     for split in ("train", "val"):
         with open(root / "fewsum_amazon_dev" / f"{split}.csv", encoding="utf-8", newline="") as fh:
             for row in csv.DictReader(fh, delimiter="\t"):
                 text = "\n".join(row[f"rev{k}"] for k in range(1, 9))
-                pairs.append((f"fewsum{row['group_id']}", text, [row[f"summ{k}"] for k in range(1, 4)]))
+                pairs.append((f"fewsum{row['group_id']}", text, [row[f"summ{k}"] for k in range(1, 4)], []))
+    with open(root / "hotpotqa_train_hipporag100" / "normalized.jsonl", encoding="utf-8") as fh:
+        for i, line in enumerate(fh):
+            rec = json.loads(line)
+            target = [rec["question"] + " " + " ".join(rec["answers"])]
+            for c in rec["contexts"]:
+                if c.get("is_supporting"):
+                    pairs.append((f"hotpot{i}", f"{c['title']}\n{c['text']}", target, list(rec["answers"])))
     return pairs
 
 
-def build_windows(pairs: list[tuple[str, str, list[str]]], tokenizer: Any, cfg: dict[str, Any]
+def build_windows(pairs: list[tuple[str, str, list[str], list[str]]], tokenizer: Any, cfg: dict[str, Any]
                   ) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
     """Token windows (group, ids [S], labels [S]) with [CLS]/[SEP] labelled -100."""
     body = cfg["max_seq_len"] - 2
     out = []
-    for group, source, summaries in pairs:
-        words = align(source, summaries, cfg["align_window"])
+    for group, source, summaries, phrases in pairs:
+        words = align(source, summaries, cfg["align_window"], phrases)
         if not words or sum(w[2] for w in words) == 0:
             continue
         starts = np.array([w[0] for w in words])

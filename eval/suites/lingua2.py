@@ -162,23 +162,26 @@ def _random_drop(doc: Document, rate: float, rng: random.Random) -> Document:
     return Document(doc.id, " ".join(words[i] for i in keep), doc.title)
 
 
-def _speed(model_dir: Path, texts: dict[str, str], counter: TiktokenCounter, repeats: int) -> dict[str, float]:
+def _speed(model_dir: Path, inputs: dict[str, list[str]], counter: TiktokenCounter, repeats: int
+           ) -> dict[str, float]:
+    """Seconds (best of `repeats`) for llmlingua and ragzip on the same checkpoint, inputs and rate, and ratios."""
     from ragzip.compressors.lingua2 import Lingua2Compressor
 
     ref = reference_compressor(model_dir)
     ours = {m: Lingua2Compressor(counter=counter, model=str(model_dir), mode=m) for m in ("reference", "exact")}
     out: dict[str, float] = {}
-    for label, text in texts.items():
+    for label, texts in inputs.items():
+        docs = [Document(f"d{i}", t) for i, t in enumerate(texts)]
         t_ref, t_ours, t_exact = [], [], []
         for _ in range(repeats):
             t = time.perf_counter()
-            ref.compress_prompt_llmlingua2([text], rate=0.5)
+            ref.compress_prompt_llmlingua2(list(texts), rate=0.5)
             t_ref.append(time.perf_counter() - t)
             t = time.perf_counter()
-            ours["reference"].compress("", [Document("d", text)], Budget.ratio(0.5))
+            ours["reference"].compress("", docs, Budget.ratio(0.5))
             t_ours.append(time.perf_counter() - t)
             t = time.perf_counter()
-            ours["exact"].compress("", [Document("d", text)], Budget.ratio(0.5))
+            ours["exact"].compress("", docs, Budget.ratio(0.5))
             t_exact.append(time.perf_counter() - t)
         out[f"seconds_llmlingua_{label}"] = round(min(t_ref), 4)
         out[f"seconds_ragzip_reference_{label}"] = round(min(t_ours), 4)
@@ -191,12 +194,12 @@ def _speed(model_dir: Path, texts: dict[str, str], counter: TiktokenCounter, rep
 def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) -> dict[str, Any]:
     """Options: `model` (parity/speed checkpoint; default: ragzip's classifier saved as a full folder),
     `rates` (comma list, default "0.5,0.33"), `reader=1` (reader F1 with the local LLM), `reader_model`,
-    `repeats` (speed repeats, default 2), `workdir`."""
+    `repeats` (speed repeats, default 2), `query_aware=1` (quality figures in query-aware mode), `counter`
+    (budget tokenizer of the quality figures; default the local LLM's), `workdir`."""
     import tempfile
 
     from ragzip.compressors.lingua2 import Lingua2Compressor
     from ragzip.compressors.lingua2_model import save_full_model
-
     from ragzip.tokens import get_token_counter
 
     rng = random.Random(seed)
@@ -222,11 +225,15 @@ def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) ->
         result["parity_identical_share"] = round(exact_docs / max(1, len(agree)), 4)
         corpus = " ".join(d.text for ex in examples for d in ex["documents"])
         words = corpus.split()
-        long_texts = {"1k": " ".join(words[:750]), "10k": " ".join((words * (1 + 7500 // max(1, len(words))))[:7500])}
-        result.update(_speed(model_dir, long_texts, counter, int(options.get("repeats", "2"))))
+        passages = [d.text for ex in examples for d in ex["documents"]][:20]
+        inputs = {"1k": [" ".join(words[:750])], "10k": [" ".join((words * (1 + 7500 // max(1, len(words))))[:7500])],
+                  f"rag{len(passages)}": passages}
+        result.update(_speed(model_dir, inputs, counter, int(options.get("repeats", "2"))))
+        result["speed_tokens"] = {k: sum(counter.count_batch(v)) for k, v in inputs.items()}
         result["speedup_vs_llmlingua"] = min(result["speedup_1k"], result["speedup_10k"])
     llm_counter = get_token_counter(options.get("counter"))
-    comp = Lingua2Compressor(counter=llm_counter)
+    comp = Lingua2Compressor(counter=llm_counter, query_aware=options.get("query_aware", "0"))
+    result["query_aware"] = comp.options.query_aware
     errors, survival, surv_random = [], {r: [] for r in rates}, {r: [] for r in rates}
     for ex in examples:
         for rate in rates:

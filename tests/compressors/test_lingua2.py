@@ -35,7 +35,8 @@ def area(radius):
 The config is {"timeout": 30, "retries": 5} and the version is 2.4.1; everything else here is filler text that
 the compressor may freely drop because it carries very little information at all, really, honestly.
 """
-CJK = "东京是日本的首都，也是世界上人口最多的城市之一。富士山位于东京西南方向，高度为3776米。今天天气很好，我们去公园散步吧。"
+CJK = ("东京是日本的首都，也是世界上人口最多的城市之一。富士山位于东京西南方向，高度为3776米。"
+       "今天天气很好，我们去公园散步吧。")
 
 
 @pytest.fixture(scope="module")
