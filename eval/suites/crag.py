@@ -25,12 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from ragzip.compressors.crag import CragCompressor
-from ragzip.compressors.summarize import LocalSummarizer, SummaryCache, cached_summary
-from ragzip.eval.loaders_extra import detect_format, load_summary_examples
 
 from ragzip.budget import Budget
+from ragzip.compressors.crag import CragCompressor
+from ragzip.compressors.summarize import LocalSummarizer, SummaryCache, cached_summary
 from ragzip.errors import ConfigError
+from ragzip.eval.loaders_extra import detect_format, load_summary_examples
+from ragzip.eval.metrics import rouge_l
 from ragzip.tokens import TokenCounter, get_token_counter
 
 _COMPRESSOR_KEYS = ("k", "mode", "per_cluster", "alpha", "llm", "max_k", "embedder")
@@ -51,14 +52,6 @@ class MemoEncoder:
             for t, v in zip(missing, self.model.encode(missing, **kw)):
                 self._memo[t] = np.asarray(v, dtype=np.float32)
         return np.stack([self._memo[t] for t in texts])
-
-
-def rouge_l(prediction: str, references: Sequence[str]) -> float:
-    """ROUGE-L F-measure (stemmed), the best over the references."""
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return max((scorer.score(ref, prediction)["rougeL"].fmeasure for ref in references if ref.strip()), default=0.0)
 
 
 def _budget(options: dict[str, str]) -> Budget:
