@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from ragzip.compressors.base import BaseCompressor, select_within_limit
-from ragzip.compressors.summarize import Summarizer, SummaryCache, cached_summary, make_summarizer
 
 from ragzip.budget import Budget
+from ragzip.compressors.base import BaseCompressor, select_within_limit
+from ragzip.compressors.summarize import Summarizer, SummaryCache, cached_summary, make_summarizer
 from ragzip.errors import ConfigError
 from ragzip.tokens import TokenCounter
 from ragzip.types import CompressedDocument, Document, Span

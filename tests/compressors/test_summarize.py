@@ -6,6 +6,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from ragzip.compressors.summarize import (
     LocalSummarizer,
     OpenAISummarizer,
@@ -14,7 +15,6 @@ from ragzip.compressors.summarize import (
     make_summarizer,
     summary_messages,
 )
-
 from ragzip.errors import ConfigError, RagzipError
 
 

@@ -3,14 +3,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
+from ragzip.errors import InputError
 from ragzip.eval.loaders_extra import (
     clean_longbench,
     detect_format,
     load_summary_examples,
     split_passages,
 )
-
-from ragzip.errors import InputError
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "crag"
 
