@@ -45,6 +45,12 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 413, 429, 500, 502, 504)
 }
 
+_STREAM: dict[int | str, dict[str, Any]] = {
+    200: {"description": "A chat.completion object, or with `stream: true` server-sent `chat.completion.chunk` "
+                         "events ending with `data: [DONE]`",
+          "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+}
+
 
 @dataclass(slots=True)
 class ServerState:
@@ -119,7 +125,7 @@ def create_app(config: ServerConfig | None = None, *, settings: Settings | None 
     errors.install(app)
     app.add_middleware(Guard, config=config, metrics=metrics, slots=state.slots)  # type: ignore[arg-type]
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS,
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={**_ERRORS, **_STREAM},
               summary="Chat completion (OpenAI-compatible; `stream: true` answers with server-sent events)")
     async def chat(req: ChatCompletionRequest,
                    authorization: Annotated[str | None, Header()] = None) -> Any:

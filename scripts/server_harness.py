@@ -1,0 +1,111 @@
+"""Shared by the load-test and fuzz scripts: a fast stub upstream in a thread, and a `ragzip serve` subprocess.
+
+Everything binds to 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import StreamingResponse
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def stub_app() -> FastAPI:
+    """An OpenAI-compatible upstream that answers at once (so the figures measure the proxy)."""
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Any:
+        body = await request.json()
+        chunk = {"id": "stub", "object": "chat.completion.chunk", "created": 0, "model": "stub"}
+        if body.get("stream"):
+            async def events() -> Any:
+                for piece in ("The ", "answer."):
+                    delta = {"index": 0, "delta": {"content": piece}, "finish_reason": None}
+                    yield f"data: {json.dumps({**chunk, 'choices': [delta]})}\n\n"
+                yield "data: [DONE]\n\n"
+            return StreamingResponse(events(), media_type="text/event-stream")
+        return {"id": "stub", "object": "chat.completion", "created": 0, "model": "stub",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "The answer."},
+                             "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}}
+
+    return app
+
+
+class StubUpstream:
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(stub_app(), host="127.0.0.1", port=self.port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+class ProxyProcess:
+    """`ragzip serve` in a subprocess (its own memory, measurable through /proc)."""
+
+    def __init__(self, config: dict[str, Any], *, startup_timeout_s: float = 180.0) -> None:
+        self.port = free_port()
+        self.dir = tempfile.TemporaryDirectory()
+        cfg = Path(self.dir.name) / "server.json"
+        cfg.write_text(json.dumps(config), encoding="utf-8")
+        exe = Path(sys.executable).with_name("ragzip")
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        self.log = open(Path(self.dir.name) / "server.log", "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([str(exe), "serve", "--host", "127.0.0.1", "--port", str(self.port),
+                                      "--config", str(cfg)], stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + startup_timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"proxy exited: {(Path(self.dir.name) / 'server.log').read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("proxy did not start")
+            time.sleep(0.2)
+
+    def rss_mb(self) -> float:
+        with open(f"/proc/{self.proc.pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return 0.0
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+        self.dir.cleanup()
