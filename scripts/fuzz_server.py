@@ -33,8 +33,10 @@ def main() -> None:
                           "max_body_bytes": 1 << 20, "max_documents": 64})
     report_dir = Path(tempfile.mkdtemp(prefix="ragzip-fuzz-"))
     try:
-        # Warm-up first, so that one-time imports (torch, the compressor) do not count as growth.
+        # Warm-up first, so that one-time loads (the compressor; torch and the embedder of the index) do not
+        # count as growth.
         httpx.post(f"{proxy.url}/v1/compress", json={"question": "q", "contexts": [{"text": "a b. c d."}]}, timeout=120)
+        httpx.post(f"{proxy.url}/v1/documents", json={"documents": [{"text": "warm up"}]}, timeout=300)
         rss_before = proxy.rss_mb()
         cmd = [str(Path(sys.executable).with_name("schemathesis")), "run", f"{proxy.url}/openapi.json",
                "--checks", "not_a_server_error,response_schema_conformance,content_type_conformance",

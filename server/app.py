@@ -48,7 +48,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 _STREAM: dict[int | str, dict[str, Any]] = {
     200: {"description": "A chat.completion object, or with `stream: true` server-sent `chat.completion.chunk` "
                          "events ending with `data: [DONE]`",
-          "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+          "content": {"text/event-stream": {"schema": {
+              "type": "object", "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}}}},
 }
 
 
