@@ -132,8 +132,7 @@ class Lingua2Compressor(BaseCompressor):
         keep_digits: always keep words containing a digit.
         drop_consecutive: drop a force token repeating the previous kept force token with nothing kept between.
         word_prob: "mean" or "first" subword probability per word.
-        protect: keep code, tables, URLs, numbers and JSON keys verbatim (default: on in exact mode, off in
-            reference mode, where it would break parity).
+        protect: keep code, tables, URLs, numbers and JSON keys verbatim (exact mode; default on).
         context_filter: reference mode: drop whole low-scoring documents first, as the reference's
             `use_context_level_filter`.
         query_weight: weight of query relevance when `query_aware` (0..1).
@@ -168,6 +167,10 @@ class Lingua2Compressor(BaseCompressor):
             word_prob=_parse_enum(WordProb, word_prob, "word_prob"),
             protect=(parsed_mode is Mode.EXACT) if protect is None else _parse_bool(protect, "protect"),
             context_filter=_parse_bool(context_filter, "context_filter"), query_weight=weight, batch_size=batch)
+        if parsed_mode is Mode.REFERENCE and (self.options.query_aware or self.options.protect):
+            raise ConfigError("query_aware and protect need mode=exact; reference mode reproduces llmlingua as is")
+        if parsed_mode is Mode.EXACT and self.options.context_filter:
+            raise ConfigError("context_filter is the reference's document filter; use it with mode=reference")
         self.is_query_agnostic = not self.options.query_aware
         self.classifier: TokenClassifier = load_token_classifier(self.options.model)
         self.rule = detect_rule(self.classifier.tokenizer)

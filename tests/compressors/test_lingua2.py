@@ -179,7 +179,8 @@ def test_options_parse_from_cli_strings_and_reject_bad_values(tiny_bert: str) ->
     assert comp.options.mode.value == "reference" and comp.options.word_prob.value == "first"
     assert comp.options.protect is False and comp.options.batch_size == 2
     for bad in ({"mode": "fast"}, {"word_prob": "max"}, {"protect": "maybe"}, {"force_tokens": "[1"},
-                {"query_weight": "2"}):
+                {"query_weight": "2"}, {"mode": "reference", "query_aware": True}, {"mode": "reference", "protect": 1},
+                {"context_filter": "yes"}):
         with pytest.raises(ConfigError):
             Lingua2Compressor(counter=WhitespaceCounter(), model=tiny_bert, **bad)
     with pytest.raises(ConfigError):
