@@ -27,6 +27,7 @@ EVAL_SUITES: dict[str, str] = {
     "kvcodec": "ragzip.eval.suites.kvcodec:run",
     "blend": "ragzip.eval.suites.blend:run",
     "baselines": "ragzip.eval.suites.baselines:run",
+    "tradeoff": "ragzip.eval.suites.tradeoff:run",
 }
 
 
@@ -237,20 +238,28 @@ def demo(
 
 @app.command(name="eval")
 def eval_cmd(
-    suite: str = typer.Argument(..., help=f"One of: {', '.join(sorted(EVAL_SUITES))}."),
-    data: Path = typer.Option(..., "--data", exists=True, help="Data file or folder (common schema)."),
+    suite: str = typer.Argument(..., help=f"'report' or one of: {', '.join(sorted(EVAL_SUITES))}."),
+    data: Path = typer.Option(None, "--data", exists=True, help="Data file or folder (report: the data folder)."),
     limit: int = typer.Option(None, help="At most N examples."),
     json_out: Path = typer.Option(None, "--json", help="Write the results as JSON."),
     seed: int = typer.Option(0),
     option: list[str] = typer.Option(None, "--option", "-O", help="Suite option key=value (repeatable)."),
+    out_dir: Path = typer.Option(None, "--out", help="report: output folder (report.md, results.json, plots)."),
+    quick: bool = typer.Option(False, help="report: the quick plan (under 10 minutes on 2 cores)."),
+    readme: Path = typer.Option(None, help="report: regenerate this README's results section."),
 ) -> None:
-    """Run a benchmark suite, print its table and write its JSON."""
+    """Run a benchmark suite (or `report`: every suite), print its table and write its JSON."""
     import importlib
 
     try:
+        if suite == "report":
+            _report(data, out_dir, quick=quick, seed=seed, limit=limit, readme=readme, only=option)
+            return
         target = EVAL_SUITES.get(suite)
         if target is None:
-            raise ConfigError(f"unknown eval suite {suite!r}; valid: {sorted(EVAL_SUITES)}")
+            raise ConfigError(f"unknown eval suite {suite!r}; valid: {['report', *sorted(EVAL_SUITES)]}")
+        if data is None:
+            raise ConfigError("--data is required")
         module_name, attr = target.split(":")
         run = getattr(importlib.import_module(module_name), attr)
         results = run(data, limit=limit, seed=seed, options=parse_options(option))
@@ -267,6 +276,25 @@ def eval_cmd(
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(results, indent=1, ensure_ascii=False))
         err.print(f"wrote {json_out}")
+
+
+def _report(data: Path | None, out_dir: Path | None, *, quick: bool, seed: int, limit: int | None,
+            readme: Path | None, only: list[str] | None) -> None:
+    from ragzip.eval.report import run_report, update_readme
+
+    data = data or Path("../shared/data")
+    if not data.is_dir():
+        raise ConfigError(f"report needs --data DIR (a folder of dataset folders); {data} is not a folder")
+    if out_dir is None:
+        raise ConfigError("report needs --out REPORT_DIR")
+    suites = {o.partition("=")[2] or o for o in only or []} or None  # -O only=tradeoff (repeatable)
+    results = run_report(data, out_dir, quick=quick, seed=seed, limit=limit, only=suites, log=err.print)
+    if readme is not None:
+        update_readme(readme, results, out_dir, readme.parent / "docs" / "results")
+    err.print(f"wrote {out_dir / 'report.md'}, {out_dir / 'results.json'} and {len(results['plots'])} plots"
+              + (f"; {len(results['errors'])} suites did not run" if results["errors"] else ""))
+    if results["errors"]:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -1,0 +1,221 @@
+"""`ragzip eval report`: run every suite, write results.json, report.md and PNG plots.
+
+The README's results section is generated from results.json (`--readme README.md`), so the README never drifts
+from what the code measures.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import platform
+import shutil
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ragzip.eval import plots
+
+README_START = "<!-- ragzip:results:start -->"
+README_END = "<!-- ragzip:results:end -->"
+
+
+@dataclass(frozen=True, slots=True)
+class SuiteRun:
+    key: str  # name in results.json
+    suite: str  # module in ragzip.eval.suites
+    dataset: str  # folder under the data dir
+    quick_limit: int
+    full_limit: int
+    quick_options: dict[str, str] = field(default_factory=dict)
+    full_options: dict[str, str] = field(default_factory=dict)
+
+
+PLAN: tuple[SuiteRun, ...] = (
+    SuiteRun("tradeoff", "tradeoff", "hotpotqa_train_hipporag100", 6, 40, {"quick": "1"}, {}),
+    SuiteRun("extractive", "extractive", "hotpotqa_train_hipporag100", 10, 100,
+             {"causal_limit": "2", "rates": "0.3333,0.2"}, {"causal_limit": "5", "reader": "1", "reader_limit": "30"}),
+    SuiteRun("lingua2", "lingua2", "squad_v1.1_dev", 8, 100, {"repeats": "1"}, {"reader": "1"}),
+    SuiteRun("crag_fewsum", "crag", "fewsum_amazon_dev", 3, 12, {"max_new_tokens": "48"}, {}),
+    SuiteRun("crag_multi_news", "crag", "multi_news_dev100", 2, 20, {"max_new_tokens": "48", "summaries": "false"},
+             {}),
+    SuiteRun("kvcodec", "kvcodec", "musique_chunks_dev50", 2, 12, {"calib": "1"}, {}),
+    SuiteRun("blend", "blend", "musique_chunks_dev50", 1, 5, {"strategies": "false"}, {}),
+)
+
+
+def machine_info() -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def run_report(data_dir: Path, out_dir: Path, *, quick: bool, seed: int = 0, limit: int | None = None,
+               only: set[str] | None = None, log: Callable[[str], Any] = print) -> dict[str, Any]:
+    """Run the plan, write `results.json`, `report.md` and plots into `out_dir`; returns the results."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"machine": machine_info(), "quick": quick, "seed": seed, "data": str(data_dir),
+                               "suites": {}, "errors": {}}
+    for run in PLAN:
+        if only and run.key not in only:
+            continue
+        data = data_dir / run.dataset
+        if not data.exists():
+            results["errors"][run.key] = f"data folder {data} not found"
+            log(f"skip {run.key}: {results['errors'][run.key]}")
+            continue
+        n = limit if limit is not None else (run.quick_limit if quick else run.full_limit)
+        options = dict(run.quick_options if quick else run.full_options)
+        log(f"running {run.key} ({run.suite} on {run.dataset}, limit {n})")
+        start = time.perf_counter()
+        module = importlib.import_module(f"ragzip.eval.suites.{run.suite}")
+        try:
+            suite_out = module.run(data, limit=n, seed=seed, options=options)
+        except Exception as exc:  # one failing suite must not hide the others; it is reported, not swallowed
+            results["errors"][run.key] = f"{type(exc).__name__}: {exc}"
+            log(f"{run.key} failed: {results['errors'][run.key]}\n{traceback.format_exc()}")
+            continue
+        results["suites"][run.key] = {"dataset": run.dataset, "limit": n, "options": options,
+                                      "seconds": round(time.perf_counter() - start, 1), "results": suite_out}
+    results["plots"] = make_plots(results, out_dir)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str, ensure_ascii=False))
+    (out_dir / "report.md").write_text(render_report(results))
+    return results
+
+
+def _caption(results: dict[str, Any], key: str, model: str) -> str:
+    m = results["machine"]
+    suite = results["suites"].get(key, {})
+    return (f"{m['cpu']} ({m['cores']} cores{', ' + m['gpu'] if m['gpu'] else ''}), torch {m['torch']}; "
+            f"model {model}; data {suite.get('dataset')} (n={suite.get('limit')}); seed {results['seed']}; "
+            f"{m['date']}")
+
+
+def make_plots(results: dict[str, Any], out_dir: Path) -> dict[str, str]:
+    suites = results["suites"]
+    made: dict[str, Path | None] = {}
+    if "tradeoff" in suites:
+        r = suites["tradeoff"]["results"]
+        cap = _caption(results, "tradeoff", f"reader {r.get('reader')}")
+        made["quality_f1"] = plots.quality_vs_compression(r, out_dir / "quality_f1.png", cap, "f1")
+        made["quality_survival"] = plots.quality_vs_compression(r, out_dir / "quality_survival.png", cap,
+                                                                "answer_survival")
+        made["quality_support"] = plots.quality_vs_compression(r, out_dir / "quality_support.png", cap,
+                                                               "support_recall")
+        made["latency"] = plots.latency_by_method(r, out_dir / "latency.png", cap)
+    if "blend" in suites:
+        r = suites["blend"]["results"]
+        cap = _caption(results, "blend", "smollm2-135m-instruct fp32")
+        made["kv_ttft"] = plots.blend_ttft(r, out_dir / "kv_ttft.png", cap)
+        made["kv_quality"] = plots.blend_quality(r, out_dir / "kv_quality.png", cap)
+    if "kvcodec" in suites:
+        r = suites["kvcodec"]["results"]
+        made["codec"] = plots.codec_tradeoff(r, out_dir / "codec.png", _caption(results, "kvcodec", r.get("model", "")))
+    if "proxy" in suites:
+        r = suites["proxy"]["results"]
+        made["proxy"] = plots.proxy_latency(r, out_dir / "proxy.png", _caption(results, "proxy", "none"))
+    return {k: v.name for k, v in made.items() if v is not None}
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _scalar_table(res: dict[str, Any]) -> list[str]:
+    rows = [(k, v) for k, v in res.items() if isinstance(v, (int, float, str, bool)) and not isinstance(v, dict)]
+    lines = ["| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v)} |" for k, v in rows if len(str(v)) < 120]
+    return lines
+
+
+def _points_table(points: list[dict[str, Any]]) -> list[str]:
+    cols = ["label", "token_ratio", "f1", "em", "answer_survival", "support_recall", "ms_per_query"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for p in points:
+        lines.append("| " + " | ".join(_fmt(p.get(c, "")) if p.get(c) is not None else "" for c in cols) + " |")
+    return lines
+
+
+def render_report(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    lines = ["# ragzip evaluation report", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores, {m['platform']}, Python {m['python']}, torch {m['torch']}"
+             f"{', GPU ' + m['gpu'] if m['gpu'] else ', no GPU'}; {m['date']}; "
+             f"{'quick' if results['quick'] else 'full'} run, seed {results['seed']}, data {results['data']}.", ""]
+    plot_files = results.get("plots", {})
+    for key, suite in results["suites"].items():
+        res = suite["results"]
+        lines += [f"## {key}", "", f"Data `{suite['dataset']}` (limit {suite['limit']}), options "
+                  f"`{json.dumps(suite['options'])}`, {suite['seconds']} s.", ""]
+        if key == "tradeoff":
+            lines += _points_table(res.get("points", [])) + [""]
+        lines += _scalar_table(res) + [""]
+        if isinstance(res.get("table"), list) and res["table"] and isinstance(res["table"][0], dict):
+            cols = list(res["table"][0])
+            lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+            lines += ["| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |" for r in res["table"]] + [""]
+    if plot_files:
+        lines += ["## Plots", ""] + [f"![{k}]({v})" for k, v in plot_files.items()] + [""]
+    if results["errors"]:
+        lines += ["## Suites that did not run", ""] + [f"- {k}: {v}" for k, v in results["errors"].items()] + [""]
+    return "\n".join(lines)
+
+
+def update_readme(readme: Path, results: dict[str, Any], report_dir: Path, assets: Path) -> None:
+    """Replace the README's generated results section (between the markers) and copy the key plots to `assets`."""
+    text = readme.read_text(encoding="utf-8")
+    if README_START not in text or README_END not in text:
+        raise ValueError(f"{readme} has no {README_START} ... {README_END} section")
+    assets.mkdir(parents=True, exist_ok=True)
+    rel = os.path.relpath(assets, readme.parent)
+    body = [README_START, "", render_readme_section(results, rel)]
+    for key, name in results.get("plots", {}).items():
+        shutil.copy(report_dir / name, assets / name)
+    body += ["", README_END]
+    start, end = text.index(README_START), text.index(README_END) + len(README_END)
+    readme.write_text(text[:start] + "\n".join(body) + text[end:], encoding="utf-8")
+
+
+def render_readme_section(results: dict[str, Any], assets_rel: str) -> str:
+    m = results["machine"]
+    s = results["suites"]
+    lines = [f"Generated by `ragzip eval report{' --quick' if results['quick'] else ''}` on {m['cpu']} "
+             f"({m['cores']} cores, {'GPU ' + m['gpu'] if m['gpu'] else 'no GPU'}), torch {m['torch']}, {m['date']}, "
+             f"seed {results['seed']}. Numbers are development figures on the sets named; rerun to reproduce.", ""]
+    if "tradeoff" in s:
+        r = s["tradeoff"]["results"]
+        lines += [f"**Quality vs compression** (`{s['tradeoff']['dataset']}`, n={r['num_examples']}, "
+                  f"reader {r.get('reader')}):", ""] + _points_table(r.get("points", [])) + [""]
+    picks = [("extractive", ["support_recall", "token_ratio", "encoder_ms_per_query", "speedup_encoder_vs_causal"]),
+             ("lingua2", ["speedup_vs_llmlingua", "parity_word_agreement", "answer_survival", "rate_error_max"]),
+             ("crag_fewsum", ["token_reduction", "rougeL_compressed", "rougeL_full"]),
+             ("crag_multi_news", ["token_reduction", "rougeL_compressed", "rougeL_full"]),
+             ("kvcodec", ["bits_per_element", "ratio_vs_int8", "top1_agreement", "decode_mb_s", "load_vs_recompute"]),
+             ("blend", ["ttft_speedup_vs_full", "f1_full", "f1_blend", "kl_blend", "kl_full_reuse",
+                        "top1_agreement_blend", "top1_agreement_full_reuse"])]
+    rows = []
+    for key, metrics in picks:
+        if key in s:
+            r = s[key]["results"]
+            got = ", ".join(f"{k} {_fmt(r[k])}" for k in metrics if k in r)
+            rows.append(f"| {key} | `{s[key]['dataset']}` n={s[key]['limit']} | {got} |")
+    if rows:
+        lines += ["| suite | data | key figures |", "|---|---|---|"] + rows + [""]
+    for key, name in results.get("plots", {}).items():
+        if key in ("quality_f1", "quality_support", "kv_ttft", "codec"):
+            lines.append(f"![{key}]({assets_rel}/{name})")
+    return "\n".join(lines)

@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from ragzip.eval.report import PLAN, README_END, README_START, run_report, update_readme
+
+FIXTURES = Path(__file__).parent.parent / "fixtures" / "report_data"
+EXPECTED_PLOTS = {"quality_f1", "quality_survival", "quality_support", "latency", "kv_ttft", "kv_quality", "codec"}
+
+
+def test_quick_report_on_tiny_fixtures_produces_every_table_and_plot(tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    results = run_report(FIXTURES, out, quick=True, limit=1, log=lambda _: None)
+    assert results["errors"] == {}
+    assert set(results["suites"]) == {run.key for run in PLAN}
+    assert EXPECTED_PLOTS <= set(results["plots"])
+    for name in results["plots"].values():
+        png = out / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5_000
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["machine"]["cores"] and saved["suites"]["tradeoff"]["results"]["points"]
+    report = (out / "report.md").read_text()
+    for run in PLAN:
+        assert f"## {run.key}" in report
+    points = {p["label"]: p for p in results["suites"]["tradeoff"]["results"]["points"]}
+    assert points["none"]["token_ratio"] == 1.0 and points["random r=0.2"]["token_ratio"] < 0.35
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{README_START}\nold\n{README_END}\n\ntail\n")
+    update_readme(readme, results, out, tmp_path / "docs" / "results")
+    text = readme.read_text()
+    assert "old" not in text and text.endswith("tail\n") and "Quality vs compression" in text
+    assert (tmp_path / "docs" / "results" / results["plots"]["quality_f1"]).exists()
+    shutil.rmtree(out)
