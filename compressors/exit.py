@@ -19,12 +19,11 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from ragzip.budget import Budget
 from ragzip.compressors.base import BaseCompressor
 from ragzip.compressors.exit_scorers import CausalLMScorer, EncoderScorer, SentenceScorer
-from ragzip.retrieval.sentences import split_sentences
-
-from ragzip.budget import Budget
 from ragzip.errors import ConfigError
+from ragzip.retrieval.sentences import split_sentences
 from ragzip.spans import assemble
 from ragzip.tokens import TokenCounter, get_token_counter
 from ragzip.types import CompressedDocument, Document

@@ -37,6 +37,8 @@ class EncoderScorerConfig:
         max_query_tokens: the query is cut to this many tokens so the document keeps most of the window.
         base_num_layers: layer count of the base encoder the weights were trained on (checked at load).
         base_hidden_size: hidden size of that encoder (checked at load).
+        logit_bias: added to every logit; set after training on calibration questions so that the default
+            threshold 0.5 meets a target recall.
     """
 
     base: str = "all-MiniLM-L6-v2"
@@ -46,6 +48,7 @@ class EncoderScorerConfig:
     max_query_tokens: int = 64
     base_num_layers: int = 6
     base_hidden_size: int = 384
+    logit_bias: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.num_trainable_layers <= self.base_num_layers:
@@ -107,7 +110,7 @@ class SentenceSpanScorer(nn.Module):
         cls = states[:, 0]  # [B, H]
         k = pooled.shape[1]
         features = torch.cat([pooled, cls.unsqueeze(1).expand(-1, k, -1), pooled * query.unsqueeze(1)], dim=-1)
-        return self.head(features).squeeze(-1), counts  # [B, K], [B, K]
+        return self.head(features).squeeze(-1) + self.config.logit_bias, counts  # [B, K], [B, K]
 
 
 def build_rows(tokenizer: Any, query: str, documents: Sequence[tuple[str, str, Sequence[tuple[int, int]]]],

@@ -6,13 +6,15 @@ One command reproduces the shipped weights (single thread, fixed seed, fixed ste
 
 Data (../shared/data, common schema): SQuAD v1.1 dev -- the sentence holding the answer is positive, the other
 sentences of the paragraph negative; HotpotQA train -- supporting-fact sentences positive, the other sentences of
-the gold paragraphs hard negatives, distractor-paragraph sentences negatives. A fixed part of HotpotQA is held out
-(the lowest SHA-1 ids are trained on; the ids are written to train_meta.json so evaluation can exclude them).
+the gold paragraphs hard negatives, distractor-paragraph sentences negatives. HotpotQA is split by SHA-1 of the id:
+the lowest ids are trained on, the next few calibrate the logit bias (so the default threshold 0.5 meets a target
+recall), the rest are held out; trained and calibration ids go to train_meta.json so evaluation can exclude them.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -113,9 +115,11 @@ def squad_examples(path: Path, limit: int, rng: random.Random) -> list[DocExampl
     return out
 
 
-def hotpot_split(path: Path, num_train: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def hotpot_split(path: Path, num_train: int, num_calibration: int) -> tuple[list[Any], list[Any], list[Any]]:
+    """(train, calibration, held-out) questions, by SHA-1 of the id."""
     rows = sorted(read_jsonl(path), key=lambda ex: hashlib.sha1(ex["id"].encode()).hexdigest())
-    return rows[:num_train], rows[num_train:]
+    cut = num_train + num_calibration
+    return rows[:num_train], rows[num_train:cut], rows[cut:]
 
 
 def hotpot_examples(rows: list[dict[str, Any]]) -> list[DocExample]:
@@ -159,6 +163,20 @@ def step_inputs(model: SentenceSpanScorer, tokenizer: Any,
     return {**collate(rows, int(tokenizer.pad_token_id or 0)), "num_slots": k}, target
 
 
+def calibrate(model: SentenceSpanScorer, tokenizer: Any, rows: list[dict[str, Any]], target_recall: float) -> float:
+    """The logit bias that puts probability 0.5 where `target_recall` of the calibration positives pass."""
+    model.eval()
+    positives = []
+    for ex in rows:
+        docs = hotpot_examples([ex])
+        scores = score_documents(model, tokenizer, ex["question"], [(d.title, d.text, d.spans) for d in docs])
+        positives += [s for d, sc in zip(docs, scores) for s, lab in zip(sc, d.labels) if lab]
+    model.train()
+    logits = sorted(float(torch.logit(torch.tensor(p).clamp(1e-6, 1 - 1e-6))) for p in positives)
+    cut = logits[min(len(logits) - 1, int((1.0 - target_recall) * len(logits)))]
+    return -cut
+
+
 def evaluate_heldout(model: SentenceSpanScorer, tokenizer: Any, rows: list[dict[str, Any]]) -> dict[str, float]:
     """Sentence-level recall / kept fraction at 0.5 and recall of the top third of sentences, on held-out HotpotQA."""
     model.eval()
@@ -199,7 +217,8 @@ def main() -> None:
     for name, p in model.named_parameters():
         p.requires_grad = name.startswith(prefixes)
 
-    hp_train, hp_heldout = hotpot_split(data_root / cfg["hotpot"], cfg["hotpot_train_questions"])
+    hp_train, hp_calibration, hp_heldout = hotpot_split(data_root / cfg["hotpot"], cfg["hotpot_train_questions"],
+                                                        cfg["hotpot_calibration_questions"])
     squad = squad_examples(data_root / cfg["squad"], cfg["squad_questions"], rng)
     hotpot = hotpot_examples(hp_train)
     examples = squad + hotpot * cfg["hotpot_repeats"]
@@ -233,11 +252,14 @@ def main() -> None:
                   f"{time.perf_counter() - start:.0f}s", flush=True)
             running = 0.0
     train_seconds = time.perf_counter() - start
+    bias = calibrate(model, tokenizer, hp_calibration, cfg["target_recall"])
+    model.config = dataclasses.replace(model.config, logit_bias=round(bias, 4))
+    print(f"calibrated logit bias {bias:.3f}", flush=True)
     heldout = evaluate_heldout(model, tokenizer, hp_heldout)
     print("held-out HotpotQA:", heldout, flush=True)
     meta = {"config": cfg, "train_seconds": round(train_seconds, 1), "steps": len(plan),
             "squad_docs": len(squad), "hotpot_docs": len(hotpot), "heldout_sentence_metrics": heldout,
-            "hotpot_train_ids": sorted(ex["id"] for ex in hp_train),
+            "hotpot_train_ids": sorted(ex["id"] for ex in hp_train + hp_calibration),
             "torch": torch.__version__}
     path = save_scorer(model, output, meta=meta)
     print(f"saved {path} ({path.stat().st_size / 1e6:.1f} MB) in {train_seconds:.0f}s", flush=True)

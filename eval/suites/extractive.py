@@ -95,6 +95,20 @@ def _aggregate(rows: list[tuple[Example, list[Document], CompressionResult]]) ->
     }
 
 
+class _MemoScorer:
+    """Reuses the scores of a (query, documents) pair: budgets after the timed pass need no new forwards."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.name = inner, inner.name
+        self.memo: dict[Any, list[list[float]]] = {}
+
+    def score(self, query: str, documents: Sequence[tuple[str, str, Sequence[tuple[int, int]]]]) -> list[list[float]]:
+        key = (query, tuple((t, x, tuple(s)) for t, x, s in documents))
+        if key not in self.memo:
+            self.memo[key] = self.inner.score(query, documents)
+        return self.memo[key]
+
+
 def _trained_ids(weights: str | None) -> set[str]:
     from ragzip.compressors.exit_encoder import WEIGHTS_DIR
 
@@ -138,12 +152,14 @@ def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) ->
     out["uncompressed_answer_survival"] = statistics.fmean(
         answer_survival("\n\n".join(d.text for d in docs_of[ex.id]), ex.answers) for ex in examples)
     budget_rows: dict[float, list[tuple[Example, list[Document], CompressionResult]]] = {}
+    timed_scorer, encoder.scorer = encoder.scorer, _MemoScorer(encoder.scorer)
     for rate in rates:
         rows = [(ex, docs_of[ex.id], encoder.compress(ex.question, docs_of[ex.id], Budget.ratio(rate)))
                 for ex in examples]
         budget_rows[rate] = rows
         for key, value in _aggregate(rows).items():
             out[f"{key}@rate{rate:.2f}"] = value
+    encoder.scorer = timed_scorer
 
     if "causal-lm" in scorers:
         out.update(_side_by_side(encoder, examples[: int(options.get("causal_limit", "5"))], docs_of,
