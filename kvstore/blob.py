@@ -17,12 +17,12 @@ import struct
 from typing import Any
 
 import numpy as np
+
+from ragzip.errors import CodecError, ConfigError
 from ragzip.kvstore.codecs import Codec, codec_class
 from ragzip.kvstore.codecs.raw import dtype_name, torch_dtype
 from ragzip.kvstore.key import chunk_key
 from ragzip.kvstore.record import ChunkRecord
-
-from ragzip.errors import CodecError, ConfigError
 
 MAGIC = b"RZKV"
 FORMAT_VERSION = 1

@@ -9,6 +9,7 @@ from ragzip.kvstore.codecs.cachegen import CacheGenProfile
 
 if TYPE_CHECKING:
     import torch
+
     from ragzip.kvstore.record import ChunkRecord, LayerKV
 
 

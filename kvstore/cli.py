@@ -17,7 +17,6 @@ CodecOpt = Annotated[str, typer.Option("--codec", help="raw | int8 | int4 | cach
 
 def _open(store: str | None, codec: str = "raw") -> Any:
     from ragzip.kvstore.stores.base import open_store
-
     from ragzip.settings import Settings
 
     return open_store(store or str(Settings().cache_dir / "kv"), codec=codec)
@@ -51,15 +50,22 @@ def warm(
     model: Annotated[str | None, typer.Option(help="LLM alias, path or HF name")] = None,
     dtype: Annotated[str, typer.Option(help="bfloat16 | float16 | float32")] = "bfloat16",
     limit: Annotated[int | None, typer.Option(help="at most this many chunks")] = None,
+    profile: Annotated[str | None, typer.Option(help="CacheGen sensitivity profile (path or shipped model alias); "
+                                                     "default: the model's shipped one if any")] = None,
 ) -> None:
     """Prefill every chunk alone and store its KV (chunks already stored are skipped)."""
     import torch
-    from ragzip.kvstore.loader import get_or_compute
 
-    from ragzip.registry import load_causal_lm
+    from ragzip.kvstore.codecs import get_codec
+    from ragzip.kvstore.codecs.cachegen import shipped_profiles
+    from ragzip.kvstore.loader import get_or_compute
+    from ragzip.registry import DEFAULT_LLM, load_causal_lm
 
     texts = _chunks(data)[:limit]
     kv = _open(store, codec)
+    if codec.startswith("cachegen"):
+        name = profile or ((model or DEFAULT_LLM) if (model or DEFAULT_LLM) in shipped_profiles() else None)
+        kv.codec = get_codec(codec, profile=name)
     lm, tok = load_causal_lm(model, dtype=getattr(torch, dtype))
     hits = 0
     with typer.progressbar(texts, label="warming") as bar:

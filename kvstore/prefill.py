@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from ragzip.errors import InputError
 from ragzip.kvstore.fingerprint import model_fingerprint
 from ragzip.kvstore.record import ChunkRecord
-
-from ragzip.errors import InputError
 
 
 def layer_types_of(model: Any) -> tuple[str, ...]:

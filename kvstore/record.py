@@ -6,9 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from ragzip.kvstore.key import chunk_key
-
 from ragzip.errors import CodecError
+from ragzip.kvstore.key import chunk_key
 
 if TYPE_CHECKING:
     import torch

@@ -55,12 +55,12 @@ def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) ->
     calib (chunks, 3), profile (a saved CacheGen profile: skip calibration), save_profile (path), threads (1).
     """
     import torch
+
     from ragzip.kvstore.calibrate import agreement, continuation_logits, measure_sensitivity
     from ragzip.kvstore.codecs.cachegen import CacheGenProfile
     from ragzip.kvstore.prefill import prefill_chunk
     from ragzip.kvstore.record import ChunkRecord
     from ragzip.kvstore.stores.disk import DiskStore
-
     from ragzip.registry import load_causal_lm
 
     torch.manual_seed(seed)

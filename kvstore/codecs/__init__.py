@@ -15,6 +15,7 @@ from ragzip.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
+
     from ragzip.kvstore.record import LayerKV
 
 Shape = tuple[int, int, int]

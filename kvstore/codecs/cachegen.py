@@ -31,6 +31,7 @@ from ragzip.errors import CodecError, ConfigError
 
 if TYPE_CHECKING:
     import torch
+
     from ragzip.kvstore.codecs import Shape
     from ragzip.kvstore.record import LayerKV
 
@@ -64,12 +65,25 @@ class CacheGenProfile:
 
     @classmethod
     def load(cls, path: str | Path) -> CacheGenProfile:
+        """Load a saved profile, or a shipped one by model alias (see `shipped_profiles()`)."""
+        if not Path(path).exists():
+            shipped = Path(__file__).parent / f"cachegen_profile.{path}.json"
+            if not shipped.exists():
+                raise ConfigError(f"no CacheGen profile file {path!r} and no shipped profile of that name; "
+                                  f"shipped: {shipped_profiles()}")
+            path = shipped
         data = json.loads(Path(path).read_text())
         try:
             sens = tuple((float(a), float(b)) for a, b in data["sensitivity"])
             return cls(str(data["fingerprint"]), sens)
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"{path} is not a CacheGen profile: {exc}") from None
+
+
+def shipped_profiles() -> list[str]:
+    """Model aliases with a measured profile shipped in the package."""
+    prefix = "cachegen_profile."
+    return sorted(p.name[len(prefix):-len(".json")] for p in Path(__file__).parent.glob(prefix + "*.json"))
 
 
 def banded_steps(num_layers: int, base: float) -> list[tuple[float, float]]:
@@ -86,7 +100,8 @@ class CacheGenCodec:
 
     Args:
         level: 0 (finest) .. len(LEVEL_STEPS)-1, or a float base step.
-        profile: a CacheGenProfile (or the path of a saved one); None uses fixed layer bands.
+        profile: a CacheGenProfile, the path of a saved one, or a shipped model alias (`shipped_profiles()`,
+            e.g. "smollm2-135m-instruct"); None uses fixed layer bands (measured worse, see the README).
         group: tokens per delta group (anchor + group-1 deltas); 0 disables delta coding.
         delta: "auto" (per (layer, kind), whichever measures smaller), "on" or "off".
     """

@@ -15,6 +15,7 @@ from ragzip.errors import CodecError
 
 if TYPE_CHECKING:
     import torch
+
     from ragzip.kvstore.codecs import Shape
     from ragzip.kvstore.record import LayerKV
 

@@ -9,6 +9,7 @@ from ragzip.errors import CodecError, ConfigError
 
 if TYPE_CHECKING:
     import torch
+
     from ragzip.kvstore.codecs import Shape
     from ragzip.kvstore.record import LayerKV
 

@@ -13,11 +13,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from ragzip.errors import CodecError, ConfigError
 from ragzip.kvstore.blob import ForeignModelError, decode_record, encode_record
 from ragzip.kvstore.codecs import Codec, get_codec
 from ragzip.kvstore.key import is_chunk_key
-
-from ragzip.errors import CodecError, ConfigError
 
 if TYPE_CHECKING:
     from ragzip.kvstore.record import ChunkRecord

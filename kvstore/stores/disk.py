@@ -15,10 +15,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from filelock import FileLock, Timeout
-from ragzip.kvstore.codecs import Codec
-from ragzip.kvstore.stores.base import BackendUnavailable, ByteStore
 
 from ragzip.errors import ConfigError
+from ragzip.kvstore.codecs import Codec
+from ragzip.kvstore.stores.base import BackendUnavailable, ByteStore
 
 SUFFIX = ".kv"
 

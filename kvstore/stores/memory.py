@@ -7,10 +7,9 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from ragzip.errors import ConfigError
 from ragzip.kvstore.codecs import Codec
 from ragzip.kvstore.stores.base import ByteStore, _check_key
-
-from ragzip.errors import ConfigError
 
 if TYPE_CHECKING:
     from ragzip.kvstore.record import ChunkRecord

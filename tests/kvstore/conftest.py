@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from ragzip.kvstore.record import ChunkRecord
 
 REPO = Path(__file__).resolve().parents[2]

@@ -5,11 +5,11 @@ import struct
 from collections.abc import Callable
 
 import pytest
+
+from ragzip.errors import CodecError
 from ragzip.kvstore.blob import ForeignModelError, decode_record, encode_record, read_header
 from ragzip.kvstore.codecs import get_codec
 from ragzip.kvstore.record import ChunkRecord, same_layers
-
-from ragzip.errors import CodecError
 
 
 def test_round_trip_and_header(record_factory: Callable[..., ChunkRecord]) -> None:

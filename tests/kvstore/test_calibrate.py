@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import torch
+
 from ragzip.kvstore.calibrate import agreement, continuation_logits, measure_sensitivity
 from ragzip.kvstore.prefill import prefill_chunk
 

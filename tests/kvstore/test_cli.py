@@ -4,12 +4,13 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from typer.testing import CliRunner
+
 from ragzip.kvstore.blob import encode_record
 from ragzip.kvstore.cli import app
 from ragzip.kvstore.codecs import get_codec
 from ragzip.kvstore.record import ChunkRecord
 from ragzip.kvstore.stores.disk import DiskStore
-from typer.testing import CliRunner
 
 
 def test_stats_verify_evict(tmp_path: Path, record_factory: Callable[..., ChunkRecord]) -> None:

@@ -4,11 +4,11 @@ from collections.abc import Callable
 
 import pytest
 import torch
+
+from ragzip.errors import CodecError, ConfigError
 from ragzip.kvstore.codecs import get_codec
 from ragzip.kvstore.codecs.cachegen import CacheGenCodec, CacheGenProfile
 from ragzip.kvstore.record import ChunkRecord, same_layers
-
-from ragzip.errors import CodecError, ConfigError
 
 
 def _roundtrip(codec_name: str, record: ChunkRecord, **kw: object) -> tuple[list, int]:
@@ -86,3 +86,14 @@ def test_unknown_codec_lists_valid_names() -> None:
         get_codec("zip")
     with pytest.raises(ConfigError):
         get_codec("cachegen", level=17)
+
+
+def test_shipped_profiles_load_by_alias() -> None:
+    from ragzip.kvstore.codecs.cachegen import shipped_profiles
+
+    assert "smollm2-135m-instruct" in shipped_profiles()
+    codec = get_codec("cachegen:3", profile="smollm2-135m-instruct")
+    steps = codec.steps_for(30)  # type: ignore[attr-defined]
+    assert len(steps) == 30 and len({round(k, 6) for k, _ in steps}) > 3  # measured, not three bands
+    with pytest.raises(ConfigError, match="shipped"):
+        get_codec("cachegen", profile="no-such-model")

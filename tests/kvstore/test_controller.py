@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from ragzip.kvstore.controller import LoadingController, Option, Speeds, measure_speeds
-from ragzip.kvstore.stores.disk import DiskStore
 
 from ragzip.errors import ConfigError
+from ragzip.kvstore.controller import LoadingController, Option, Speeds, measure_speeds
+from ragzip.kvstore.stores.disk import DiskStore
 
 
 def _controller() -> LoadingController:

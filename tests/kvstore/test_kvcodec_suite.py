@@ -9,9 +9,8 @@ FIXTURE = Path(__file__).parent / "fixtures" / "chunks.jsonl"
 
 @pytest.mark.slow
 def test_kvcodec_suite_runs_on_the_local_llm(tmp_path: Path) -> None:
-    from ragzip.eval.suites import kvcodec
-
     from ragzip.errors import ModelNotFoundError
+    from ragzip.eval.suites import kvcodec
 
     try:
         result = kvcodec.run(FIXTURE, limit=1, seed=0,

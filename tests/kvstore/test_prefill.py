@@ -2,11 +2,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ragzip.kvstore.fingerprint import model_fingerprint
-from ragzip.kvstore.prefill import prefill_chunk
 from transformers import DynamicCache
 
 from ragzip.errors import InputError
+from ragzip.kvstore.fingerprint import model_fingerprint
+from ragzip.kvstore.prefill import prefill_chunk
 
 
 @pytest.mark.parametrize("name", ["tiny_llama", "tiny_gemma"])

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
 from ragzip.kvstore.loader import get_or_compute
 from ragzip.kvstore.record import ChunkRecord
 from ragzip.kvstore.stores.disk import DiskStore

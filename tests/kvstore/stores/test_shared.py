@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from ragzip.kvstore.blob import encode_record
 from ragzip.kvstore.codecs import get_codec
 from ragzip.kvstore.key import chunk_key
