@@ -211,7 +211,7 @@ def ask(
 
 @app.command()
 def demo(
-    method: str = typer.Option("embed-topk", "--method", "-m", help="Compressor or pipeline to demo."),
+    method: str = typer.Option("exit", "--method", "-m", help="Compressor or pipeline to demo."),
     rate: float = typer.Option(None),
     llm: str = typer.Option(None, help="Local LLM (default: embedded SmolLM2-135M-Instruct)."),
     k: int = typer.Option(4, help="Chunks retrieved per question."),
