@@ -12,6 +12,7 @@ gradual filtering) are compared at the main ratio on closeness alone.
 from __future__ import annotations
 
 import copy
+import logging
 import statistics
 import tempfile
 import time
@@ -20,6 +21,7 @@ from typing import Any
 
 DEFAULT_RATIOS = (0.05, 0.15, 0.30)
 MAIN_RATIO = 0.15
+log = logging.getLogger(__name__)
 STRATEGIES: dict[str, dict[str, Any]] = {
     "key": {"deviation": "key"},
     "kv": {"deviation": "kv"},
@@ -120,6 +122,7 @@ def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) ->
             row["kl"].append(kl)
             row["top1"].append(top1)
             row["recomputed"].append(stats.recomputed_tokens / max(1, stats.prompt_tokens))
+            log.info("%s %s: ttft %.2fs kl %.4f top1 %.3f answer %r", ex.id, name, stats.ttft_s, kl, top1, text)
             del pre
         for sname, kw in strategies.items():
             cfg = BlendConfig(recompute_ratio=MAIN_RATIO, **{**base, **kw})
@@ -128,6 +131,7 @@ def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) ->
             kl, top1 = _closeness(ref, engine.teacher_forced_logits(pre, target))
             strat[sname]["kl"].append(kl)
             strat[sname]["top1"].append(top1)
+            log.info("%s strategy %s: ttft %.2fs kl %.4f top1 %.3f", ex.id, sname, engine.stats.ttft_s, kl, top1)
     tmp.cleanup()
     return _report(per, strat, ratios, prompt_tokens, engine)
 

@@ -19,7 +19,9 @@ from ragzip.kernels.hf_adapter import HFAdapter
 FAMILIES = ["llama", "qwen2", "gemma3"]
 
 
-def _prompt(seed: int = 0, sizes: tuple[int, ...] = (14, 20, 17, 12), tail: int = 5) -> tuple[list[int], list[list[int]]]:
+def _prompt(
+    seed: int = 0, sizes: tuple[int, ...] = (14, 20, 17, 12), tail: int = 5
+) -> tuple[list[int], list[list[int]]]:
     gen = torch.Generator().manual_seed(seed)
     chunks = [torch.randint(3, 99, (n,), generator=gen).tolist() for n in sizes]
     return torch.randint(3, 99, (tail,), generator=gen).tolist(), chunks
