@@ -20,4 +20,6 @@ def test_sensitivity_profile_shape_and_sign(tiny_llama: torch.nn.Module) -> None
     assert ref.shape == (len(cont), 99)
     profile = measure_sensitivity(tiny_llama, [(record, cont)], step=0.5)
     assert len(profile.sensitivity) == 2 and profile.fingerprint == record.fingerprint
-    assert all(s > 0 for pair in profile.sensitivity for s in pair)
+    # KL is never negative; on a tiny random model some tensors barely matter, but noise must show somewhere.
+    values = [s for pair in profile.sensitivity for s in pair]
+    assert all(s >= 0 for s in values) and max(values) > 0
