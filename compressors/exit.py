@@ -21,12 +21,16 @@ from typing import Any
 
 from ragzip.budget import Budget
 from ragzip.compressors.base import BaseCompressor
-from ragzip.compressors.exit_scorers import CausalLMScorer, EncoderScorer, SentenceScorer
+from ragzip.compressors.exit_scorers import CausalLMScorer, EncoderScorer, SentenceScorer, fuse_scores
 from ragzip.errors import ConfigError
 from ragzip.retrieval.sentences import split_sentences
 from ragzip.spans import assemble
 from ragzip.tokens import TokenCounter, get_token_counter
 from ragzip.types import CompressedDocument, Document
+
+# Score fusion weights (see `fuse_scores`): off, since no weight beat 0 on the 10 HotpotQA calibration questions.
+DEFAULT_DOC_WEIGHT = 0.0
+DEFAULT_NEIGHBOR_WEIGHT = 0.0
 
 
 class ScorerKind(str, Enum):
@@ -68,9 +72,13 @@ class ExitCompressor(BaseCompressor):
         threshold: keep sentences scoring at least this in threshold mode (default 0.5; `Budget.threshold`
             overrides it).
         min_keep: keep at least this many of the best sentences per query, even over a budget (default 1).
+        doc_weight: blend of each sentence's score with its document's best sentence score (see
+            `fuse_scores`; default DEFAULT_DOC_WEIGHT, chosen on the training questions).
+        neighbor_weight: share of an adjacent sentence's score a sentence inherits (default
+            DEFAULT_NEIGHBOR_WEIGHT).
         batch_size: encoder windows or judge prompts per forward.
         max_length: the causal-LM prompt window in tokens.
-        dtype: causal-LM dtype ("auto", "bfloat16", "float32").
+        dtype: model dtype ("auto": bf16 where the CPU has native bf16, else fp32; "bfloat16", "float32").
 
     Raises:
         ConfigError: an unknown scorer or an invalid number.
@@ -81,12 +89,15 @@ class ExitCompressor(BaseCompressor):
 
     def __init__(self, counter: TokenCounter | None = None, *, scorer: str | SentenceScorer = "encoder",
                  model: str | None = None, adapter: str | None = None, weights: str | None = None,
-                 threshold: float | str = 0.5,
+                 threshold: float | str = 0.5, doc_weight: float | str | None = None,
+                 neighbor_weight: float | str | None = None,
                  min_keep: int | str = 1, batch_size: int | str | None = None, max_length: int | str | None = None,
                  dtype: str = "auto") -> None:
         super().__init__(counter or get_token_counter(None))
         self.threshold = _number(threshold, "threshold", float)
         self.min_keep = _number(min_keep, "min_keep", int, minimum=0)
+        self.doc_weight = _weight(doc_weight, "doc_weight", DEFAULT_DOC_WEIGHT)
+        self.neighbor_weight = _weight(neighbor_weight, "neighbor_weight", DEFAULT_NEIGHBOR_WEIGHT)
         self.scorer_kind: ScorerKind | None = None
         if not isinstance(scorer, str):  # a ready scorer object (custom scorers, tests)
             self.scorer: SentenceScorer = scorer
@@ -101,7 +112,7 @@ class ExitCompressor(BaseCompressor):
         if self.scorer_kind is ScorerKind.ENCODER:
             if model or adapter:
                 raise ConfigError("model/adapter apply to scorer='causal-lm'; the encoder scorer takes 'weights'")
-            self.scorer = EncoderScorer(weights, batch_size=size or 16)
+            self.scorer = EncoderScorer(weights, batch_size=size or 16, dtype=dtype)
         else:
             if weights:
                 raise ConfigError("'weights' applies to scorer='encoder'")
@@ -111,6 +122,8 @@ class ExitCompressor(BaseCompressor):
         """Every candidate sentence of every document with its score."""
         spans = [candidate_spans(d) for d in documents]
         scored = self.scorer.score(query, [(d.title, d.text, s) for d, s in zip(documents, spans)])
+        if self.doc_weight or self.neighbor_weight:
+            scored = fuse_scores(scored, doc_weight=self.doc_weight, neighbor_weight=self.neighbor_weight)
         return [[Candidate(d, i, a, b, sc) for i, ((a, b), sc) in enumerate(zip(doc_spans, doc_scores))]
                 for d, (doc_spans, doc_scores) in enumerate(zip(spans, scored))]
 
@@ -174,6 +187,13 @@ def _build(documents: Sequence[Document], per_doc: list[list[Candidate]],
             out.append(assemble(documents[d], [(c.start, c.end) for c in kept], sep=" ",
                                 scores=[c.score for c in kept]))
     return out
+
+
+def _weight(value: Any, name: str, default: float) -> float:
+    weight = default if value in (None, "") else _number(value, name, float, minimum=0.0)
+    if weight > 1.0:
+        raise ConfigError(f"{name} must be in [0, 1], got {value!r}")
+    return float(weight)
 
 
 def _number(value: Any, name: str, kind: type, *, minimum: float | None = None) -> Any:

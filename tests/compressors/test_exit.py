@@ -121,6 +121,15 @@ def test_options_accept_cli_strings_and_reject_bad_values() -> None:
         make(min_keep="-1")
     with pytest.raises(ConfigError, match="invalid options"):
         get_compressor("exit", counter=WS, temperature="0.1")
+    with pytest.raises(ConfigError, match="doc_weight"):
+        make(doc_weight="1.5")
+
+
+def test_doc_weight_fuses_document_scores_into_the_selection() -> None:
+    plain = make().compress(QUERY, DOCS).stages[0].info["sentence_scores"]
+    fused = make(doc_weight="0.5", neighbor_weight="0").compress(QUERY, DOCS).stages[0].info["sentence_scores"]
+    assert fused["a"][0] == plain["a"][0]  # the document's best sentence keeps its score
+    assert fused["a"][1] == pytest.approx(0.5 * plain["a"][1] + 0.5 * plain["a"][0], abs=1e-4)
 
 
 def test_shipped_encoder_ranks_supporting_sentences_above_distractors() -> None:

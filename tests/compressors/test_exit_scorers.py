@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from ragzip.compressors.exit_scorers import (
     QUESTION,
     CausalLMScorer,
@@ -14,7 +15,7 @@ from ragzip.compressors.exit_scorers import (
     user_message,
 )
 
-from ragzip.errors import InputError, UnsupportedModelError
+from ragzip.errors import ConfigError, InputError, UnsupportedModelError
 
 TEXT = ("Ada Lovelace wrote the first program. She worked with Charles Babbage. "
         "The Analytical Engine was never built. Babbage designed it in London.")
@@ -126,3 +127,47 @@ def test_causal_lm_scorer_through_the_compressor(tiny_gemma: tuple[Path, Path]) 
     result = comp.compress("Who wrote the first program?", [Document("d", TEXT, title="Ada")], Budget.ratio(0.5))
     assert result.stages[0].info["scorer"] == "causal-lm"
     assert 0 < result.tokens_after <= Budget.ratio(0.5).token_limit(result.tokens_before)  # type: ignore[operator]
+
+
+def test_fuse_scores_lifts_sentences_of_confident_documents_and_neighbours() -> None:
+    from ragzip.compressors.exit_scorers import fuse_scores
+
+    scores = [[0.9, 0.1, 0.0], [0.2, 0.2], []]
+    assert fuse_scores(scores) == [[0.9, 0.1, 0.0], [0.2, 0.2], []]
+    fused = fuse_scores(scores, doc_weight=0.5)
+    assert fused[0] == pytest.approx([0.9, 0.5, 0.45]) and fused[1] == pytest.approx([0.2, 0.2])
+    smooth = fuse_scores(scores, neighbor_weight=0.5)
+    assert smooth[0] == pytest.approx([0.9, 0.45, 0.05]) and smooth[1] == pytest.approx([0.2, 0.2])
+    with pytest.raises(ConfigError):
+        fuse_scores(scores, doc_weight=1.5)
+
+
+def test_length_batches_bound_padding_and_batch_size() -> None:
+    from ragzip.compressors.exit_encoder import length_batches
+
+    lengths = [60, 62, 64, 120, 125, 200, 201, 202, 203]
+    batches = length_batches(lengths, 3, 0.1)
+    assert [i for b in batches for i in b] == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) <= 3
+        assert max(lengths[i] for i in b) * len(b) <= 1.1 * sum(lengths[i] for i in b)
+    assert batches[0] == [0, 1, 2] and [3, 4] in batches
+    assert length_batches([], 4, 0.1) == []
+
+
+def test_shipped_encoder_bf16_and_batching_match_fp32_one_by_one() -> None:
+    from ragzip.compressors.exit_encoder import load_scorer, score_documents
+
+    docs = [("Paris", "Paris is the capital of France. It has many museums. The Louvre is in Paris.",
+             [(0, 31), (32, 52), (53, 76)]),
+            ("Rome", "The capital of Italy is Rome. Rome has the Colosseum.", [(0, 29), (30, 53)])]
+    query = "What is the capital of France?"
+    model, tok = load_scorer(dtype="float32")
+    reference = [score_documents(model, tok, query, [d], batch_size=1)[0] for d in docs]
+    together = score_documents(model, tok, query, docs, batch_size=16, max_padding=1.0)
+    for ref, got in zip(reference, together):
+        assert got == pytest.approx(ref, abs=1e-4)
+    fast, _ = load_scorer(dtype="bfloat16")
+    assert next(fast.parameters()).dtype == torch.bfloat16
+    for ref, got in zip(reference, score_documents(fast, tok, query, docs)):
+        assert got == pytest.approx(ref, abs=0.05)
