@@ -44,7 +44,8 @@ PLAN: tuple[SuiteRun, ...] = (
     SuiteRun("crag_multi_news", "crag", "multi_news_dev100", 2, 20, {"max_new_tokens": "48", "summaries": "false"},
              {}),
     # Quick runs reuse the shipped sensitivity profile; the full run measures it again.
-    SuiteRun("kvcodec", "kvcodec", "musique_chunks_dev50", 2, 12, {"profile": "smollm2-135m-instruct", "calib": "0"}, {}),
+    SuiteRun("kvcodec", "kvcodec", "musique_chunks_dev50", 2, 12,
+             {"profile": "smollm2-135m-instruct", "calib": "0"}, {}),
     SuiteRun("blend", "blend", "musique_chunks_dev50", 1, 5, {"strategies": "false"}, {}),
 )
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from ragzip.compressors.exit_encoder import (
     EncoderScorerConfig,
     SentenceSpanScorer,

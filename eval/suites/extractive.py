@@ -28,11 +28,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ragzip.eval.datasets import Example, load_examples
-from ragzip.eval.metrics import answer_survival, exact_match, f1_score
-
 from ragzip.budget import Budget
 from ragzip.errors import ConfigError, InputError
+from ragzip.eval.datasets import Example, load_examples
+from ragzip.eval.metrics import answer_survival, exact_match, f1_score
 from ragzip.types import CompressionResult, Document
 
 _KEYS = ("threshold", "rates", "scorers", "causal_model", "causal_limit", "reader", "reader_model", "reader_limit",

@@ -5,10 +5,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from ragzip.compressors.exit import ExitCompressor, candidate_spans
-from ragzip.compressors.registry import get_compressor
 
 from ragzip.budget import Budget
+from ragzip.compressors.exit import ExitCompressor, candidate_spans
+from ragzip.compressors.registry import get_compressor
 from ragzip.errors import ConfigError
 from ragzip.tokens import get_token_counter
 from ragzip.types import Document

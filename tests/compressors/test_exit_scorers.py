@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 import torch
+
 from ragzip.compressors.exit_scorers import (
     QUESTION,
     CausalLMScorer,
@@ -14,7 +15,6 @@ from ragzip.compressors.exit_scorers import (
     render_prompt,
     user_message,
 )
-
 from ragzip.errors import ConfigError, InputError, UnsupportedModelError
 
 TEXT = ("Ada Lovelace wrote the first program. She worked with Charles Babbage. "
@@ -115,9 +115,8 @@ def test_peft_adapter_loads_and_changes_scores(tiny_gemma: tuple[Path, Path]) ->
 
 
 def test_causal_lm_scorer_through_the_compressor(tiny_gemma: tuple[Path, Path]) -> None:
-    from ragzip.compressors.registry import get_compressor
-
     from ragzip.budget import Budget
+    from ragzip.compressors.registry import get_compressor
     from ragzip.tokens import get_token_counter
     from ragzip.types import Document
 

@@ -5,9 +5,9 @@ import math
 from pathlib import Path
 
 import pytest
-from ragzip.eval.suites import extractive
 
 from ragzip.errors import ConfigError
+from ragzip.eval.suites import extractive
 
 FIXTURE = Path(__file__).parent.parent.parent / "fixtures" / "exit" / "hotpotqa_heldout2.json"
 
