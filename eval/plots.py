@@ -19,8 +19,10 @@ def _plt() -> Any:
 
 def _finish(fig: Any, ax: Any, path: Path, caption: str) -> Path:
     ax.grid(True, alpha=0.3)
-    fig.text(0.01, 0.005, caption, fontsize=7, color="0.35")
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    import textwrap
+
+    fig.text(0.01, 0.005, "\n".join(textwrap.wrap(caption, 120)), fontsize=7, color="0.35")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=110)
     _plt().close(fig)
     return path
@@ -42,8 +44,12 @@ def quality_vs_compression(tradeoff: dict[str, Any], out: Path, caption: str, me
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for family, pts in sorted(curves.items()):
         pts.sort()
-        style = {"linestyle": "--", "color": "0.5"} if family in ("random", "uncompressed") else {}
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=family, **style)
+        style: dict[str, Any] = {"marker": "o"}
+        if family == "random":
+            style = {"marker": "o", "linestyle": "--", "color": "0.5"}
+        elif family == "uncompressed":
+            style = {"marker": "*", "markersize": 12, "color": "black", "linestyle": "none"}
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=family, **style)
     ax.set_xlabel("tokens kept / tokens in")
     ax.set_ylabel({"f1": "reader F1", "answer_survival": "gold answer survives",
                    "support_recall": "supporting-sentence recall"}[metric])

@@ -36,7 +36,7 @@ class SuiteRun:
 
 
 PLAN: tuple[SuiteRun, ...] = (
-    SuiteRun("tradeoff", "tradeoff", "hotpotqa_train_hipporag100", 6, 40, {"quick": "1"}, {}),
+    SuiteRun("tradeoff", "tradeoff", "hotpotqa_train_hipporag100", 4, 40, {"quick": "1"}, {}),
     SuiteRun("extractive", "extractive", "hotpotqa_train_hipporag100", 10, 100,
              {"causal_limit": "2", "rates": "0.3333,0.2"}, {"causal_limit": "5", "reader": "1", "reader_limit": "30"}),
     SuiteRun("lingua2", "lingua2", "squad_v1.1_dev", 8, 100, {"repeats": "1"}, {"reader": "1"}),
@@ -46,7 +46,7 @@ PLAN: tuple[SuiteRun, ...] = (
     # Quick runs reuse the shipped sensitivity profile; the full run measures it again.
     SuiteRun("kvcodec", "kvcodec", "musique_chunks_dev50", 2, 12,
              {"profile": "smollm2-135m-instruct", "calib": "0"}, {}),
-    SuiteRun("blend", "blend", "musique_chunks_dev50", 1, 5, {"strategies": "false"}, {}),
+    SuiteRun("blend", "blend", "musique_chunks_dev50", 1, 5, {"strategies": "false", "max_new_tokens": "16"}, {}),
 )
 
 
