@@ -138,7 +138,7 @@ def codec_tradeoff(kvcodec: dict[str, Any], out: Path, caption: str) -> Path | N
 
 
 def proxy_latency(proxy: dict[str, Any], out: Path, caption: str) -> Path | None:
-    rows = [(k, v) for k, v in proxy.items() if k.endswith("_ms") and _num(v)]
+    rows = [(k, v) for k, v in proxy.items() if k.endswith("_ms") and _num(v)]  # p50/p95/p99 through the proxy
     if not rows:
         return None
     plt = _plt()

@@ -91,10 +91,46 @@ def run_report(data_dir: Path, out_dir: Path, *, quick: bool, seed: int = 0, lim
             continue
         results["suites"][run.key] = {"dataset": run.dataset, "limit": n, "options": options,
                                       "seconds": round(time.perf_counter() - start, 1), "results": suite_out}
+    if not only or "proxy" in only:
+        _run_proxy_load(results, quick=quick, seed=seed, log=log)
     results["plots"] = make_plots(results, out_dir)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str, ensure_ascii=False))
     (out_dir / "report.md").write_text(render_report(results))
     return results
+
+
+LOAD_TEST = Path(__file__).resolve().parents[1] / "scripts" / "loadtest_server.py"
+
+
+def _run_proxy_load(results: dict[str, Any], *, quick: bool, seed: int, log: Callable[[str], Any]) -> None:
+    """The proxy's bounded loopback load test (scripts/loadtest_server.py; present in a source checkout)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    if not LOAD_TEST.exists():
+        results["errors"]["proxy"] = f"{LOAD_TEST} not found (the load test ships with the source checkout)"
+        return
+    seconds = 8 if quick else 30
+    log(f"running proxy load test ({seconds} s x 2 rounds, loopback)")
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "load.json"
+        cmd = [sys.executable, str(LOAD_TEST), "--seconds", str(seconds), "--concurrency", "4", "--seed", str(seed),
+               "--json", str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds * 2 + 300, check=False)
+        if proc.returncode != 0 or not out.exists():
+            results["errors"]["proxy"] = f"load test exited {proc.returncode}: {proc.stderr[-500:]}"
+            return
+        raw = json.loads(out.read_text())
+    r1 = raw["round1"]
+    flat = {"method": raw.get("method"), "concurrency": raw.get("concurrency"), "requests": r1["requests"],
+            "rps": r1["rps"], "p50_ms": r1["p50_ms"], "p95_ms": r1["p95_ms"], "p99_ms": r1["p99_ms"],
+            "server_errors": r1["server_errors"] + raw["round2"]["server_errors"],
+            "rss_mb_after_warmup": raw.get("rss_mb_after_warmup"), "rss_mb_end": raw.get("rss_mb_after_round2"), "raw": raw}
+    results["suites"]["proxy"] = {"dataset": "synthetic documents, stub upstream", "limit": r1["requests"],
+                                  "options": {"seconds": seconds}, "seconds": round(time.perf_counter() - start, 1),
+                                  "results": flat}
 
 
 def _caption(results: dict[str, Any], key: str, model: str) -> str:
@@ -207,6 +243,7 @@ def render_readme_section(results: dict[str, Any], assets_rel: str) -> str:
              ("crag_fewsum", ["token_reduction", "rougeL_compressed", "rougeL_full"]),
              ("crag_multi_news", ["token_reduction", "rougeL_compressed", "rougeL_full"]),
              ("kvcodec", ["bits_per_element", "ratio_vs_int8", "top1_agreement", "decode_mb_s", "load_vs_recompute"]),
+             ("proxy", ["rps", "p50_ms", "p95_ms", "server_errors"]),
              ("blend", ["ttft_speedup_vs_full", "f1_full", "f1_blend", "kl_blend", "kl_full_reuse",
                         "top1_agreement_blend", "top1_agreement_full_reuse"])]
     rows = []

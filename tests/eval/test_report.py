@@ -7,14 +7,15 @@ from pathlib import Path
 from ragzip.eval.report import PLAN, README_END, README_START, run_report, update_readme
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "report_data"
-EXPECTED_PLOTS = {"quality_f1", "quality_survival", "quality_support", "latency", "kv_ttft", "kv_quality", "codec"}
+EXPECTED_PLOTS = {"quality_f1", "quality_survival", "quality_support", "latency", "kv_ttft", "kv_quality", "codec",
+                  "proxy"}
 
 
 def test_quick_report_on_tiny_fixtures_produces_every_table_and_plot(tmp_path: Path) -> None:
     out = tmp_path / "report"
     results = run_report(FIXTURES, out, quick=True, limit=1, log=lambda _: None)
     assert results["errors"] == {}
-    assert set(results["suites"]) == {run.key for run in PLAN}
+    assert set(results["suites"]) == {run.key for run in PLAN} | {"proxy"}
     assert EXPECTED_PLOTS <= set(results["plots"])
     for name in results["plots"].values():
         png = out / name
@@ -22,8 +23,9 @@ def test_quick_report_on_tiny_fixtures_produces_every_table_and_plot(tmp_path: P
     saved = json.loads((out / "results.json").read_text())
     assert saved["machine"]["cores"] and saved["suites"]["tradeoff"]["results"]["points"]
     report = (out / "report.md").read_text()
-    for run in PLAN:
-        assert f"## {run.key}" in report
+    for key in [run.key for run in PLAN] + ["proxy"]:
+        assert f"## {key}" in report
+    assert results["suites"]["proxy"]["results"]["server_errors"] == 0
     points = {p["label"]: p for p in results["suites"]["tradeoff"]["results"]["points"]}
     assert points["none"]["token_ratio"] == 1.0 and points["random r=0.2"]["token_ratio"] < 0.35
 
