@@ -15,7 +15,9 @@ class Embedder:
         self.name = name or DEFAULT_EMBEDDER
         self.model: Any = load_embedder(name)
         self.batch_size = batch_size
-        self.dim = int(self.model.get_sentence_embedding_dimension())
+        # sentence-transformers 6 renamed the getter; accept both.
+        getter = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.dim = int(getter())
 
     def encode(self, texts: Sequence[str]) -> Any:
         """float32 array [N, dim], L2-normalised."""
