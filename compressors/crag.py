@@ -30,6 +30,7 @@ from ragzip.budget import Budget
 from ragzip.compressors.base import BaseCompressor, select_within_limit
 from ragzip.compressors.summarize import Summarizer, SummaryCache, cached_summary, make_summarizer
 from ragzip.errors import ConfigError
+from ragzip.options import parse_bool
 from ragzip.tokens import TokenCounter
 from ragzip.types import CompressedDocument, Document, Span
 
@@ -76,17 +77,6 @@ def _as_int(name: str, value: Any, low: int) -> int:
     if isinstance(value, float) and out != value or out < low:
         raise ConfigError(f"crag option {name} must be an integer >= {low}, got {value!r}")
     return out
-
-
-def _as_bool(name: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"crag option {name} must be true or false, got {value!r}")
 
 
 def _parse_k(value: Any) -> int | str:
@@ -188,7 +178,7 @@ class CragCompressor(BaseCompressor):
         self._summarizer = summarizer
         self._llm = llm
         self._api_key = api_key
-        self._use_cache = _as_bool("cache", cache)
+        self._use_cache = parse_bool(cache, "crag option cache")
         self._cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self._cache: SummaryCache | None = None
 

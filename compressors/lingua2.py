@@ -38,6 +38,7 @@ from ragzip.compressors.lingua2_words import (
 )
 from ragzip.compressors.protect import protected_mask, units_touching
 from ragzip.errors import ConfigError
+from ragzip.options import parse_bool as _parse_bool
 from ragzip.spans import assemble
 from ragzip.tokens import TokenCounter
 from ragzip.types import CompressedDocument, Document
@@ -62,17 +63,6 @@ def _parse_enum(enum: type[Enum], value: Any, name: str) -> Any:
         return enum(value.value if isinstance(value, Enum) else str(value).lower())
     except ValueError:
         raise ConfigError(f"{name}={value!r}; use one of {[m.value for m in enum]}") from None  # type: ignore[attr-defined]
-
-
-def _parse_bool(value: Any, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{name}={value!r} is not a boolean (true/false)")
 
 
 def _parse_tokens(value: Any) -> tuple[str, ...]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,23 @@ class Example:
             doc_id = str(raw.get("id", f"{i}")) if isinstance(raw, dict) else str(i)
             docs.append(Document(doc_id, ctx.text, ctx.title))
         return docs
+
+
+def sentence_spans(text: str, sentences: Sequence[str]) -> list[tuple[int, int]]:
+    """Char spans (whitespace trimmed) of a dataset's own `sentences` inside `text`, located in order."""
+    spans, pos = [], 0
+    for sentence in sentences:
+        start = text.find(sentence, pos)
+        start = pos if start < 0 else start
+        end = start + len(sentence)
+        a, b = start, end
+        while a < b and text[a].isspace():
+            a += 1
+        while b > a and text[b - 1].isspace():
+            b -= 1
+        spans.append((a, b))
+        pos = end
+    return spans
 
 
 def resolve_data_file(path: str | Path) -> Path:

@@ -127,7 +127,8 @@ def _run_proxy_load(results: dict[str, Any], *, quick: bool, seed: int, log: Cal
     flat = {"method": raw.get("method"), "concurrency": raw.get("concurrency"), "requests": r1["requests"],
             "rps": r1["rps"], "p50_ms": r1["p50_ms"], "p95_ms": r1["p95_ms"], "p99_ms": r1["p99_ms"],
             "server_errors": r1["server_errors"] + raw["round2"]["server_errors"],
-            "rss_mb_after_warmup": raw.get("rss_mb_after_warmup"), "rss_mb_end": raw.get("rss_mb_after_round2"), "raw": raw}
+            "rss_mb_after_warmup": raw.get("rss_mb_after_warmup"), "rss_mb_end": raw.get("rss_mb_after_round2"),
+            "raw": raw}
     results["suites"]["proxy"] = {"dataset": "synthetic documents, stub upstream", "limit": r1["requests"],
                                   "options": {"seconds": seconds}, "seconds": round(time.perf_counter() - start, 1),
                                   "results": flat}

@@ -38,6 +38,7 @@ from ragzip.compressors.exit_encoder import (
     score_documents,
     slot_map,
 )
+from ragzip.eval.datasets import sentence_spans
 from ragzip.retrieval.sentences import split_sentences
 
 REPO = Path(__file__).resolve().parent.parent
@@ -65,20 +66,7 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
 
 def gold_sentence_spans(context: dict[str, Any]) -> list[tuple[int, int]]:
     """Char spans of the dataset's own sentences inside `text` (whitespace trimmed)."""
-    spans, pos, text = [], 0, context["text"]
-    for sentence in context.get("sentences") or []:
-        start = text.find(sentence, pos)
-        if start < 0:
-            start = pos
-        end = start + len(sentence)
-        a, b = start, end
-        while a < b and text[a].isspace():
-            a += 1
-        while b > a and text[b - 1].isspace():
-            b -= 1
-        spans.append((a, b))
-        pos = end
-    return spans
+    return sentence_spans(context["text"], context.get("sentences") or [])
 
 
 def label_by_overlap(spans: list[tuple[int, int]], positives: list[tuple[int, int]]) -> list[int]:

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ragzip.options import parse_bool
+
 DEFAULT_RATIOS = (0.05, 0.15, 0.30)
 MAIN_RATIO = 0.15
 log = logging.getLogger(__name__)
@@ -40,7 +42,7 @@ def _closeness(ref: Any, other: Any) -> tuple[float, float]:
 
 
 def _bool(value: str) -> bool:
-    return value.strip().lower() in ("1", "true", "yes", "on")
+    return parse_bool(value, "blend suite option")
 
 
 def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) -> dict[str, Any]:

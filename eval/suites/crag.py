@@ -32,6 +32,7 @@ from ragzip.compressors.summarize import LocalSummarizer, SummaryCache, cached_s
 from ragzip.errors import ConfigError
 from ragzip.eval.loaders_extra import detect_format, load_summary_examples
 from ragzip.eval.metrics import rouge_l
+from ragzip.options import parse_bool
 from ragzip.tokens import TokenCounter, get_token_counter
 
 _COMPRESSOR_KEYS = ("k", "mode", "per_cluster", "alpha", "llm", "max_k", "embedder")
@@ -66,10 +67,7 @@ def _budget(options: dict[str, str]) -> Budget:
 
 
 def _flag(options: dict[str, str], key: str, default: bool) -> bool:
-    value = options.get(key, str(default)).strip().lower()
-    if value not in ("true", "false", "1", "0", "yes", "no"):
-        raise ConfigError(f"crag suite option {key} must be true or false, got {value!r}")
-    return value in ("true", "1", "yes")
+    return parse_bool(options.get(key, default), f"crag suite option {key}")
 
 
 def _growth(compressor: CragCompressor, examples: Sequence[Any], budget: Budget) -> tuple[list[dict], float, float]:

@@ -30,7 +30,7 @@ from typing import Any
 
 from ragzip.budget import Budget
 from ragzip.errors import ConfigError, InputError
-from ragzip.eval.datasets import Example, load_examples
+from ragzip.eval.datasets import Example, load_examples, sentence_spans
 from ragzip.eval.metrics import answer_survival, exact_match, f1_score
 from ragzip.types import CompressionResult, Document
 
@@ -39,21 +39,7 @@ _KEYS = ("threshold", "rates", "scorers", "causal_model", "causal_limit", "reade
 _COVERED = 0.9
 
 
-def gold_spans(text: str, sentences: Sequence[str]) -> list[tuple[int, int]]:
-    """Char spans (whitespace trimmed) of the dataset's sentences inside `text`, located in order."""
-    spans, pos = [], 0
-    for sentence in sentences:
-        start = text.find(sentence, pos)
-        start = pos if start < 0 else start
-        end = start + len(sentence)
-        a, b = start, end
-        while a < b and text[a].isspace():
-            a += 1
-        while b > a and text[b - 1].isspace():
-            b -= 1
-        spans.append((a, b))
-        pos = end
-    return spans
+gold_spans = sentence_spans  # the dataset's sentences located in the text
 
 
 def support_counts(example: Example, docs: Sequence[Document], result: CompressionResult) -> tuple[int, int, int, int]:

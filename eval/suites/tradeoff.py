@@ -16,7 +16,7 @@ from typing import Any
 
 from ragzip.budget import Budget
 from ragzip.errors import ConfigError
-from ragzip.eval.datasets import Example, load_examples
+from ragzip.eval.datasets import Example, load_examples, sentence_spans
 from ragzip.eval.metrics import answer_survival, exact_match, f1_score
 from ragzip.types import CompressionResult, Document
 
@@ -56,17 +56,9 @@ def _support_ranges(ex: Example) -> dict[str, list[tuple[int, int]]]:
     """Char ranges of the labelled supporting sentences, by document id."""
     out: dict[str, list[tuple[int, int]]] = {}
     for doc, ctx in zip(ex.documents(), ex.contexts):
-        if not ctx.sentences or not ctx.supporting_sentence_ids:
-            continue
-        pos, ranges = 0, []
-        for j, sent in enumerate(ctx.sentences):
-            start = ctx.text.find(sent, pos)
-            if start < 0:
-                break
-            pos = start + len(sent)
-            if j in ctx.supporting_sentence_ids:
-                ranges.append((start, pos))
-        out[doc.id] = ranges
+        if ctx.sentences and ctx.supporting_sentence_ids:
+            spans = sentence_spans(ctx.text, ctx.sentences)
+            out[doc.id] = [spans[j] for j in ctx.supporting_sentence_ids if j < len(spans)]
     return out
 
 
