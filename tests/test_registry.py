@@ -38,3 +38,43 @@ def test_unknown_hub_model_is_a_clear_error() -> None:
 
     with pytest.raises(ModelNotFoundError, match="offline"):
         load_tokenizer("ragzip-test/definitely-not-a-model")
+
+
+def test_every_packaged_gguf_pins_a_sha256() -> None:
+    from ragzip.registry import PACKAGED_LLMS
+
+    for name, spec in PACKAGED_LLMS.items():
+        assert spec.sha256 and len(spec.sha256) == 64, name
+
+
+def _fake_parts(root: Path, monkeypatch: pytest.MonkeyPatch, chunks: list[bytes]) -> list[tuple[str, str]]:
+    parts = []
+    for i, data in enumerate(chunks):
+        pkg = root / f"ragzip_fake_part{i}"
+        (pkg / "data").mkdir(parents=True)
+        (pkg / "__init__.py").write_text("")
+        (pkg / "data" / "part.bin").write_bytes(data)
+        parts.append((pkg.name, "data/part.bin"))
+    monkeypatch.syspath_prepend(str(root))
+    return parts
+
+
+@pytest.mark.parametrize("chunks", [[b"GGUF one file"], [b"GGUF", b" split ", b"in three"]])
+def test_assembled_gguf_is_verified_against_its_sha256(chunks: list[bytes], tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
+
+    from ragzip.registry import PackagedGGUF, _assemble_gguf
+
+    parts = tuple(_fake_parts(tmp_path / "site", monkeypatch, chunks))
+    whole = b"".join(chunks)
+    good = PackagedGGUF("fake", parts, "fake.gguf", sha256=hashlib.sha256(whole).hexdigest(), install_hint="pip x")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    assert _assemble_gguf(good, out_dir).read_bytes() == whole
+    bad = PackagedGGUF("fake", parts, "fake.gguf", sha256="0" * 64, install_hint="pip install fake==1")
+    with pytest.raises(ModelNotFoundError, match="SHA-256.*pip install fake==1"):
+        _assemble_gguf(bad, out_dir)
+    if len(chunks) > 1:
+        assert not (out_dir / "fake.gguf").exists()  # a corrupt assembly is not left behind
+    assert all((tmp_path / "site" / p / "data" / "part.bin").exists() for p, _ in parts)  # the packages are intact
