@@ -17,6 +17,11 @@ SYSTEM_PROMPT = "You answer questions from documents."
 _ANSWER_PREFIX = re.compile(r"^(the )?(short )?answer( to (this|the) question)?( is)?\s*[:\-]\s*", re.IGNORECASE)
 
 
+def clean_answer(text: str) -> str:
+    """A generated answer without a leading "The answer is:" (small models like to add one)."""
+    return _ANSWER_PREFIX.sub("", text.strip()).strip()
+
+
 @lru_cache(maxsize=1)
 def cpu_supports_bf16() -> bool:
     """True when the CPU has native bf16 instructions (AVX512-BF16 or AMX), where bf16 is ~2.5x faster."""
@@ -99,8 +104,23 @@ class LocalEngine:
     def prompt_ids(self, question: str, documents: Sequence[Document]) -> list[int]:
         return self.chat_ids(answer_messages(question, documents))
 
-    def generate_ids(self, prompt_ids: Sequence[int], *, max_new_tokens: int = 64) -> Iterator[int]:
-        """Greedy decoding: yields new token ids until EOS or `max_new_tokens`."""
+    def prefill(self, prompt_ids: Sequence[int]) -> tuple[Any, Any]:
+        """Run the prompt once: (cache, logits of the last position [V]). Shared by generation and scoring."""
+        import torch
+
+        if not prompt_ids:
+            raise ConfigError("the prompt is empty")
+        ids = torch.tensor([list(prompt_ids)], dtype=torch.long)
+        with torch.inference_mode():
+            out = self.model(input_ids=ids, use_cache=True)
+        return out.cache, out.logits[0, -1]
+
+    def generate_ids(self, prompt_ids: Sequence[int], *, max_new_tokens: int = 64,
+                     prefilled: tuple[Any, Any] | None = None) -> Iterator[int]:
+        """Greedy decoding: yields new token ids until EOS or `max_new_tokens`.
+
+        `prefilled` is `prefill(prompt_ids)`'s result when the caller already ran the prompt (it is consumed).
+        """
         import torch
 
         if max_new_tokens < 0:
@@ -108,21 +128,24 @@ class LocalEngine:
         stats = self.last_stats = GenerationStats(prompt_tokens=len(prompt_ids))
         start = time.perf_counter()
         eos = self._eos_ids()
-        ids = torch.tensor([list(prompt_ids)], dtype=torch.long)
-        cache = None
+        cache, logits = prefilled if prefilled is not None else self.prefill(prompt_ids)
+        stats.ttft_s = time.perf_counter() - start
         with torch.inference_mode():
             for step in range(max_new_tokens):
-                out = self.model(input_ids=ids, cache=cache, use_cache=True)
-                cache = out.cache
-                next_id = int(out.logits[0, -1].argmax())
-                if step == 0:
-                    stats.ttft_s = time.perf_counter() - start
+                next_id = int(logits.argmax())
                 if next_id in eos:
                     break
                 stats.new_tokens += 1
                 yield next_id
-                ids = torch.tensor([[next_id]], dtype=torch.long)
+                if step + 1 < max_new_tokens:  # no forward for a token that will not be used
+                    out = self.model(input_ids=torch.tensor([[next_id]], dtype=torch.long), cache=cache,
+                                     use_cache=True)
+                    cache, logits = out.cache, out.logits[0, -1]
         stats.total_s = time.perf_counter() - start
+
+    def decode_answer(self, token_ids: Sequence[int]) -> str:
+        """Generated ids as the short answer text (a leading "The answer is:" and the like removed)."""
+        return clean_answer(self.tokenizer.decode(list(token_ids), skip_special_tokens=True))
 
     def stream_chat(self, messages: Sequence[dict[str, str]], *, max_new_tokens: int = 64) -> Iterator[str]:
         """Yields text deltas as they are decoded (never splits a multi-byte character)."""
@@ -145,8 +168,7 @@ class LocalEngine:
 
     def answer(self, question: str, documents: Sequence[Document], *, max_new_tokens: int = 32) -> str:
         """The model's greedy answer to `question` from `documents`."""
-        text = self.chat(answer_messages(question, documents), max_new_tokens=max_new_tokens)
-        return _ANSWER_PREFIX.sub("", text).strip()
+        return clean_answer(self.chat(answer_messages(question, documents), max_new_tokens=max_new_tokens))
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
