@@ -55,3 +55,17 @@ def rouge_l(prediction: str, references: Sequence[str]) -> float:
 def rate_error(requested: float, achieved: float) -> float:
     """Achieved minus requested rate (positive: kept more than asked)."""
     return achieved - requested
+
+
+def paired_bootstrap_ci(differences: Sequence[float], *, seed: int = 0, num_resamples: int = 2000,
+                        level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean of per-question paired differences (method minus baseline)."""
+    import numpy as np
+
+    diffs = np.asarray(differences, dtype=float)
+    if diffs.size == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    means = diffs[rng.integers(0, diffs.size, size=(num_resamples, diffs.size))].mean(axis=1)
+    tail = (1.0 - level) / 2
+    return (float(np.quantile(means, tail)), float(np.quantile(means, 1.0 - tail)))
