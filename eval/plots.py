@@ -32,37 +32,44 @@ def _num(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def quality_vs_compression(tradeoff: dict[str, Any], out: Path, caption: str, metric: str) -> Path | None:
-    """One curve per method family: `metric` (f1, answer_survival or support_recall) against tokens kept."""
-    curves: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
-    for p in tradeoff.get("points", []):
-        if _num(p.get(metric)) and _num(p.get("token_ratio")):
-            curves[p["family"]].append((p["token_ratio"], p[metric], p["label"]))
+def quality_vs_compression(fidelity: dict[str, Any], out: Path, caption: str, metric: str) -> Path | None:
+    """One curve per method: `metric` (f1, nll, answer_survival or support_recall) against tokens kept, with the
+    paired 95% CI of the F1 difference to `none` as error bars on F1."""
+    curves: dict[str, list[tuple[float, float, tuple[float, float] | None]]] = defaultdict(list)
+    for r in fidelity.get("rows", []):
+        if _num(r.get(metric)) and _num(r.get("rate")):
+            err = None
+            ci = r.get("f1_delta_ci")
+            if metric == "f1" and isinstance(ci, list) and len(ci) == 2 and all(map(_num, ci)):
+                err = (max(0.0, r["f1_delta"] - ci[0]), max(0.0, ci[1] - r["f1_delta"]))
+            curves[r["method"]].append((r["rate"], r[metric], err))
     if not curves:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for family, pts in sorted(curves.items()):
-        pts.sort()
-        style: dict[str, Any] = {"marker": "o"}
-        if family == "random":
-            style = {"marker": "o", "linestyle": "--", "color": "0.5"}
-        elif family == "uncompressed":
-            style = {"marker": "*", "markersize": 12, "color": "black", "linestyle": "none"}
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=family, **style)
+    for method, pts in sorted(curves.items()):
+        pts.sort(key=lambda p: p[0])
+        style: dict[str, Any] = {"marker": "o", "capsize": 3}
+        if method == "random":
+            style.update(linestyle="--", color="0.5")
+        elif method == "none":
+            style.update(marker="*", markersize=12, color="black", linestyle="none")
+        errs = [p[2] or (0.0, 0.0) for p in pts]
+        yerr = [[e[0] for e in errs], [e[1] for e in errs]] if any(p[2] for p in pts) else None
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=yerr, label=method, **style)
     ax.set_xlabel("tokens kept / tokens in")
-    ax.set_ylabel({"f1": "reader F1", "answer_survival": "gold answer survives",
-                   "support_recall": "supporting-sentence recall"}[metric])
+    ax.set_ylabel({"f1": "reader F1 (bars: paired 95% CI vs none)", "nll": "gold-answer NLL per token",
+                   "answer_survival": "gold answer survives", "support_recall": "supporting-sentence recall"}[metric])
     ax.set_xlim(0, 1.05)
     ax.legend(fontsize=8)
     return _finish(fig, ax, out, caption)
 
 
-def latency_by_method(tradeoff: dict[str, Any], out: Path, caption: str) -> Path | None:
+def latency_by_method(fidelity: dict[str, Any], out: Path, caption: str) -> Path | None:
     """Compressor latency per query against input length, one series per method setting."""
     series: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    for row in tradeoff.get("latency", []):
-        if row["family"] != "uncompressed":
+    for row in fidelity.get("latency", []):
+        if row["method"] != "none":
             series[row["label"]].append((row["tokens_before"], row["ms"]))
     if not series:
         return None

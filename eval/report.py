@@ -36,7 +36,11 @@ class SuiteRun:
 
 
 PLAN: tuple[SuiteRun, ...] = (
-    SuiteRun("tradeoff", "tradeoff", "hotpotqa_train_hipporag100", 4, 40, {"quick": "1"}, {}),
+    # Quality vs compression, judged by readers that can answer (random/embed-topk references added by the suite).
+    SuiteRun("fidelity", "fidelity", "hotpotqa_train_hipporag100", 6, 40,
+             {"reader": "qwen2.5-coder-0.5b-instruct", "methods": "none,exit@0.33,lingua2@0.5,exit+lingua2@0.2"},
+             {"reader": "qwen2.5-coder-1.5b-instruct",
+              "methods": "none,exit,exit@0.33,exit@0.2,lingua2@0.5,lingua2@0.33,exit+lingua2@0.2,crag+exit@0.33"}),
     SuiteRun("extractive", "extractive", "hotpotqa_train_hipporag100", 10, 100,
              {"causal_limit": "2", "rates": "0.3333,0.2"}, {"causal_limit": "5", "reader": "1", "reader_limit": "30"}),
     SuiteRun("lingua2", "lingua2", "squad_v1.1_dev", 8, 100, {"repeats": "1"}, {"reader": "1"}),
@@ -65,8 +69,11 @@ def machine_info() -> dict[str, Any]:
 
 
 def run_report(data_dir: Path, out_dir: Path, *, quick: bool, seed: int = 0, limit: int | None = None,
-               only: set[str] | None = None, log: Callable[[str], Any] = print) -> dict[str, Any]:
-    """Run the plan, write `results.json`, `report.md` and plots into `out_dir`; returns the results."""
+               only: set[str] | None = None, log: Callable[[str], Any] = print,
+               reader: str | None = None) -> dict[str, Any]:
+    """Run the plan, write `results.json`, `report.md` and plots into `out_dir`; returns the results.
+
+    `reader` replaces the plan's reader in the suites that have one (fidelity)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"machine": machine_info(), "quick": quick, "seed": seed, "data": str(data_dir),
                                "suites": {}, "errors": {}}
@@ -80,6 +87,8 @@ def run_report(data_dir: Path, out_dir: Path, *, quick: bool, seed: int = 0, lim
             continue
         n = limit if limit is not None else (run.quick_limit if quick else run.full_limit)
         options = dict(run.quick_options if quick else run.full_options)
+        if reader and "reader" in options:
+            options["reader"] = reader
         log(f"running {run.key} ({run.suite} on {run.dataset}, limit {n})")
         start = time.perf_counter()
         module = importlib.import_module(f"ragzip.eval.suites.{run.suite}")
@@ -145,10 +154,11 @@ def _caption(results: dict[str, Any], key: str, model: str) -> str:
 def make_plots(results: dict[str, Any], out_dir: Path) -> dict[str, str]:
     suites = results["suites"]
     made: dict[str, Path | None] = {}
-    if "tradeoff" in suites:
-        r = suites["tradeoff"]["results"]
-        cap = _caption(results, "tradeoff", f"reader {r.get('reader')}")
+    if "fidelity" in suites:
+        r = suites["fidelity"]["results"]
+        cap = _caption(results, "fidelity", f"reader {r.get('reader')} ({r.get('reader_dtype')})")
         made["quality_f1"] = plots.quality_vs_compression(r, out_dir / "quality_f1.png", cap, "f1")
+        made["quality_nll"] = plots.quality_vs_compression(r, out_dir / "quality_nll.png", cap, "nll")
         made["quality_survival"] = plots.quality_vs_compression(r, out_dir / "quality_survival.png", cap,
                                                                 "answer_survival")
         made["quality_support"] = plots.quality_vs_compression(r, out_dir / "quality_support.png", cap,
@@ -181,11 +191,13 @@ def _scalar_table(res: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _points_table(points: list[dict[str, Any]]) -> list[str]:
-    cols = ["label", "token_ratio", "f1", "em", "answer_survival", "support_recall", "ms_per_query"]
+def fidelity_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown table of the fidelity suite's rows."""
+    from ragzip.eval.suites.fidelity import ROW_COLUMNS, format_cell
+
+    cols = (*ROW_COLUMNS, "ms_per_query")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for p in points:
-        lines.append("| " + " | ".join(_fmt(p.get(c, "")) if p.get(c) is not None else "" for c in cols) + " |")
+    lines += ["| " + " | ".join(format_cell(r.get(c)) for c in cols) + " |" for r in rows]
     return lines
 
 
@@ -200,8 +212,8 @@ def render_report(results: dict[str, Any]) -> str:
         res = suite["results"]
         lines += [f"## {key}", "", f"Data `{suite['dataset']}` (limit {suite['limit']}), options "
                   f"`{json.dumps(suite['options'])}`, {suite['seconds']} s.", ""]
-        if key == "tradeoff":
-            lines += _points_table(res.get("points", [])) + [""]
+        if key == "fidelity":
+            lines += fidelity_table(res.get("rows", [])) + [""]
         lines += _scalar_table(res) + [""]
         if isinstance(res.get("table"), list) and res["table"] and isinstance(res["table"][0], dict):
             cols = list(res["table"][0])
@@ -235,10 +247,12 @@ def render_readme_section(results: dict[str, Any], assets_rel: str) -> str:
     lines = [f"Generated by `ragzip eval report{' --quick' if results['quick'] else ''}` on {m['cpu']} "
              f"({m['cores']} cores, {'GPU ' + m['gpu'] if m['gpu'] else 'no GPU'}), torch {m['torch']}, {m['date']}, "
              f"seed {results['seed']}. Numbers are development figures on the sets named; rerun to reproduce.", ""]
-    if "tradeoff" in s:
-        r = s["tradeoff"]["results"]
-        lines += [f"**Quality vs compression** (`{s['tradeoff']['dataset']}`, n={r['num_examples']}, "
-                  f"reader {r.get('reader')}):", ""] + _points_table(r.get("points", [])) + [""]
+    if "fidelity" in s:
+        r = s["fidelity"]["results"]
+        lines += [f"**Quality vs compression** (`{s['fidelity']['dataset']}`, n={r['n']} questions, reader "
+                  f"{r.get('reader')} {r.get('reader_dtype')}; F1/EM in points, `f1_delta_ci` the paired bootstrap "
+                  "95% CI of the F1 difference to `none`, `nll` the gold answer's mean NLL per token):", ""]
+        lines += fidelity_table(r.get("rows", [])) + [""]
     picks = [("extractive", ["support_recall", "token_ratio", "encoder_ms_per_query", "speedup_encoder_vs_causal"]),
              ("lingua2", ["speedup_vs_llmlingua", "parity_word_agreement", "answer_survival", "rate_error_max"]),
              ("crag_fewsum", ["token_reduction", "rougeL_compressed", "rougeL_full"]),
@@ -256,6 +270,6 @@ def render_readme_section(results: dict[str, Any], assets_rel: str) -> str:
     if rows:
         lines += ["| suite | data | key figures |", "|---|---|---|"] + rows + [""]
     for key, name in results.get("plots", {}).items():
-        if key in ("quality_f1", "quality_support", "kv_ttft", "codec"):
+        if key in ("quality_f1", "quality_nll", "quality_support", "kv_ttft", "codec"):
             lines.append(f"![{key}]({assets_rel}/{name})")
     return "\n".join(lines)

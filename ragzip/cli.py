@@ -16,7 +16,7 @@ from ragzip.budget import Budget
 from ragzip.errors import ConfigError, RagzipError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="RAG context compression middleware.")
-err = Console(stderr=True)
+err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=160)
 # Wide tables when piped (CI logs, files); the terminal width otherwise.
 out = Console() if sys.stdout.isatty() else Console(width=160)
 
@@ -27,7 +27,7 @@ EVAL_SUITES: dict[str, str] = {
     "kvcodec": "ragzip.eval.suites.kvcodec:run",
     "blend": "ragzip.eval.suites.blend:run",
     "baselines": "ragzip.eval.suites.baselines:run",
-    "tradeoff": "ragzip.eval.suites.tradeoff:run",
+    "fidelity": "ragzip.eval.suites.fidelity:run",
 }
 
 
@@ -211,24 +211,34 @@ def ask(
 
 @app.command()
 def demo(
-    method: str = typer.Option("exit", "--method", "-m", help="Compressor or pipeline to demo."),
-    rate: float = typer.Option(None),
-    llm: str = typer.Option(None, help="Local LLM (default: embedded SmolLM2-135M-Instruct)."),
+    method: str = typer.Option(None, "--method", "-m", help="Compressor or pipeline to demo (default: exit)."),
+    rate: float = typer.Option(None, help="Fraction of tokens to keep (default 0.4, chosen on dev data)."),
+    llm: str = typer.Option(None, help="Local LLM that answers (default: Qwen2.5-Coder-0.5B-Instruct when "
+                                       "installed, else the embedded SmolLM2-135M-Instruct)."),
     k: int = typer.Option(4, help="Chunks retrieved per question."),
 ) -> None:
     """Index the bundled corpus, retrieve, compress, answer with the local LLM, print a table."""
-    from ragzip.demo import run_demo
+    import textwrap
 
+    from ragzip.demo import DEMO_METHOD, DEMO_RATE, run_demo
+
+    method = method or DEMO_METHOD
     try:
-        rows = run_demo(method=method, rate=rate, llm=llm, k=k, log=err.print)
+        rows = run_demo(method=method, rate=rate if rate is not None else (DEMO_RATE if method == DEMO_METHOD
+                                                                           else None),
+                        llm=llm, k=k, log=err.print)
     except RagzipError as exc:
         _fail(exc)
     table = Table(title=f"ragzip demo: {method} (local LLM answers from full vs compressed context)")
     for col in ("question", "tokens", "kept", "rate", "compress s", "answer (full)", "answer (compressed)", "gold"):
         table.add_column(col, overflow="fold")
+
+    def short(text: str) -> str:  # whole words only
+        return textwrap.shorten(text, 80, placeholder=" …") if text.strip() else ""
+
     for r in rows:
         table.add_row(r["question"], str(r["tokens_before"]), str(r["tokens_after"]), f"{r['rate']:.2f}",
-                      f"{r['seconds']:.2f}", r["answer_full"][:80], r["answer_compressed"][:80], r["gold"])
+                      f"{r['seconds']:.2f}", short(r["answer_full"]), short(r["answer_compressed"]), r["gold"])
     out.print(table)
     n = len(rows) or 1
     mean_f1_full = sum(r["f1_full"] for r in rows) / n
@@ -247,24 +257,39 @@ def eval_cmd(
     out_dir: Path = typer.Option(None, "--out", help="report: output folder (report.md, results.json, plots)."),
     quick: bool = typer.Option(False, help="report: the quick plan (under 10 minutes on 2 cores)."),
     readme: Path = typer.Option(None, help="report: regenerate this README's results section."),
+    methods: str = typer.Option(None, help="fidelity: comma-separated method@budget items, e.g. "
+                                           "none,exit@0.33,lingua2@0.5 (@200 = target tokens, @t0.5 = threshold)."),
+    reader: str = typer.Option(None, help="fidelity: the reader LLM (default qwen2.5-coder-0.5b-instruct); "
+                                          "report: overrides the plan's reader."),
 ) -> None:
     """Run a benchmark suite (or `report`: every suite), print its table and write its JSON."""
     import importlib
 
     try:
         if suite == "report":
-            _report(data, out_dir, quick=quick, seed=seed, limit=limit, readme=readme, only=option)
+            _report(data, out_dir, quick=quick, seed=seed, limit=limit, readme=readme, only=option, reader=reader)
             return
         target = EVAL_SUITES.get(suite)
         if target is None:
             raise ConfigError(f"unknown eval suite {suite!r}; valid: {['report', *sorted(EVAL_SUITES)]}")
         if data is None:
             raise ConfigError("--data is required")
+        options = parse_options(option)
+        if suite == "fidelity":
+            options.setdefault("progress", "1")
+        for name, value in (("methods", methods), ("reader", reader)):
+            if value is not None:
+                if suite != "fidelity":
+                    raise ConfigError(f"--{name} is for the fidelity suite (and --reader for report)")
+                options[name] = value
         module_name, attr = target.split(":")
         run = getattr(importlib.import_module(module_name), attr)
-        results = run(data, limit=limit, seed=seed, options=parse_options(option))
+        results = run(data, limit=limit, seed=seed, options=options)
     except RagzipError as exc:
         _fail(exc)
+    if isinstance(results.get("rows"), list):
+        out.print(_rows_table(f"ragzip eval {suite}: reader {results.get('reader')}, n={results.get('n')}",
+                              results["rows"]))
     table = Table(title=f"ragzip eval {suite}")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -278,8 +303,19 @@ def eval_cmd(
         err.print(f"wrote {json_out}")
 
 
+def _rows_table(title: str, rows: list[dict[str, Any]]) -> Table:
+    from ragzip.eval.suites.fidelity import ROW_COLUMNS, format_cell
+
+    table = Table(title=title)
+    for col in ROW_COLUMNS:
+        table.add_column(col, justify="left" if col == "label" else "right")
+    for r in rows:
+        table.add_row(*(format_cell(r.get(c)) for c in ROW_COLUMNS))
+    return table
+
+
 def _report(data: Path | None, out_dir: Path | None, *, quick: bool, seed: int, limit: int | None,
-            readme: Path | None, only: list[str] | None) -> None:
+            readme: Path | None, only: list[str] | None, reader: str | None = None) -> None:
     from ragzip.eval.report import run_report, update_readme
 
     data = data or Path("../shared/data")
@@ -288,7 +324,8 @@ def _report(data: Path | None, out_dir: Path | None, *, quick: bool, seed: int, 
     if out_dir is None:
         raise ConfigError("report needs --out REPORT_DIR")
     suites = {o.partition("=")[2] or o for o in only or []} or None  # -O only=tradeoff (repeatable)
-    results = run_report(data, out_dir, quick=quick, seed=seed, limit=limit, only=suites, log=err.print)
+    results = run_report(data, out_dir, quick=quick, seed=seed, limit=limit, only=suites, log=err.print,
+                         reader=reader)
     if readme is not None:
         update_readme(readme, results, out_dir, readme.parent / "docs" / "results")
     err.print(f"wrote {out_dir / 'report.md'}, {out_dir / 'results.json'} and {len(results['plots'])} plots"
@@ -323,7 +360,17 @@ def _mount_kv() -> None:
 _mount_kv()
 
 
+def _quiet_transformers() -> None:
+    """No conversion/loading progress bars or info logs from transformers on the CLI's output (a user's own
+    setting of these variables wins). Set before transformers is imported, which reads them once."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
 def main() -> None:
+    _quiet_transformers()
     try:
         app()
     except RagzipError as exc:

@@ -7,13 +7,13 @@ from pathlib import Path
 from ragzip.eval.report import PLAN, README_END, README_START, run_report, update_readme
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "report_data"
-EXPECTED_PLOTS = {"quality_f1", "quality_survival", "quality_support", "latency", "kv_ttft", "kv_quality", "codec",
-                  "proxy"}
+EXPECTED_PLOTS = {"quality_f1", "quality_nll", "quality_survival", "quality_support", "latency", "kv_ttft",
+                  "kv_quality", "codec", "proxy"}
 
 
-def test_quick_report_on_tiny_fixtures_produces_every_table_and_plot(tmp_path: Path) -> None:
+def test_quick_report_on_tiny_fixtures_produces_every_table_and_plot(tmp_path: Path, tiny_reader: str) -> None:
     out = tmp_path / "report"
-    results = run_report(FIXTURES, out, quick=True, limit=1, log=lambda _: None)
+    results = run_report(FIXTURES, out, quick=True, limit=1, log=lambda _: None, reader=tiny_reader)
     assert results["errors"] == {}
     assert set(results["suites"]) == {run.key for run in PLAN} | {"proxy"}
     assert EXPECTED_PLOTS <= set(results["plots"])
@@ -21,18 +21,21 @@ def test_quick_report_on_tiny_fixtures_produces_every_table_and_plot(tmp_path: P
         png = out / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5_000
     saved = json.loads((out / "results.json").read_text())
-    assert saved["machine"]["cores"] and saved["suites"]["tradeoff"]["results"]["points"]
+    assert saved["machine"]["cores"] and saved["suites"]["fidelity"]["results"]["rows"]
+    assert saved["suites"]["fidelity"]["options"]["reader"] == tiny_reader
     report = (out / "report.md").read_text()
     for key in [run.key for run in PLAN] + ["proxy"]:
         assert f"## {key}" in report
     assert results["suites"]["proxy"]["results"]["server_errors"] == 0
-    points = {p["label"]: p for p in results["suites"]["tradeoff"]["results"]["points"]}
-    assert points["none"]["token_ratio"] == 1.0 and points["random r=0.2"]["token_ratio"] < 0.35
+    rows = {r["label"]: r for r in results["suites"]["fidelity"]["results"]["rows"]}
+    assert rows["none"]["rate"] == 1.0 and rows["random@0.2"]["rate"] < 0.35
+    assert "| exit@0.33 |" in report
 
     readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n\n{README_START}\nold\n{README_END}\n\ntail\n")
+    readme.write_text(f"# x\n\n{README_START}\nOLD-SECTION\n{README_END}\n\ntail\n")
     update_readme(readme, results, out, tmp_path / "docs" / "results")
     text = readme.read_text()
-    assert "old" not in text and text.endswith("tail\n") and "Quality vs compression" in text
+    assert "OLD-SECTION" not in text and text.endswith("tail\n") and "Quality vs compression" in text
+    assert f"reader {tiny_reader}" in text and "| embed-topk@0.33 |" in text
     assert (tmp_path / "docs" / "results" / results["plots"]["quality_f1"]).exists()
     shutil.rmtree(out)
