@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,38 @@ def test_index_and_ask(tmp_path: Path) -> None:
                                    "-k", "1", "-m", "none", "--max-new-tokens", "12"])
     assert res.exit_code == 0, res.output
     assert "Paris" in res.output
+
+
+def test_demo_reports_rate_and_f1_in_its_last_line_with_no_progress_bar_noise(tiny_reader: str) -> None:
+    import subprocess
+    import sys
+
+    ragzip = Path(sys.executable).parent / "ragzip"  # the installed console script, as a user runs it
+    proc = subprocess.run([str(ragzip), "demo", "--llm", tiny_reader], capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    m = re.fullmatch(r"mean rate (\d\.\d\d); answer F1 full (\d\.\d\d) vs compressed (\d\.\d\d) \((\d+) questions\)",
+                     last)
+    assert m, last
+    assert float(m.group(1)) <= 0.5 and int(m.group(4)) == 12  # at least 2x fewer tokens on the bundled questions
+    assert "Loading weights" not in proc.stderr and "it/s]" not in proc.stderr
+    assert "rate=0.4" in proc.stderr
+
+
+def test_eval_fidelity_cli_prints_rows_and_writes_the_json(tiny_reader: str, tmp_path: Path) -> None:
+    out = tmp_path / "f.json"
+    data = Path(__file__).parent / "fixtures" / "report_data" / "squad_v1.1_dev"
+    res = CliRunner().invoke(app, ["eval", "fidelity", "--data", str(data), "--methods", "none,exit@0.5",
+                                   "--reader", tiny_reader, "--limit", "2", "--json", str(out),
+                                   "-O", "cache=0", "-O", "max_new_tokens=2"])
+    assert res.exit_code == 0, res.output
+    saved = json.loads(out.read_text())
+    assert {"reader", "n", "rows"} <= set(saved) and saved["n"] == 2
+    assert [r["label"] for r in saved["rows"]] == ["none", "exit@0.5", "random@0.5", "embed-topk@0.5"]
+    assert "embed-topk@0.5" in res.output
+    bad = CliRunner().invoke(app, ["eval", "fidelity", "--data", str(data), "--methods", "exit@1.5",
+                                   "--reader", tiny_reader])
+    assert bad.exit_code == 2 and "rate must be in (0, 1]" in bad.output
+    wrong = CliRunner().invoke(app, ["eval", "baselines", "--data", str(data), "--methods", "exit@0.5"])
+    assert wrong.exit_code == 2 and "fidelity" in wrong.output
