@@ -94,7 +94,8 @@ class _MemoScorer:
         return self.memo[key]
 
 
-def _trained_ids(weights: str | None) -> set[str]:
+def trained_ids(weights: str | None = None) -> set[str]:
+    """Ids of the HotpotQA questions the EXIT encoder at `weights` (default: the shipped one) was trained on."""
     from ragzip.compressors.exit_encoder import WEIGHTS_DIR
 
     meta = Path(weights or WEIGHTS_DIR) / "train_meta.json"
@@ -114,7 +115,7 @@ def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) ->
     rates = [float(r) for r in options.get("rates", "0.3333,0.2").split(",") if r]
     scorers = [s.strip() for s in options.get("scorers", "encoder,causal-lm").split(",") if s.strip()]
     weights = options.get("weights") or None
-    skip = _trained_ids(weights) if options.get("exclude_trained", "1") not in ("0", "false") else set()
+    skip = trained_ids(weights) if options.get("exclude_trained", "1") not in ("0", "false") else set()
     examples = [ex for ex in load_examples(data) if ex.id not in skip]
     examples = [ex for ex in examples if any(c.supporting_sentence_ids for c in ex.contexts)][:limit]
     if not examples:

@@ -29,10 +29,11 @@ from typing import Any
 
 from ragzip.budget import Budget
 from ragzip.errors import BudgetError, ConfigError, InputError
-from ragzip.eval.datasets import Example, load_examples, sentence_spans
+from ragzip.eval.datasets import load_examples
 from ragzip.eval.metrics import answer_survival, exact_match, f1_score, paired_bootstrap_ci
+from ragzip.eval.suites.extractive import support_counts, trained_ids
 from ragzip.options import parse_bool
-from ragzip.types import CompressionResult, Document
+from ragzip.types import Document
 
 DEFAULT_METHODS = "none,exit@0.33,embed-topk@0.33,random@0.33,lingua2@0.5,exit+lingua2@0.33"
 REFERENCES = ("random", "embed-topk")
@@ -106,40 +107,6 @@ def _with_references(specs: list[MethodSpec], *, enabled: bool) -> list[MethodSp
             out += [MethodSpec(r, spec.budget, spec.budget_text) for r in REFERENCES]
     seen: set[str] = set()
     return [s for s in out if not (s.label in seen or seen.add(s.label))]  # type: ignore[func-returns-value]
-
-
-def _support_ranges(ex: Example, docs: Sequence[Document]) -> dict[str, list[tuple[int, int]]]:
-    """Char ranges of the labelled supporting sentences, by document id."""
-    out: dict[str, list[tuple[int, int]]] = {}
-    for doc, ctx in zip(docs, ex.contexts):
-        if ctx.sentences and ctx.supporting_sentence_ids:
-            spans = sentence_spans(ctx.text, ctx.sentences)
-            out[doc.id] = [spans[j] for j in ctx.supporting_sentence_ids if j < len(spans)]
-    return out
-
-
-def support_recall(result: CompressionResult, support: dict[str, list[tuple[int, int]]]) -> tuple[int, int]:
-    """(recalled, total) supporting sentences; one counts as recalled when >= 90% of its characters are kept."""
-    kept: dict[str, list[tuple[int, int]]] = {}
-    for d in result.documents:
-        for s in d.spans:
-            kept.setdefault(s.doc_id, []).append((s.start, s.end))
-    hit = total = 0
-    for doc_id, ranges in support.items():
-        for a, b in ranges:
-            total += 1
-            covered = sum(max(0, min(b, e) - max(a, s)) for s, e in kept.get(doc_id, []))
-            hit += covered >= 0.9 * (b - a)
-    return hit, total
-
-
-def _trained_ids() -> set[str]:
-    import json
-
-    from ragzip.compressors.exit_encoder import WEIGHTS_DIR
-
-    meta = Path(WEIGHTS_DIR) / "train_meta.json"
-    return set(json.loads(meta.read_text()).get("hotpot_train_ids", [])) if meta.is_file() else set()
 
 
 def _reader_cache(value: str) -> Any:
@@ -226,7 +193,7 @@ def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) ->
         raise ConfigError(f"unknown options {unknown} for suite 'fidelity'; valid: {sorted(_KEYS)}")
     specs = _with_references(parse_methods(options.get("methods") or DEFAULT_METHODS),
                              enabled=parse_bool(options.get("references", "1"), "references"))
-    skip = _trained_ids() if parse_bool(options.get("exclude_trained", "1"), "exclude_trained") else set()
+    skip = trained_ids() if parse_bool(options.get("exclude_trained", "1"), "exclude_trained") else set()
     examples = [ex for ex in load_examples(data) if ex.id not in skip and ex.contexts and ex.question][:limit]
     if not examples:
         raise InputError(f"{data}: no examples with a question and contexts (after excluding trained ids)")
@@ -236,7 +203,6 @@ def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) ->
                     cache=_reader_cache(options.get("cache", "1")))
     counter = get_token_counter(options.get("tokenizer") or reader_name)
     docs = {ex.id: ex.documents() for ex in examples}
-    support = {ex.id: _support_ranges(ex, docs[ex.id]) for ex in examples}
 
     per_method: dict[str, list[dict[str, Any]]] = {}
     rows: list[dict[str, Any]] = []
@@ -257,7 +223,7 @@ def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) ->
                 t0 = time.perf_counter()
                 res = compressor.compress(ex.question, docs[ex.id], spec.budget)
                 ms = 1000 * (time.perf_counter() - t0)
-                hit, total = support_recall(res, support[ex.id])
+                hit, total, _, _ = support_counts(ex, docs[ex.id], res)
                 kept = [Document(d.id, d.text, d.title) for d in res.documents]
                 read = reader.read(ex.question, kept, ex.answers)
                 per_q.append({
