@@ -193,11 +193,11 @@ def _scalar_table(res: dict[str, Any]) -> list[str]:
 
 def fidelity_table(rows: list[dict[str, Any]]) -> list[str]:
     """Markdown table of the fidelity suite's rows."""
-    from ragzip.eval.suites.fidelity import ROW_COLUMNS, format_cell
+    from ragzip.eval.suites.fidelity import ROW_COLUMNS, row_cells
 
     cols = (*ROW_COLUMNS, "ms_per_query")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(format_cell(r.get(c)) for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(row_cells(r, cols)) + " |" for r in rows]
     return lines
 
 
@@ -251,7 +251,9 @@ def render_readme_section(results: dict[str, Any], assets_rel: str) -> str:
         r = s["fidelity"]["results"]
         lines += [f"**Quality vs compression** (`{s['fidelity']['dataset']}`, n={r['n']} questions, reader "
                   f"{r.get('reader')} {r.get('reader_dtype')}; F1/EM in points, `f1_delta_ci` the paired bootstrap "
-                  "95% CI of the F1 difference to `none`, `nll` the gold answer's mean NLL per token):", ""]
+                  "95% CI of the F1 difference to `none`, `nll` the gold answer's mean NLL per token, "
+                  "`nll_vs_embed_topk` the paired NLL difference to embed-topk at the same budget [95% CI]; lower NLL "
+                  "is better):", ""]
         lines += fidelity_table(r.get("rows", [])) + [""]
     picks = [("extractive", ["support_recall", "token_ratio", "encoder_ms_per_query", "speedup_encoder_vs_causal"]),
              ("lingua2", ["speedup_vs_llmlingua", "parity_word_agreement", "answer_survival", "rate_error_max"]),

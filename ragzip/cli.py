@@ -304,13 +304,13 @@ def eval_cmd(
 
 
 def _rows_table(title: str, rows: list[dict[str, Any]]) -> Table:
-    from ragzip.eval.suites.fidelity import ROW_COLUMNS, format_cell
+    from ragzip.eval.suites.fidelity import ROW_COLUMNS, row_cells
 
     table = Table(title=title)
     for col in ROW_COLUMNS:
-        table.add_column(col, justify="left" if col == "label" else "right")
+        table.add_column(col, justify="left" if col == "label" else "right", no_wrap=col == "label")
     for r in rows:
-        table.add_row(*(format_cell(r.get(c)) for c in ROW_COLUMNS))
+        table.add_row(*row_cells(r))
     return table
 
 

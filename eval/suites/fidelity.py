@@ -5,7 +5,8 @@ gold-answer survival, supporting-sentence recall where the data labels sentences
 (SQuAD normalisation, max over gold answers) and the teacher-forced NLL of the gold answer. `none`, `random` and
 `embed-topk` are always added at the same budgets as references (for a method without a token budget, at the
 rate it achieved), and each method's F1 and NLL are compared with `none` on the same questions by a paired
-bootstrap 95% CI.
+bootstrap 95% CI (`f1_delta_ci`, `nll_delta_ci`), and with `embed-topk` at its budget (`vs_embed_topk`): the bar a
+method has to clear to earn its cost.
 
 Methods are `method@budget` items: `exit@0.33` (rate), `exit@200` (target tokens), `exit@t0.5` (threshold), or a
 bare `exit` (the method's own default budget); a method may be a pipeline (`exit+lingua2@0.33`).
@@ -42,7 +43,7 @@ _KEYS = ("methods", "reader", "tokenizer", "dtype", "max_new_tokens", "cache", "
 _INT = re.compile(r"^\d+$")
 # The columns a person reads first (CLI table, report, README).
 ROW_COLUMNS = ("label", "rate", "tokens_kept", "answer_survival", "support_recall", "em", "f1", "f1_delta",
-               "f1_delta_ci", "nll", "nll_delta")
+               "f1_delta_ci", "nll", "nll_delta", "nll_delta_ci", "nll_vs_embed_topk")
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,15 +149,31 @@ def format_cell(value: Any) -> str:
     return str(value)
 
 
+def row_cells(row: dict[str, Any], columns: Sequence[str] = ROW_COLUMNS) -> list[str]:
+    """A result row as table cells; `nll_vs_embed_topk` is the paired NLL difference to embed-topk with its CI."""
+    vs = row.get("vs_embed_topk") or {}
+    derived = {"nll_vs_embed_topk": [vs["nll_delta"], *vs["nll_delta_ci"]] if vs.get("nll_delta_ci") else None}
+    return [format_cell(derived[c] if c in derived else row.get(c)) for c in columns]
+
+
 def _mean(xs: Sequence[float]) -> float | None:
     return statistics.fmean(xs) if xs else None
 
 
-def _row(spec: MethodSpec, per_q: list[dict[str, Any]], base: list[dict[str, Any]] | None, seed: int
-         ) -> dict[str, Any]:
+def paired_deltas(per_q: Sequence[dict[str, Any]], base: Sequence[dict[str, Any]], seed: int) -> dict[str, Any]:
+    """Mean per-question F1 (points) and NLL differences to `base` on the same questions, with bootstrap CIs."""
+    f1_diffs = [100 * (q["f1"] - b["f1"]) for q, b in zip(per_q, base)]
+    nll_diffs = [q["nll"] - b["nll"] for q, b in zip(per_q, base) if q["nll"] is not None and b["nll"] is not None]
+    return {"f1_delta": statistics.fmean(f1_diffs), "f1_delta_ci": list(paired_bootstrap_ci(f1_diffs, seed=seed)),
+            "nll_delta": _mean(nll_diffs),
+            "nll_delta_ci": list(paired_bootstrap_ci(nll_diffs, seed=seed)) if nll_diffs else None}
+
+
+def _row(spec: MethodSpec, per_q: list[dict[str, Any]], base: list[dict[str, Any]], seed: int) -> dict[str, Any]:
     hits, totals = sum(q["hit"] for q in per_q), sum(q["total"] for q in per_q)
     surv = [q["survival"] for q in per_q if q["survival"] is not None]
-    row: dict[str, Any] = {
+    nlls = [q["nll"] for q in per_q if q["nll"] is not None]
+    return {
         "method": spec.method, "budget": spec.budget.describe(), "label": spec.label, "n": len(per_q),
         "tokens_kept": statistics.fmean(q["tokens_after"] for q in per_q),
         "tokens_in": statistics.fmean(q["tokens_before"] for q in per_q),
@@ -166,20 +183,9 @@ def _row(spec: MethodSpec, per_q: list[dict[str, Any]], base: list[dict[str, Any
         "em": 100 * statistics.fmean(q["em"] for q in per_q),
         "f1": 100 * statistics.fmean(q["f1"] for q in per_q),
         "ms_per_query": statistics.fmean(q["ms"] for q in per_q),
+        "nll": _mean(nlls),
+        **paired_deltas(per_q, base, seed),
     }
-    nlls = [q["nll"] for q in per_q if q["nll"] is not None]
-    row["nll"] = _mean(nlls)
-    if base is None:
-        row.update(f1_delta=0.0, f1_delta_ci=[0.0, 0.0], nll_delta=0.0 if nlls else None,
-                   nll_delta_ci=[0.0, 0.0] if nlls else None)
-        return row
-    f1_diffs = [100 * (q["f1"] - b["f1"]) for q, b in zip(per_q, base)]
-    row["f1_delta"] = statistics.fmean(f1_diffs)
-    row["f1_delta_ci"] = list(paired_bootstrap_ci(f1_diffs, seed=seed))
-    nll_diffs = [q["nll"] - b["nll"] for q, b in zip(per_q, base) if q["nll"] is not None and b["nll"] is not None]
-    row["nll_delta"] = _mean(nll_diffs)
-    row["nll_delta_ci"] = list(paired_bootstrap_ci(nll_diffs, seed=seed)) if nll_diffs else None
-    return row
 
 
 def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) -> dict[str, Any]:
@@ -205,6 +211,7 @@ def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) ->
     docs = {ex.id: ex.documents() for ex in examples}
 
     per_method: dict[str, list[dict[str, Any]]] = {}
+    reference_budget: dict[str, str] = {}  # label -> the budget its reference rows ran at
     rows: list[dict[str, Any]] = []
     with_refs = parse_bool(options.get("references", "1"), "references")
     num_matched = sum(1 for s in specs if not s.has_token_budget and s.method != "none") * len(REFERENCES) * with_refs
@@ -235,14 +242,20 @@ def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) ->
                 })
                 advance(spec.label)
             per_method[spec.label] = per_q
-            rows.append(_row(spec, per_q, per_method.get("none") if spec.method != "none" else None, seed))
+            rows.append(_row(spec, per_q, per_method["none"], seed))
+            reference_budget[spec.label] = spec.budget_text
             if with_refs and spec.method != "none" and not spec.has_token_budget:
                 # No token budget of its own: the references run at the rate this method achieved.
                 matched = f"{max(0.01, min(1.0, round(rows[-1]['rate'], 2))):g}"
+                reference_budget[spec.label] = matched
                 refs = [MethodSpec(r, Budget.ratio(float(matched)), matched) for r in REFERENCES]
                 queue[:0] = [r for r in refs if r.label not in per_method and r.label not in {q.label for q in queue}]
     if reader.cache is not None:
         reader.cache.close()
+    for row in rows:  # the bar a method has to clear: embedding top-k at the same budget, on the same questions
+        ref = per_method.get(f"embed-topk@{reference_budget[row['label']]}")
+        if row["method"] not in ("none", "embed-topk") and ref is not None:
+            row["vs_embed_topk"] = paired_deltas(per_method[row["label"]], ref, seed)
     return {
         "reader": reader_name, "n": len(examples), "rows": rows,
         "data": str(data), "seed": seed, "tokenizer": counter.name, "reader_dtype": str(reader.engine.dtype),

@@ -91,6 +91,11 @@ def test_suite_rows_keys_references_and_cache(tiny_reader: str, tmp_path: Path) 
         assert rows[label]["tokens_kept"] <= 0.34 * none["tokens_kept"] + 1
         assert rows[label]["rate"] < 0.4
     assert rows["exit@0.33"]["support_recall"] > rows["random@0.33"]["support_recall"]
+    vs = rows["exit@0.33"]["vs_embed_topk"]
+    assert set(vs) == {"f1_delta", "f1_delta_ci", "nll_delta", "nll_delta_ci"}
+    assert vs["f1_delta"] == pytest.approx(rows["exit@0.33"]["f1"] - rows["embed-topk@0.33"]["f1"])
+    assert "vs_embed_topk" in rows["exit"] and "vs_embed_topk" not in rows["none"]
+    assert "vs_embed_topk" not in rows["embed-topk@0.33"]
     # Answers came from the reader; a rerun reads them from the cache (marked rows prove it).
     with sqlite3.connect(cache) as db:
         assert db.execute("SELECT COUNT(*) FROM reads").fetchone()[0] >= 2
