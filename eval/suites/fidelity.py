@@ -152,8 +152,9 @@ def format_cell(value: Any) -> str:
 def row_cells(row: dict[str, Any], columns: Sequence[str] = ROW_COLUMNS) -> list[str]:
     """A result row as table cells; `nll_vs_embed_topk` is the paired NLL difference to embed-topk with its CI."""
     vs = row.get("vs_embed_topk") or {}
-    derived = {"nll_vs_embed_topk": [vs["nll_delta"], *vs["nll_delta_ci"]] if vs.get("nll_delta_ci") else None}
-    return [format_cell(derived[c] if c in derived else row.get(c)) for c in columns]
+    derived = {"nll_vs_embed_topk": f"{format_cell(vs['nll_delta'])} {format_cell(vs['nll_delta_ci'])}"
+               if vs.get("nll_delta_ci") else ""}
+    return [derived[c] if c in derived else format_cell(row.get(c)) for c in columns]
 
 
 def _mean(xs: Sequence[float]) -> float | None:
