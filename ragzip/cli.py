@@ -240,7 +240,13 @@ def demo(
         table.add_row(r["question"], str(r["tokens_before"]), str(r["tokens_after"]), f"{r['rate']:.2f}",
                       f"{r['seconds']:.2f}", short(r["answer_full"]), short(r["answer_compressed"]), r["gold"])
     out.print(table)
+    from ragzip.eval.metrics import paired_bootstrap_ci
+
     n = len(rows) or 1
+    diffs = [r["f1_compressed"] - r["f1_full"] for r in rows]
+    lo, hi = paired_bootstrap_ci(diffs)
+    out.print(f"compressed minus full answer F1: {sum(diffs) / n:+.2f} (paired bootstrap 95% CI "
+              f"[{lo:+.2f}, {hi:+.2f}]; the README's dev-set figures use 40 held-out questions)")
     mean_f1_full = sum(r["f1_full"] for r in rows) / n
     out.print(f"mean rate {sum(r['rate'] for r in rows) / n:.2f}; answer F1 full {mean_f1_full:.2f}"
               f" vs compressed {sum(r['f1_compressed'] for r in rows) / n:.2f} ({len(rows)} questions)")
