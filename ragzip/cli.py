@@ -329,7 +329,7 @@ def _report(data: Path | None, out_dir: Path | None, *, quick: bool, seed: int, 
         raise ConfigError(f"report needs --data DIR (a folder of dataset folders); {data} is not a folder")
     if out_dir is None:
         raise ConfigError("report needs --out REPORT_DIR")
-    suites = {o.partition("=")[2] or o for o in only or []} or None  # -O only=tradeoff (repeatable)
+    suites = {o.partition("=")[2] or o for o in only or []} or None  # -O only=fidelity (repeatable)
     results = run_report(data, out_dir, quick=quick, seed=seed, limit=limit, only=suites, log=err.print,
                          reader=reader)
     if readme is not None:
