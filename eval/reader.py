@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ragzip.registry import DEFAULT_READER
 from ragzip.types import Document
 
-DEFAULT_READER = "qwen2.5-coder-0.5b-instruct"
+__all__ = ["DEFAULT_READER", "Reader", "ReaderCache", "ReaderOutput"]
 MAX_GOLD_ANSWERS = 3  # scoring more gold variants costs a forward each and rarely changes the minimum
 
 

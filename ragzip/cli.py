@@ -220,13 +220,11 @@ def demo(
     """Index the bundled corpus, retrieve, compress, answer with the local LLM, print a table."""
     import textwrap
 
-    from ragzip.demo import DEMO_METHOD, DEMO_RATE, run_demo
+    from ragzip.demo import DEMO_METHOD, run_demo
 
     method = method or DEMO_METHOD
     try:
-        rows = run_demo(method=method, rate=rate if rate is not None else (DEMO_RATE if method == DEMO_METHOD
-                                                                           else None),
-                        llm=llm, k=k, log=err.print)
+        rows = run_demo(method=method, rate=rate, llm=llm, k=k, log=err.print)
     except RagzipError as exc:
         _fail(exc)
     table = Table(title=f"ragzip demo: {method} (local LLM answers from full vs compressed context)")

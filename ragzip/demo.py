@@ -18,7 +18,6 @@ from ragzip.types import Document
 
 DEMO_METHOD = "exit"
 DEMO_RATE = 0.4
-DEMO_READER = "qwen2.5-coder-0.5b-instruct"
 
 
 def load_demo_corpus() -> tuple[list[Document], list[dict[str, Any]]]:
@@ -30,22 +29,25 @@ def load_demo_corpus() -> tuple[list[Document], list[dict[str, Any]]]:
 
 def default_demo_llm() -> tuple[str | None, str | None]:
     """(LLM for the demo, a one-line hint when the better reader is not installed)."""
-    from ragzip.registry import PACKAGED_LLMS, packaged_llm_installed
+    from ragzip.registry import DEFAULT_READER, PACKAGED_LLMS, packaged_llm_installed
 
-    if packaged_llm_installed(DEMO_READER):
-        return DEMO_READER, None
+    if packaged_llm_installed(DEFAULT_READER):
+        return DEFAULT_READER, None
     return None, (f"answers come from the 135M default LLM; for a reader that can answer, "
-                  f"{PACKAGED_LLMS[DEMO_READER].install_hint}")
+                  f"{PACKAGED_LLMS[DEFAULT_READER].install_hint}")
 
 
-def run_demo(*, method: str = DEMO_METHOD, rate: float | None = DEMO_RATE, llm: str | None = None, k: int = 4,
+def run_demo(*, method: str = DEMO_METHOD, rate: float | None = None, llm: str | None = None, k: int = 4,
              log: Callable[[str], Any] = print) -> list[dict[str, Any]]:
+    """Rows of the demo table. `rate` None means DEMO_RATE for the default method, else the method's own default."""
     from ragzip.engine import LocalEngine
     from ragzip.eval.metrics import f1_score
     from ragzip.pipeline import build_compressor
     from ragzip.retrieval.retriever import Retriever
     from ragzip.tokens import get_token_counter
 
+    if rate is None and method == DEMO_METHOD:
+        rate = DEMO_RATE
     if llm is None:
         llm, hint = default_demo_llm()
         if hint:

@@ -25,6 +25,8 @@ from ragzip.errors import ModelNotFoundError
 
 DEFAULT_LLM = "smollm2-135m-instruct"
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
+# The packaged LLM that can answer: the eval's default reader and the demo's answering model when installed.
+DEFAULT_READER = "qwen2.5-coder-0.5b-instruct"
 _CONVERTED_MARKER = "ragzip-converted.json"
 
 

@@ -198,8 +198,8 @@ def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) ->
     unknown = sorted(set(options) - set(_KEYS))
     if unknown:
         raise ConfigError(f"unknown options {unknown} for suite 'fidelity'; valid: {sorted(_KEYS)}")
-    specs = _with_references(parse_methods(options.get("methods") or DEFAULT_METHODS),
-                             enabled=parse_bool(options.get("references", "1"), "references"))
+    with_refs = parse_bool(options.get("references", "1"), "references")
+    specs = _with_references(parse_methods(options.get("methods") or DEFAULT_METHODS), enabled=with_refs)
     skip = trained_ids() if parse_bool(options.get("exclude_trained", "1"), "exclude_trained") else set()
     examples = [ex for ex in load_examples(data) if ex.id not in skip and ex.contexts and ex.question][:limit]
     if not examples:
@@ -214,7 +214,6 @@ def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) ->
     per_method: dict[str, list[dict[str, Any]]] = {}
     reference_budget: dict[str, str] = {}  # label -> the budget its reference rows ran at
     rows: list[dict[str, Any]] = []
-    with_refs = parse_bool(options.get("references", "1"), "references")
     num_matched = sum(1 for s in specs if not s.has_token_budget and s.method != "none") * len(REFERENCES) * with_refs
     bar, advance = _progress(parse_bool(options.get("progress", "0"), "progress"),
                              (len(specs) + num_matched) * len(examples))
