@@ -69,3 +69,23 @@ def paired_bootstrap_ci(differences: Sequence[float], *, seed: int = 0, num_resa
     means = diffs[rng.integers(0, diffs.size, size=(num_resamples, diffs.size))].mean(axis=1)
     tail = (1.0 - level) / 2
     return (float(np.quantile(means, tail)), float(np.quantile(means, 1.0 - tail)))
+
+
+def ratio_bootstrap_ci(numerators: Sequence[float], denominators: Sequence[float], *,
+                       baseline: tuple[Sequence[float], Sequence[float]] | None = None, seed: int = 0,
+                       num_resamples: int = 2000, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap CI, over questions, of a pooled ratio sum(num) / sum(den) (e.g. supporting-sentence
+    recall); with `baseline` (its numerators and denominators on the same questions), of the paired difference."""
+    import numpy as np
+
+    num, den = np.asarray(numerators, dtype=float), np.asarray(denominators, dtype=float)
+    if num.size == 0 or num.size != den.size:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, num.size, size=(num_resamples, num.size))
+    stats = num[picks].sum(1) / np.maximum(den[picks].sum(1), 1e-12)
+    if baseline is not None:
+        bnum, bden = np.asarray(baseline[0], dtype=float), np.asarray(baseline[1], dtype=float)
+        stats = stats - bnum[picks].sum(1) / np.maximum(bden[picks].sum(1), 1e-12)
+    tail = (1.0 - level) / 2
+    return (float(np.quantile(stats, tail)), float(np.quantile(stats, 1.0 - tail)))

@@ -12,16 +12,26 @@ default threshold and at token budgets (default 1/3 and 1/5 of the tokens):
 * with ``reader=1``, reader EM/F1 of the local LLM (`ragzip.engine.LocalEngine`) on uncompressed vs compressed
   context.
 
+At each budget rate, also: a 95% bootstrap CI over questions (``support_recall_ci@rate0.33``), recall by hop
+(``support_recall_hop1@...``: supporting documents the question names or that no other supporting document names;
+``..._hop2``: bridge documents reached only through another supporting document), the same figures for each
+baseline on the same questions and budget (``embed-topk.support_recall@rate0.33``, ``random...``) with the paired
+difference and its CI (``vs_embed-topk.support_recall_delta@rate0.33``, ``..._delta_ci@...``), and, with
+``previous_weights``, for the previous scorer (``previous.*``: those weights, one pass, no document blend, no
+antecedents).
+
 Options (strings): ``threshold`` (0.5), ``rates`` ("0.3333,0.2"), ``scorers`` ("encoder,causal-lm"),
 ``causal_model`` (default: the embedded SmolLM2), ``causal_limit`` (questions for the slow scorer, default 5),
 ``reader`` (0/1), ``reader_model``, ``reader_limit`` (default all), ``exclude_trained`` (1: skip the HotpotQA
 questions the shipped encoder was trained on, listed in its ``train_meta.json``), ``weights`` (encoder weights
-folder).
+folder), ``baselines`` ("embed-topk,random"), ``previous_weights`` (a weights folder to compare against), ``hops``
+(1 or 2, the compressor's option).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import time
 from collections.abc import Sequence
@@ -31,24 +41,50 @@ from typing import Any
 from ragzip.budget import Budget
 from ragzip.errors import ConfigError, InputError
 from ragzip.eval.datasets import Example, load_examples, sentence_spans
-from ragzip.eval.metrics import answer_survival, exact_match, f1_score
+from ragzip.eval.metrics import answer_survival, exact_match, f1_score, ratio_bootstrap_ci
 from ragzip.types import CompressionResult, Document
 
 _KEYS = ("threshold", "rates", "scorers", "causal_model", "causal_limit", "reader", "reader_model", "reader_limit",
-         "exclude_trained", "weights")
+         "exclude_trained", "weights", "baselines", "previous_weights", "hops")
 _COVERED = 0.9
 
 
 gold_spans = sentence_spans  # the dataset's sentences located in the text
 
 
-def support_counts(example: Example, docs: Sequence[Document], result: CompressionResult) -> tuple[int, int, int, int]:
-    """(supporting sentences kept, supporting sentences, kept sentences that are supporting, kept sentences)."""
+def _name(text: str) -> str:
+    return " ".join(re.sub(r"\W+", " ", text.split(" (")[0].lower()).split())
+
+
+def document_hops(example: Example) -> dict[int, int]:
+    """Hop of each supporting context: 2 for a bridge document (its title is named by another supporting document
+    but not by the question), else 1 (named by the question, or a comparison's parallel document)."""
+    support = [i for i, c in enumerate(example.contexts) if c.supporting_sentence_ids]
+    question = f" {_name(example.question)} "
+    hops = {}
+    for i in support:
+        title = _name(example.contexts[i].title)
+        named_by_other = bool(title) and any(f" {title} " in f" {_name(example.contexts[j].text)} "
+                                             for j in support if j != i)
+        hops[i] = 2 if named_by_other and f" {title} " not in question else 1
+    if hops and all(h == 2 for h in hops.values()):  # documents naming each other: no order to tell
+        hops = dict.fromkeys(hops, 1)
+    return hops
+
+
+def support_counts(example: Example, docs: Sequence[Document], result: CompressionResult,
+                   hop: int | None = None) -> tuple[int, int, int, int]:
+    """(supporting sentences kept, supporting sentences, kept sentences that are supporting, kept sentences).
+
+    With `hop`, only the supporting sentences of documents of that hop (see `document_hops`) are counted."""
     kept: dict[str, list[tuple[int, int]]] = {}
     for d in result.documents:
         kept.setdefault(d.id, []).extend((s.start, s.end) for s in d.spans)
     hit = total = good = num_kept = 0
-    for ctx, doc in zip(example.contexts, docs):
+    hops = document_hops(example) if hop is not None else {}
+    for i, (ctx, doc) in enumerate(zip(example.contexts, docs)):
+        if hop is not None and hops.get(i) != hop:
+            continue
         spans = gold_spans(ctx.text, ctx.sentences or ())
         support = [spans[i] for i in ctx.supporting_sentence_ids if i < len(spans)]
         mine = kept.get(doc.id, [])
@@ -95,13 +131,14 @@ class _MemoScorer:
 
 
 def trained_ids(weights: str | None = None) -> set[str]:
-    """Ids of the HotpotQA questions the EXIT encoder at `weights` (default: the shipped one) was trained on."""
+    """Ids of the questions the EXIT encoder at `weights` (default: the shipped one) was trained or tuned on."""
     from ragzip.compressors.exit_encoder import WEIGHTS_DIR
 
     meta = Path(weights or WEIGHTS_DIR) / "train_meta.json"
     if not meta.is_file():
         return set()
-    return set(json.loads(meta.read_text()).get("hotpot_train_ids", []))
+    info = json.loads(meta.read_text())
+    return set(info.get("train_ids", [])) | set(info.get("hotpot_train_ids", []))
 
 
 def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) -> dict[str, Any]:
@@ -121,7 +158,7 @@ def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) ->
     if not examples:
         raise InputError(f"{data}: no examples with sentence-level supporting facts (after excluding trained ids)")
 
-    encoder = ExitCompressor(scorer="encoder", weights=weights, threshold=threshold)
+    encoder = ExitCompressor(scorer="encoder", weights=weights, threshold=threshold, hops=options.get("hops"))
     out: dict[str, Any] = {"data": str(data), "seed": seed, "num_excluded_trained": len(skip),
                            "threshold": threshold, "scorers": scorers}
     docs_of = {ex.id: ex.documents() for ex in examples}
@@ -139,12 +176,23 @@ def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) ->
         answer_survival("\n\n".join(d.text for d in docs_of[ex.id]), ex.answers) for ex in examples)
     budget_rows: dict[float, list[tuple[Example, list[Document], CompressionResult]]] = {}
     timed_scorer, encoder.scorer = encoder.scorer, _MemoScorer(encoder.scorer)
+    others = _comparisons(options, encoder.counter)
     for rate in rates:
         rows = [(ex, docs_of[ex.id], encoder.compress(ex.question, docs_of[ex.id], Budget.ratio(rate)))
                 for ex in examples]
         budget_rows[rate] = rows
-        for key, value in _aggregate(rows).items():
-            out[f"{key}@rate{rate:.2f}"] = value
+        out.update(_budget_figures("", rows, rate))
+        for name, compressor in others.items():
+            theirs = [(ex, docs_of[ex.id], compressor.compress(ex.question, docs_of[ex.id], Budget.ratio(rate)))
+                      for ex in examples]
+            out.update(_budget_figures(f"{name}.", theirs, rate))
+            mine_n, mine_d = _per_question(rows)
+            their_n, their_d = _per_question(theirs)
+            suffix = f"@rate{rate:.2f}"
+            out[f"vs_{name}.support_recall_delta{suffix}"] = out[f"support_recall{suffix}"] - out[
+                f"{name}.support_recall{suffix}"]
+            out[f"vs_{name}.support_recall_delta_ci{suffix}"] = list(
+                ratio_bootstrap_ci(mine_n, mine_d, baseline=(their_n, their_d), seed=seed))
     encoder.scorer = timed_scorer
 
     if "causal-lm" in scorers:
@@ -153,6 +201,38 @@ def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) ->
     if options.get("reader", "0") not in ("0", "false", ""):
         reader_examples = examples[: int(options["reader_limit"])] if options.get("reader_limit") else examples
         out.update(_reader(reader_examples, docs_of, default_rows, budget_rows, options.get("reader_model") or None))
+    return out
+
+
+def _per_question(rows: list[tuple[Example, list[Document], CompressionResult]],
+                  hop: int | None = None) -> tuple[list[int], list[int]]:
+    counts = [support_counts(ex, docs, res, hop) for ex, docs, res in rows]
+    return [c[0] for c in counts], [c[1] for c in counts]
+
+
+def _budget_figures(prefix: str, rows: list[tuple[Example, list[Document], CompressionResult]],
+                    rate: float) -> dict[str, Any]:
+    """The `_aggregate` figures at one rate, the recall CI and recall by hop, keyed ``{prefix}{key}@rateR``."""
+    suffix = f"@rate{rate:.2f}"
+    out: dict[str, Any] = {f"{prefix}{k}{suffix}": v for k, v in _aggregate(rows).items()}
+    out[f"{prefix}support_recall_ci{suffix}"] = list(ratio_bootstrap_ci(*_per_question(rows)))
+    for hop in (1, 2):
+        num, den = _per_question(rows, hop)
+        out[f"{prefix}support_recall_hop{hop}{suffix}"] = sum(num) / sum(den) if sum(den) else float("nan")
+        out[f"{prefix}support_sentences_hop{hop}"] = float(sum(den))
+    return out
+
+
+def _comparisons(options: dict[str, str], counter: Any) -> dict[str, Any]:
+    """The compressors compared at every budget: the baselines, and the previous scorer when given."""
+    from ragzip.compressors.exit import ExitCompressor
+    from ragzip.compressors.registry import get_compressor
+
+    names = [b.strip() for b in options.get("baselines", "embed-topk,random").split(",") if b.strip()]
+    out: dict[str, Any] = {name: get_compressor(name, counter=counter) for name in names}
+    if options.get("previous_weights"):
+        out["previous"] = ExitCompressor(counter, scorer="encoder", weights=options["previous_weights"], hops=1,
+                                         doc_weight=0.0, keep_antecedents=False)
     return out
 
 

@@ -34,3 +34,47 @@ def test_suite_reports_the_issue_keys(data: Path) -> None:
     json.dumps(out)
     with pytest.raises(ConfigError, match="unknown options"):
         extractive.run(data, limit=1, seed=0, options={"temperature": "1"})
+
+
+def test_baselines_and_the_previous_scorer_sit_beside_exit_at_each_budget_with_cis(data: Path) -> None:
+    from ragzip.compressors.exit_encoder import WEIGHTS_DIR
+
+    out = extractive.run(data, limit=2, seed=0, options={
+        "scorers": "encoder", "rates": "0.2", "baselines": "embed-topk,random", "previous_weights": str(WEIGHTS_DIR)})
+    for prefix in ("", "embed-topk.", "random.", "previous."):
+        recall = out[f"{prefix}support_recall@rate0.20"]
+        lo, hi = out[f"{prefix}support_recall_ci@rate0.20"]
+        assert 0.0 <= lo <= recall <= hi <= 1.0, prefix
+        assert out[f"{prefix}token_ratio@rate0.20"] <= 0.2 + 1e-9
+        assert f"{prefix}support_recall_hop1@rate0.20" in out
+    for name in ("embed-topk", "random", "previous"):
+        delta = out[f"vs_{name}.support_recall_delta@rate0.20"]
+        assert delta == pytest.approx(out["support_recall@rate0.20"] - out[f"{name}.support_recall@rate0.20"])
+        lo, hi = out[f"vs_{name}.support_recall_delta_ci@rate0.20"]
+        assert lo <= delta <= hi
+    assert out["support_sentences_hop1"] + out["support_sentences_hop2"] == 4  # 2 questions x 2 sentences
+    json.dumps(out)
+
+
+def test_document_hops_mark_bridge_documents_reached_through_another() -> None:
+    from ragzip.eval.datasets import Context, Example
+
+    bridge = Example("b", "Where was the director of Jaws born?", ("Cincinnati",), (
+        Context("Jaws", "Jaws is a film by Steven Spielberg.", ("Jaws is a film by Steven Spielberg.",), True, (0,)),
+        Context("Steven Spielberg", "He was born in Cincinnati.", ("He was born in Cincinnati.",), True, (0,)),
+        Context("Sharks", "Sharks swim.", ("Sharks swim.",), False, ())))
+    assert extractive.document_hops(bridge) == {0: 1, 1: 2}
+    comparison = Example("c", "Is Jaws older than Sharks?", ("yes",), (
+        Context("Jaws", "Jaws (1975).", ("Jaws (1975).",), True, (0,)),
+        Context("Sharks", "Sharks (1990).", ("Sharks (1990).",), True, (0,))))
+    assert extractive.document_hops(comparison) == {0: 1, 1: 1}
+
+
+def test_ratio_bootstrap_ci_pools_questions_and_pairs_a_baseline() -> None:
+    from ragzip.eval.metrics import ratio_bootstrap_ci
+
+    lo, hi = ratio_bootstrap_ci([1, 2, 1, 2] * 10, [2, 2, 2, 2] * 10)
+    assert lo < 0.75 < hi and hi - lo < 0.3
+    lo, hi = ratio_bootstrap_ci([2] * 20, [2] * 20, baseline=([1] * 20, [2] * 20))
+    assert lo == hi == pytest.approx(0.5)  # the same gain on every question: no spread
+    assert all(map(math.isnan, ratio_bootstrap_ci([], [])))
