@@ -1,9 +1,14 @@
 """EXIT-style extractive compression: keep the sentences of each document that help answer the query.
 
 Each document is split into sentences (the title is context, never a candidate); a scorer gives every sentence a
-probability of being useful *in the context of its own document*; sentences pass a threshold (threshold mode) or
-the best ones fill a token budget (budget mode), in original order. Documents with nothing kept are dropped; kept
-sentences are joined by a space inside a document, and documents by a blank line (`CompressionResult.text`).
+probability of being useful *in the context of its own document* (and, with a document head, every document a
+probability of being needed). Multi-hop: a second pass scores the other documents again for the question expanded
+with the best evidence of the first pass (the top document's best sentence), so a bridge document that shares no
+words with the question but names the evidence's entity becomes relevant; each score is the better of its two
+passes. Sentence scores are blended with their document's score, a kept sentence that opens with a pronoun or a
+connective brings its predecessor, and sentences pass a threshold (threshold mode) or the best ones fill a token
+budget (budget mode), in original order. Documents with nothing kept are dropped; kept sentences are joined by a
+space inside a document, and documents by a blank line (`CompressionResult.text`).
 
 Example:
     >>> from ragzip.budget import Budget
@@ -14,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -23,14 +29,35 @@ from ragzip.budget import Budget
 from ragzip.compressors.base import BaseCompressor
 from ragzip.compressors.exit_scorers import CausalLMScorer, EncoderScorer, SentenceScorer, fuse_scores
 from ragzip.errors import ConfigError
+from ragzip.options import parse_bool
 from ragzip.retrieval.sentences import split_sentences
 from ragzip.spans import assemble
 from ragzip.tokens import TokenCounter, get_token_counter
 from ragzip.types import CompressedDocument, Document
 
-# Score fusion weights (see `fuse_scores`): off, since no weight beat 0 on the 10 HotpotQA calibration questions.
+# Score fusion weights (see `fuse_scores`), chosen on the tuning questions (see the README's EXIT section).
 DEFAULT_DOC_WEIGHT = 0.0
 DEFAULT_NEIGHBOR_WEIGHT = 0.0
+DEFAULT_HOPS = 1
+
+# A sentence that opens like this leans on the one before it ("He was born...", "However, ...").
+_ANAPHORIC = re.compile(r"^[\"'(\[]*(he|she|it|its|they|them|their|his|her|hers|this|these|that|those|such|there|"
+                        r"however|but|and|also|moreover|furthermore|therefore|thus|then|in addition|as a result|"
+                        r"the (former|latter|same))\b", re.IGNORECASE)
+
+
+def leans_on_predecessor(sentence: str) -> bool:
+    """True when `sentence` opens with a pronoun or a connective, so it reads wrong without the sentence before."""
+    return bool(_ANAPHORIC.match(sentence))
+
+
+def expand_query(query: str, title: str, evidence: str) -> str:
+    """The second pass's query: the question followed by the first pass's best evidence (and its document title).
+
+    Shared with the training script, which builds the second-hop training inputs the same way.
+    """
+    head = f"{title}: " if title else ""
+    return f"{query} {head}{evidence}"
 
 
 class ScorerKind(str, Enum):
@@ -72,10 +99,15 @@ class ExitCompressor(BaseCompressor):
         threshold: keep sentences scoring at least this in threshold mode (default 0.5; `Budget.threshold`
             overrides it).
         min_keep: keep at least this many of the best sentences per query, even over a budget (default 1).
-        doc_weight: blend of each sentence's score with its document's best sentence score (see
-            `fuse_scores`; default DEFAULT_DOC_WEIGHT, chosen on the training questions).
+        doc_weight: blend of each sentence's score with its document's score (see `fuse_scores`; default
+            DEFAULT_DOC_WEIGHT, chosen on the tuning questions, where the scorer has a document head, else 0: its
+            best sentence score as the document score did not help).
         neighbor_weight: share of an adjacent sentence's score a sentence inherits (default
             DEFAULT_NEIGHBOR_WEIGHT).
+        hops: 2 (default for the encoder scorer) re-scores the other documents for the question expanded with the
+            first pass's best evidence; 1 scores once (the default for the slow causal-LM scorer).
+        keep_antecedents: a kept sentence that opens with a pronoun or a connective also keeps its predecessor
+            (within the budget; default on).
         batch_size: encoder windows or judge prompts per forward.
         max_length: the causal-LM prompt window in tokens.
         dtype: model dtype ("auto": bf16 where the CPU has native bf16, else fp32; "bfloat16", "float32").
@@ -90,17 +122,21 @@ class ExitCompressor(BaseCompressor):
     def __init__(self, counter: TokenCounter | None = None, *, scorer: str | SentenceScorer = "encoder",
                  model: str | None = None, adapter: str | None = None, weights: str | None = None,
                  threshold: float | str = 0.5, doc_weight: float | str | None = None,
-                 neighbor_weight: float | str | None = None,
-                 min_keep: int | str = 1, batch_size: int | str | None = None, max_length: int | str | None = None,
+                 neighbor_weight: float | str | None = None, hops: int | str | None = None,
+                 keep_antecedents: bool | str = True, min_keep: int | str = 1,
+                 batch_size: int | str | None = None, max_length: int | str | None = None,
                  dtype: str = "auto") -> None:
         super().__init__(counter or get_token_counter(None))
         self.threshold = _number(threshold, "threshold", float)
         self.min_keep = _number(min_keep, "min_keep", int, minimum=0)
-        self.doc_weight = _weight(doc_weight, "doc_weight", DEFAULT_DOC_WEIGHT)
+        # None: DEFAULT_DOC_WEIGHT where the scorer has a document head, else 0 (a sentence-max prior did not help)
+        self.doc_weight = None if doc_weight in (None, "") else _weight(doc_weight, "doc_weight", DEFAULT_DOC_WEIGHT)
         self.neighbor_weight = _weight(neighbor_weight, "neighbor_weight", DEFAULT_NEIGHBOR_WEIGHT)
+        self.keep_antecedents = parse_bool(keep_antecedents, "keep_antecedents")
         self.scorer_kind: ScorerKind | None = None
         if not isinstance(scorer, str):  # a ready scorer object (custom scorers, tests)
             self.scorer: SentenceScorer = scorer
+            self.hops = _hops(hops, DEFAULT_HOPS)
             return
         try:
             self.scorer_kind = ScorerKind(scorer.lower())
@@ -109,6 +145,7 @@ class ExitCompressor(BaseCompressor):
         size = None if batch_size in (None, "") else _number(batch_size, "batch_size", int, minimum=1)
         window = None if max_length in (None, "") else _number(max_length, "max_length", int, minimum=16)
         adapter = None if adapter in (None, "", "none") else adapter
+        self.hops = _hops(hops, DEFAULT_HOPS if self.scorer_kind is ScorerKind.ENCODER else 1)
         if self.scorer_kind is ScorerKind.ENCODER:
             if model or adapter:
                 raise ConfigError("model/adapter apply to scorer='causal-lm'; the encoder scorer takes 'weights'")
@@ -119,13 +156,50 @@ class ExitCompressor(BaseCompressor):
             self.scorer = CausalLMScorer(model, adapter=adapter, batch_size=size or 8, max_length=window, dtype=dtype)
 
     def score(self, query: str, documents: Sequence[Document]) -> list[list[Candidate]]:
-        """Every candidate sentence of every document with its score."""
+        """Every candidate sentence of every document with its final score (passes, document blend, neighbours)."""
         spans = [candidate_spans(d) for d in documents]
-        scored = self.scorer.score(query, [(d.title, d.text, s) for d, s in zip(documents, spans)])
-        if self.doc_weight or self.neighbor_weight:
-            scored = fuse_scores(scored, doc_weight=self.doc_weight, neighbor_weight=self.neighbor_weight)
-        return [[Candidate(d, i, a, b, sc) for i, ((a, b), sc) in enumerate(zip(doc_spans, doc_scores))]
-                for d, (doc_spans, doc_scores) in enumerate(zip(spans, scored))]
+        sentences, doc_scores = self.score_passes(query, documents, spans)
+        doc_weight = self.doc_weight if self.doc_weight is not None else (
+            DEFAULT_DOC_WEIGHT if doc_scores is not None else 0.0)
+        if doc_weight or self.neighbor_weight:
+            sentences = fuse_scores(sentences, doc_weight=doc_weight, neighbor_weight=self.neighbor_weight,
+                                    doc_scores=doc_scores)
+        return [[Candidate(d, i, a, b, sc) for i, ((a, b), sc) in enumerate(zip(doc_spans, doc_sc))]
+                for d, (doc_spans, doc_sc) in enumerate(zip(spans, sentences))]
+
+    def score_passes(self, query: str, documents: Sequence[Document],
+                     spans: Sequence[Sequence[tuple[int, int]]]) -> tuple[list[list[float]], list[float] | None]:
+        """Raw sentence and document probabilities, the better of the first and (with ``hops=2``) second pass.
+
+        The second pass expands the question with the best sentence of the document the first pass ranks highest
+        (by document score, else by best sentence) and re-scores every other document.
+        """
+        inputs = [(d.title, d.text, s) for d, s in zip(documents, spans)]
+        sentences, doc_scores = self._score_once(query, inputs)
+        ranked = [d for d in range(len(documents)) if spans[d]]
+        if self.hops < 2 or len(ranked) < 2:
+            return sentences, doc_scores
+        prior = doc_scores if doc_scores is not None else [max(s, default=0.0) for s in sentences]
+        top = max(ranked, key=lambda d: (prior[d], -d))
+        best = max(range(len(spans[top])), key=lambda i: (sentences[top][i], -i))
+        a, b = spans[top][best]
+        expanded = expand_query(query, documents[top].title, documents[top].text[a:b])
+        rest = [d for d in ranked if d != top]
+        second, second_docs = self._score_once(expanded, [inputs[d] for d in rest])
+        for j, d in enumerate(rest):
+            sentences[d] = [max(x, y) for x, y in zip(sentences[d], second[j])]
+            if doc_scores is not None and second_docs is not None:
+                doc_scores[d] = max(doc_scores[d], second_docs[j])
+        return sentences, doc_scores
+
+    def _score_once(self, query: str, inputs: Sequence[tuple[str, str, Sequence[tuple[int, int]]]]
+                    ) -> tuple[list[list[float]], list[float] | None]:
+        with_docs = getattr(self.scorer, "score_documents", None)
+        if with_docs is None:
+            return [list(s) for s in self.scorer.score(query, inputs)], None
+        result = with_docs(query, inputs)
+        docs = list(result.documents) if result.documents is not None else None
+        return [list(s) for s in result.sentences], docs
 
     def _compress(self, query: str, documents: Sequence[Document],
                   budget: Budget) -> tuple[list[CompressedDocument], dict[str, object]]:
@@ -135,9 +209,12 @@ class ExitCompressor(BaseCompressor):
         if limit is None:
             threshold = self.threshold if budget.threshold is None else float(budget.threshold)
             chosen = {(c.doc, c.index) for c in flat if c.score >= threshold}
+            if self.keep_antecedents:
+                chosen |= {key for c in flat if (c.doc, c.index) in chosen
+                           for key in self._antecedents(documents, per_doc, c, chosen)}
             mode = "threshold"
         else:
-            chosen = self._fill_budget(documents, flat, limit)
+            chosen = self._fill_budget(documents, per_doc, flat, limit)
             threshold, mode = None, "budget"
         best = sorted(flat, key=lambda c: (-c.score, c.doc, c.index))
         for c in best:  # the min-keep rule: the context never ends up empty
@@ -146,23 +223,46 @@ class ExitCompressor(BaseCompressor):
             chosen.add((c.doc, c.index))
         kept = _build(documents, per_doc, chosen)
         info: dict[str, object] = {
-            "scorer": getattr(self.scorer, "name", "custom"), "mode": mode, "threshold": threshold,
+            "scorer": getattr(self.scorer, "name", "custom"), "mode": mode, "threshold": threshold, "hops": self.hops,
             "token_limit": limit, "num_sentences": len(flat), "num_kept": len(chosen),
             "sentence_scores": {documents[i].id: [round(c.score, 4) for c in cands]
                                 for i, cands in enumerate(per_doc)},
         }
         return kept, info
 
-    def _fill_budget(self, documents: Sequence[Document], flat: list[Candidate], limit: int) -> set[tuple[int, int]]:
-        """Highest-scoring sentences until the cap, checked on the assembled text (never over the cap)."""
-        costs = self.counter.count_batch([documents[c.doc].text[c.start:c.end] for c in flat])
-        chosen: list[Candidate] = []
+    def _antecedents(self, documents: Sequence[Document], per_doc: list[list[Candidate]], c: Candidate,
+                     chosen: set[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The sentences before `c` it leans on (a chain of pronoun/connective openers), not yet chosen."""
+        out: list[tuple[int, int]] = []
+        i = c.index
+        while i > 0 and len(out) < 2 and leans_on_predecessor(documents[c.doc].text[per_doc[c.doc][i].start:]):
+            i -= 1
+            if (c.doc, i) not in chosen:
+                out.append((c.doc, i))
+        return out
+
+    def _fill_budget(self, documents: Sequence[Document], per_doc: list[list[Candidate]], flat: list[Candidate],
+                     limit: int) -> set[tuple[int, int]]:
+        """Highest-scoring sentences (each with the predecessors it leans on) until the cap, checked on the
+        assembled text (never over the cap)."""
+        costs = dict(zip(((c.doc, c.index) for c in flat),
+                         self.counter.count_batch([documents[c.doc].text[c.start:c.end] for c in flat])))
+        keys: set[tuple[int, int]] = set()
         total = 0
-        for cost, c in sorted(zip(costs, flat), key=lambda x: (-x[1].score, x[1].doc, x[1].index)):
+        for c in sorted(flat, key=lambda x: (-x.score, x.doc, x.index)):
+            if (c.doc, c.index) in keys:
+                continue
+            group = [(c.doc, c.index)]
+            if self.keep_antecedents:
+                group += self._antecedents(documents, per_doc, c, keys)
+            cost = sum(costs[k] for k in group)
             if total + cost <= limit:
-                chosen.append(c)
+                keys.update(group)
                 total += cost
-        keys = {(c.doc, c.index) for c in chosen}
+            elif total + costs[group[0]] <= limit:  # no room for the antecedent: the sentence alone
+                keys.add(group[0])
+                total += costs[group[0]]
+        chosen = [c for c in flat if (c.doc, c.index) in keys]
         # Joined sentences can tokenize differently from the sum of their parts: drop the weakest until it fits.
         while keys and self._count(documents, flat, keys) > limit:
             weakest = min((c for c in chosen if (c.doc, c.index) in keys), key=lambda c: (c.score, -c.doc, -c.index))
@@ -187,6 +287,13 @@ def _build(documents: Sequence[Document], per_doc: list[list[Candidate]],
             out.append(assemble(documents[d], [(c.start, c.end) for c in kept], sep=" ",
                                 scores=[c.score for c in kept]))
     return out
+
+
+def _hops(value: Any, default: int) -> int:
+    hops = default if value in (None, "") else _number(value, "hops", int, minimum=1)
+    if hops > 2:
+        raise ConfigError(f"hops must be 1 or 2, got {value!r}")
+    return int(hops)
 
 
 def _weight(value: Any, name: str, default: float) -> float:

@@ -39,6 +39,7 @@ class EncoderScorerConfig:
         base_hidden_size: hidden size of that encoder (checked at load).
         logit_bias: added to every logit; set after training on calibration questions so that the default
             threshold 0.5 meets a target recall.
+        doc_head: the model also scores the whole document (is it needed to answer?) from the same forward.
     """
 
     base: str = "all-MiniLM-L6-v2"
@@ -49,6 +50,7 @@ class EncoderScorerConfig:
     base_num_layers: int = 6
     base_hidden_size: int = 384
     logit_bias: float = 0.0
+    doc_head: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.num_trainable_layers <= self.base_num_layers:
@@ -67,11 +69,22 @@ class Row:
     sentence_ids: list[int]
 
 
+@dataclass(frozen=True, slots=True)
+class DocumentScores:
+    """Scores of one query's documents: P(sentence needed) per sentence, and P(document needed) per document
+    (None when the model has no document head)."""
+
+    sentences: list[list[float]]
+    documents: list[float] | None
+
+
 class SentenceSpanScorer(nn.Module):
-    """Scores sentences from pooled encoder token spans.
+    """Scores sentences from pooled encoder token spans, and optionally the whole document.
 
     Features per sentence: the sentence's mean token state, the [CLS] state, and the product of the sentence
-    mean with the query's mean token state; a two-layer MLP maps them to one logit.
+    mean with the query's mean token state; a two-layer MLP maps them to one logit. The document head (when
+    ``config.doc_head``) maps the [CLS] state, the document's mean state and its product with the query mean to a
+    document logit.
     """
 
     def __init__(self, encoder: nn.Module, config: EncoderScorerConfig) -> None:
@@ -81,16 +94,19 @@ class SentenceSpanScorer(nn.Module):
         hidden = int(encoder.config.hidden_size)
         self.head = nn.Sequential(nn.Linear(3 * hidden, config.head_hidden), nn.GELU(),
                                   nn.Linear(config.head_hidden, 1))
+        self.doc_head = (nn.Sequential(nn.Linear(3 * hidden, config.head_hidden), nn.GELU(),
+                                       nn.Linear(config.head_hidden, 1)) if config.doc_head else None)
 
     def trainable_state_prefixes(self) -> tuple[str, ...]:
         """State-dict prefixes of the parameters that are trained and shipped."""
         num_layers = int(self.encoder.config.num_hidden_layers)
         first = num_layers - self.config.num_trainable_layers
-        return ("head.",) + tuple(f"encoder.encoder.layer.{i}." for i in range(first, num_layers))
+        heads = ("head.", "doc_head.") if self.doc_head is not None else ("head.",)
+        return heads + tuple(f"encoder.encoder.layer.{i}." for i in range(first, num_layers))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
-                sentence_ids: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits of every sentence slot.
+                sentence_ids: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Logits of every sentence slot, and of every row's document.
 
         Args:
             input_ids, attention_mask, token_type_ids: ``[B, S]`` encoder inputs.
@@ -98,7 +114,8 @@ class SentenceSpanScorer(nn.Module):
             num_slots: the number of sentence slots ``K`` per row.
 
         Returns:
-            ``(logits [B, K], token_counts [B, K])``; a slot with no tokens has count 0 and a meaningless logit.
+            ``(logits [B, K], token_counts [B, K], doc_logits [B] or None)``; a slot with no tokens has count 0 and a
+            meaningless logit.
         """
         states = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
                               token_type_ids=token_type_ids).last_hidden_state  # [B, S, H]
@@ -110,7 +127,13 @@ class SentenceSpanScorer(nn.Module):
         cls = states[:, 0]  # [B, H]
         k = pooled.shape[1]
         features = torch.cat([pooled, cls.unsqueeze(1).expand(-1, k, -1), pooled * query.unsqueeze(1)], dim=-1)
-        return self.head(features).squeeze(-1) + self.config.logit_bias, counts  # [B, K], [B, K]
+        logits = self.head(features).squeeze(-1) + self.config.logit_bias  # [B, K]
+        if self.doc_head is None:
+            return logits, counts, None
+        is_doc = (token_type_ids == 1).to(states.dtype)  # [B, S] (title and text, final SEP)
+        doc = (states * is_doc.unsqueeze(-1)).sum(1) / is_doc.sum(1, keepdim=True).clamp(min=1.0)  # [B, H]
+        doc_logits = self.doc_head(torch.cat([cls, doc, doc * query], dim=-1)).squeeze(-1)  # [B]
+        return logits, counts, doc_logits
 
 
 def build_rows(tokenizer: Any, query: str, documents: Sequence[tuple[str, str, Sequence[tuple[int, int]]]],
@@ -284,8 +307,10 @@ def load_scorer(folder: str | Path | None = None, *, dtype: str = "float32") -> 
 
 def score_documents(model: SentenceSpanScorer, tokenizer: Any, query: str,
                     documents: Sequence[tuple[str, str, Sequence[tuple[int, int]]]], *,
-                    batch_size: int = 16, max_padding: float = 0.1) -> list[list[float]]:
-    """Probability that each sentence is needed to answer `query`, per document.
+                    batch_size: int = 16, max_padding: float = 0.1) -> DocumentScores:
+    """Probability that each sentence (and, with a document head, each document) is needed to answer `query`.
+
+    A document split into several windows takes the best window's document score.
 
     Windows are sorted by length and cut into batches of at most `batch_size` rows whose padding stays under
     `max_padding` of their real tokens (padding is pure waste on CPU), so a 10-document question runs in a few
@@ -293,18 +318,22 @@ def score_documents(model: SentenceSpanScorer, tokenizer: Any, query: str,
     """
     rows = build_rows(tokenizer, query, documents, model.config)
     scores = [[0.0] * len(spans) for _, _, spans in documents]
+    doc_scores: list[float] | None = [0.0] * len(documents) if model.doc_head is not None else None
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))
     with torch.inference_mode():
         for batch_ids in length_batches([len(rows[i].input_ids) for i in order], batch_size, max_padding):
             chunk = [rows[order[i]] for i in batch_ids]
             batch = collate(chunk, int(tokenizer.pad_token_id or 0))
-            logits, counts = model(**batch, num_slots=max(1, num_slots(chunk)))
+            logits, counts, doc_logits = model(**batch, num_slots=max(1, num_slots(chunk)))
             probs = torch.sigmoid(logits.float()).tolist()
             for b, slots in enumerate(slot_map(chunk)):
                 for k, (d, s) in enumerate(slots):
                     if counts[b, k] > 0:
                         scores[d][s] = max(scores[d][s], probs[b][k])
-    return scores
+            if doc_scores is not None and doc_logits is not None:
+                for row, p in zip(chunk, torch.sigmoid(doc_logits.float()).tolist()):
+                    doc_scores[row.doc] = max(doc_scores[row.doc], p)
+    return DocumentScores(scores, doc_scores)
 
 
 def length_batches(lengths: Sequence[int], batch_size: int, max_padding: float) -> list[list[int]]:

@@ -6,9 +6,12 @@ Both map ``(query, [(title, text, sentence spans)])`` to one probability per sen
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ragzip.errors import ConfigError, InputError, ModelNotFoundError, UnsupportedModelError
+
+if TYPE_CHECKING:
+    from ragzip.compressors.exit_encoder import DocumentScores
 
 DocSentences = tuple[str, str, Sequence[tuple[int, int]]]
 
@@ -23,7 +26,11 @@ _SAFETY_TOKENS = 8  # a re-tokenised truncated context can differ from its token
 
 
 class SentenceScorer(Protocol):
-    """Scores every candidate sentence of every document for one query."""
+    """Scores every candidate sentence of every document for one query.
+
+    A scorer may also offer ``score_documents(query, documents) -> DocumentScores`` (sentence and whole-document
+    probabilities from the same forward); `ExitCompressor` then uses the document scores as its document prior.
+    """
 
     name: str
 
@@ -48,30 +55,38 @@ class EncoderScorer:
         self.batch_size = batch_size
 
     def score(self, query: str, documents: Sequence[DocSentences]) -> list[list[float]]:
+        return self.score_documents(query, documents).sentences
+
+    def score_documents(self, query: str, documents: Sequence[DocSentences]) -> DocumentScores:
+        """Sentence probabilities and, when the weights have a document head, document probabilities."""
         from ragzip.compressors.exit_encoder import score_documents
 
         return score_documents(self.model, self.tokenizer, query, documents, batch_size=self.batch_size)
 
 
-def fuse_scores(scores: Sequence[Sequence[float]], *, doc_weight: float = 0.0,
-                neighbor_weight: float = 0.0) -> list[list[float]]:
+def fuse_scores(scores: Sequence[Sequence[float]], *, doc_weight: float = 0.0, neighbor_weight: float = 0.0,
+                doc_scores: Sequence[float] | None = None) -> list[list[float]]:
     """Blend each sentence score with cheap document-level and neighbour signals (results stay in [0, 1]).
 
-    ``s' = (1 - doc_weight) * s + doc_weight * max(s of the same document)`` lifts the sentences of documents that
-    hold a confident sentence (multi-hop bridge sentences score low alone); then
+    ``s' = (1 - doc_weight) * s + doc_weight * p(document)`` lifts the sentences of documents that are needed as a
+    whole (multi-hop bridge sentences score low alone), where p(document) is `doc_scores` (a document head) or, when
+    not given, the best sentence score of the document; then
     ``s'' = max(s', neighbor_weight * max(s' of the previous and the next sentence))`` lets a sentence inherit part
     of an adjacent strong sentence's score (pronoun continuations).
 
     Args:
         scores: per document, one probability per sentence.
-        doc_weight: weight of the document's best sentence score, in [0, 1].
+        doc_weight: weight of the document score, in [0, 1].
         neighbor_weight: share of the best adjacent score a sentence inherits, in [0, 1].
+        doc_scores: one probability per document (default: each document's best sentence score).
     """
     if not (0.0 <= doc_weight <= 1.0 and 0.0 <= neighbor_weight <= 1.0):
         raise ConfigError("doc_weight and neighbor_weight must be in [0, 1]")
     fused = []
-    for doc in scores:
-        top = max(doc, default=0.0)
+    if doc_scores is not None and len(doc_scores) != len(scores):
+        raise ConfigError(f"{len(doc_scores)} document scores for {len(scores)} documents")
+    for d, doc in enumerate(scores):
+        top = max(doc, default=0.0) if doc_scores is None else float(doc_scores[d])
         blended = [(1.0 - doc_weight) * s + doc_weight * top for s in doc]
         fused.append([max(v, neighbor_weight * max(blended[i - 1] if i else 0.0,
                                                     blended[i + 1] if i + 1 < len(blended) else 0.0))

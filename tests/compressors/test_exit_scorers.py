@@ -162,11 +162,11 @@ def test_shipped_encoder_bf16_and_batching_match_fp32_one_by_one() -> None:
             ("Rome", "The capital of Italy is Rome. Rome has the Colosseum.", [(0, 29), (30, 53)])]
     query = "What is the capital of France?"
     model, tok = load_scorer(dtype="float32")
-    reference = [score_documents(model, tok, query, [d], batch_size=1)[0] for d in docs]
-    together = score_documents(model, tok, query, docs, batch_size=16, max_padding=1.0)
+    reference = [score_documents(model, tok, query, [d], batch_size=1).sentences[0] for d in docs]
+    together = score_documents(model, tok, query, docs, batch_size=16, max_padding=1.0).sentences
     for ref, got in zip(reference, together):
         assert got == pytest.approx(ref, abs=1e-4)
     fast, _ = load_scorer(dtype="bfloat16")
     assert next(fast.parameters()).dtype == torch.bfloat16
-    for ref, got in zip(reference, score_documents(fast, tok, query, docs)):
+    for ref, got in zip(reference, score_documents(fast, tok, query, docs).sentences):
         assert got == pytest.approx(ref, abs=0.05)
