@@ -2,13 +2,14 @@
 
 Each document is split into sentences (the title is context, never a candidate); a scorer gives every sentence a
 probability of being useful *in the context of its own document* (and, with a document head, every document a
-probability of being needed). Multi-hop: a second pass scores the other documents again for the question expanded
-with the best evidence of the first pass (the top document's best sentence), so a bridge document that shares no
-words with the question but names the evidence's entity becomes relevant; each score is the better of its two
-passes. Sentence scores are blended with their document's score, a kept sentence that opens with a pronoun or a
-connective brings its predecessor, and sentences pass a threshold (threshold mode) or the best ones fill a token
-budget (budget mode), in original order. Documents with nothing kept are dropped; kept sentences are joined by a
-space inside a document, and documents by a blank line (`CompressionResult.text`).
+probability of being needed). Multi-hop (``hops=2``): a second pass scores the other documents again for the
+question expanded with the best evidence of the first pass (the top document's best sentence), so a bridge
+document that shares no words with the question but names the evidence's entity becomes relevant; each score is
+the better of its two passes. Sentence scores can be blended with their document's score (``doc_weight``), a kept
+sentence that opens with a pronoun or a connective brings its predecessor, and sentences pass a threshold
+(threshold mode) or the best ones fill a token budget (budget mode), in original order. Documents with nothing
+kept are dropped; kept sentences are joined by a space inside a document, and documents by a blank line
+(`CompressionResult.text`).
 
 Example:
     >>> from ragzip.budget import Budget
@@ -35,7 +36,8 @@ from ragzip.spans import assemble
 from ragzip.tokens import TokenCounter, get_token_counter
 from ragzip.types import CompressedDocument, Document
 
-# Score fusion weights (see `fuse_scores`), chosen on the tuning questions (see the README's EXIT section).
+# Chosen on the tuning questions (10 HotpotQA + 10 MuSiQue, never trained on; see the README's EXIT section): the
+# document blend and the second pass did not win there, so both are off by default.
 DEFAULT_DOC_WEIGHT = 0.0
 DEFAULT_NEIGHBOR_WEIGHT = 0.0
 DEFAULT_HOPS = 1
@@ -99,13 +101,12 @@ class ExitCompressor(BaseCompressor):
         threshold: keep sentences scoring at least this in threshold mode (default 0.5; `Budget.threshold`
             overrides it).
         min_keep: keep at least this many of the best sentences per query, even over a budget (default 1).
-        doc_weight: blend of each sentence's score with its document's score (see `fuse_scores`; default
-            DEFAULT_DOC_WEIGHT, chosen on the tuning questions, where the scorer has a document head, else 0: its
-            best sentence score as the document score did not help).
+        doc_weight: blend of each sentence's score with its document's score (the document head's, else its best
+            sentence score; see `fuse_scores`; default DEFAULT_DOC_WEIGHT = off).
         neighbor_weight: share of an adjacent sentence's score a sentence inherits (default
             DEFAULT_NEIGHBOR_WEIGHT).
-        hops: 2 (default for the encoder scorer) re-scores the other documents for the question expanded with the
-            first pass's best evidence; 1 scores once (the default for the slow causal-LM scorer).
+        hops: 1 (default) scores once; 2 also re-scores the other documents for the question expanded with the
+            first pass's best evidence (a second forward).
         keep_antecedents: a kept sentence that opens with a pronoun or a connective also keeps its predecessor
             (within the budget; default on).
         batch_size: encoder windows or judge prompts per forward.
@@ -129,14 +130,13 @@ class ExitCompressor(BaseCompressor):
         super().__init__(counter or get_token_counter(None))
         self.threshold = _number(threshold, "threshold", float)
         self.min_keep = _number(min_keep, "min_keep", int, minimum=0)
-        # None: DEFAULT_DOC_WEIGHT where the scorer has a document head, else 0 (a sentence-max prior did not help)
-        self.doc_weight = None if doc_weight in (None, "") else _weight(doc_weight, "doc_weight", DEFAULT_DOC_WEIGHT)
+        self.doc_weight = _weight(doc_weight, "doc_weight", DEFAULT_DOC_WEIGHT)
+        self.hops = _hops(hops)
         self.neighbor_weight = _weight(neighbor_weight, "neighbor_weight", DEFAULT_NEIGHBOR_WEIGHT)
         self.keep_antecedents = parse_bool(keep_antecedents, "keep_antecedents")
         self.scorer_kind: ScorerKind | None = None
         if not isinstance(scorer, str):  # a ready scorer object (custom scorers, tests)
             self.scorer: SentenceScorer = scorer
-            self.hops = _hops(hops, DEFAULT_HOPS)
             return
         try:
             self.scorer_kind = ScorerKind(scorer.lower())
@@ -145,7 +145,6 @@ class ExitCompressor(BaseCompressor):
         size = None if batch_size in (None, "") else _number(batch_size, "batch_size", int, minimum=1)
         window = None if max_length in (None, "") else _number(max_length, "max_length", int, minimum=16)
         adapter = None if adapter in (None, "", "none") else adapter
-        self.hops = _hops(hops, DEFAULT_HOPS if self.scorer_kind is ScorerKind.ENCODER else 1)
         if self.scorer_kind is ScorerKind.ENCODER:
             if model or adapter:
                 raise ConfigError("model/adapter apply to scorer='causal-lm'; the encoder scorer takes 'weights'")
@@ -159,10 +158,8 @@ class ExitCompressor(BaseCompressor):
         """Every candidate sentence of every document with its final score (passes, document blend, neighbours)."""
         spans = [candidate_spans(d) for d in documents]
         sentences, doc_scores = self.score_passes(query, documents, spans)
-        doc_weight = self.doc_weight if self.doc_weight is not None else (
-            DEFAULT_DOC_WEIGHT if doc_scores is not None else 0.0)
-        if doc_weight or self.neighbor_weight:
-            sentences = fuse_scores(sentences, doc_weight=doc_weight, neighbor_weight=self.neighbor_weight,
+        if self.doc_weight or self.neighbor_weight:
+            sentences = fuse_scores(sentences, doc_weight=self.doc_weight, neighbor_weight=self.neighbor_weight,
                                     doc_scores=doc_scores)
         return [[Candidate(d, i, a, b, sc) for i, ((a, b), sc) in enumerate(zip(doc_spans, doc_sc))]
                 for d, (doc_spans, doc_sc) in enumerate(zip(spans, sentences))]
@@ -289,8 +286,8 @@ def _build(documents: Sequence[Document], per_doc: list[list[Candidate]],
     return out
 
 
-def _hops(value: Any, default: int) -> int:
-    hops = default if value in (None, "") else _number(value, "hops", int, minimum=1)
+def _hops(value: Any) -> int:
+    hops = DEFAULT_HOPS if value in (None, "") else _number(value, "hops", int, minimum=1)
     if hops > 2:
         raise ConfigError(f"hops must be 1 or 2, got {value!r}")
     return int(hops)

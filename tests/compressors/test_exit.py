@@ -257,14 +257,12 @@ class DocHeadScorer(KeywordScorer):
         return DocumentScores(self.score(query, documents), [self.doc_scores[t] for t, _, _ in documents])
 
 
-def test_a_document_head_is_blended_into_sentence_scores_by_default() -> None:
-    from ragzip.compressors.exit import DEFAULT_DOC_WEIGHT
-
+def test_doc_weight_blends_the_document_head_score_when_the_scorer_has_one() -> None:
     scorer = DocHeadScorer({"Paris": 1.0, "Fruit": 0.0, "Rome": 0.0})
-    scores = ExitCompressor(WS, scorer=scorer, hops=1).compress(QUERY, DOCS).stages[0].info["sentence_scores"]
-    plain = make(hops=1).compress(QUERY, DOCS).stages[0].info["sentence_scores"]
-    w = DEFAULT_DOC_WEIGHT
-    assert scores["a"][1] == pytest.approx((1 - w) * plain["a"][1] + w * 1.0, abs=1e-4)
-    assert scores["c"][0] == pytest.approx((1 - w) * plain["c"][0], abs=1e-4)
-    # without a document head the default blend is off
-    assert plain["a"][1] == 0.0
+    info = ExitCompressor(WS, scorer=scorer, doc_weight="0.4").compress(QUERY, DOCS).stages[0].info
+    plain = make().compress(QUERY, DOCS).stages[0].info["sentence_scores"]
+    scores = info["sentence_scores"]
+    assert scores["a"][1] == pytest.approx(0.6 * plain["a"][1] + 0.4 * 1.0, abs=1e-4)  # the head, not the best
+    assert scores["c"][0] == pytest.approx(0.6 * plain["c"][0], abs=1e-4)                # sentence of the document
+    default = ExitCompressor(WS, scorer=DocHeadScorer({"Paris": 1.0, "Fruit": 0.0, "Rome": 0.0})).compress(QUERY, DOCS)
+    assert default.stages[0].info["sentence_scores"] == plain  # off by default
