@@ -6,10 +6,10 @@ probability of being needed). Multi-hop (``hops=2``): a second pass scores the o
 question expanded with the best evidence of the first pass (the top document's best sentence), so a bridge
 document that shares no words with the question but names the evidence's entity becomes relevant; each score is
 the better of its two passes. Sentence scores can be blended with their document's score (``doc_weight``), a kept
-sentence that opens with a pronoun or a connective brings its predecessor, and sentences pass a threshold
-(threshold mode) or the best ones fill a token budget (budget mode), in original order. Documents with nothing
-kept are dropped; kept sentences are joined by a space inside a document, and documents by a blank line
-(`CompressionResult.text`).
+sentence that opens with a pronoun or a connective can bring its predecessor (``keep_antecedents``), and sentences
+pass a threshold (threshold mode) or the best ones fill a token budget (budget mode), in original order. Documents
+with nothing kept are dropped; kept sentences are joined by a space inside a document, and documents by a blank
+line (`CompressionResult.text`).
 
 Example:
     >>> from ragzip.budget import Budget
@@ -37,7 +37,7 @@ from ragzip.tokens import TokenCounter, get_token_counter
 from ragzip.types import CompressedDocument, Document
 
 # Chosen on the tuning questions (10 HotpotQA + 10 MuSiQue, never trained on; see the README's EXIT section): the
-# document blend and the second pass did not win there, so both are off by default.
+# document blend, the second pass and the antecedent rule did not win there, so all are off by default.
 DEFAULT_DOC_WEIGHT = 0.0
 DEFAULT_NEIGHBOR_WEIGHT = 0.0
 DEFAULT_HOPS = 1
@@ -108,7 +108,7 @@ class ExitCompressor(BaseCompressor):
         hops: 1 (default) scores once; 2 also re-scores the other documents for the question expanded with the
             first pass's best evidence (a second forward).
         keep_antecedents: a kept sentence that opens with a pronoun or a connective also keeps its predecessor
-            (within the budget; default on).
+            (within the budget; default off: it lost recall on the tuning questions).
         batch_size: encoder windows or judge prompts per forward.
         max_length: the causal-LM prompt window in tokens.
         dtype: model dtype ("auto": bf16 where the CPU has native bf16, else fp32; "bfloat16", "float32").
@@ -124,7 +124,7 @@ class ExitCompressor(BaseCompressor):
                  model: str | None = None, adapter: str | None = None, weights: str | None = None,
                  threshold: float | str = 0.5, doc_weight: float | str | None = None,
                  neighbor_weight: float | str | None = None, hops: int | str | None = None,
-                 keep_antecedents: bool | str = True, min_keep: int | str = 1,
+                 keep_antecedents: bool | str = False, min_keep: int | str = 1,
                  batch_size: int | str | None = None, max_length: int | str | None = None,
                  dtype: str = "auto") -> None:
         super().__init__(counter or get_token_counter(None))

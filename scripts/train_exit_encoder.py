@@ -263,6 +263,21 @@ def step_inputs(model: SentenceSpanScorer, tokenizer: Any,
     return {**collate(rows, int(tokenizer.pad_token_id or 0)), "num_slots": k}, target, torch.tensor(doc_targets)
 
 
+def within_document_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Listwise loss inside each window that holds a positive: -log of the softmax mass on its positive sentences.
+
+    The pointwise BCE alone lets the sentence head score every sentence of a relevant-looking document alike (the
+    document head's signal leaks into it); this term makes it rank the needed sentence above its neighbours.
+    """
+    positive = (target > 0.5).float() * valid  # [B, K]
+    rows = positive.sum(1) > 0
+    if not bool(rows.any()):
+        return logits.sum() * 0.0
+    masked = logits.masked_fill(valid == 0, float("-inf"))[rows]
+    on_positive = logits.masked_fill(positive == 0, float("-inf"))[rows]
+    return (torch.logsumexp(masked, dim=1) - torch.logsumexp(on_positive, dim=1)).mean()
+
+
 def tune_scores(model: SentenceSpanScorer, tokenizer: Any, rows: list[dict[str, Any]]) -> list[float]:
     """Sentence probabilities of the supporting sentences of HotpotQA tuning questions (through the compressor's
     two-pass scoring, so calibration sees what inference does)."""
@@ -379,6 +394,7 @@ def main() -> None:
         valid = ((counts > 0) & (target >= 0)).float()
         loss = (sentence_loss(logits, target.clamp(min=0)) * valid).sum() / valid.sum().clamp(min=1.0)
         loss = loss + cfg["doc_loss_weight"] * doc_loss(doc_logits, doc_target)
+        loss = loss + cfg["within_doc_loss_weight"] * within_document_loss(logits, target, valid)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(head_params + layer_params, 1.0)

@@ -231,14 +231,14 @@ def test_second_pass_expands_the_question_with_the_best_evidence_and_reaches_the
 
 def test_a_sentence_opening_with_a_pronoun_brings_its_predecessor_within_the_budget() -> None:
     query = "many museums"
-    alone = make(keep_antecedents="false").compress(query, DOCS[:1], Budget.tokens(4))
+    alone = make().compress(query, DOCS[:1], Budget.tokens(6))  # off by default
     assert alone.text == "It has many museums."
-    both = make().compress(query, DOCS[:1], Budget.tokens(12))
+    both = make(keep_antecedents="true").compress(query, DOCS[:1], Budget.tokens(12))
     assert both.text == "Paris is the capital of France. It has many museums."
     assert both.tokens_after <= 12
-    tight = make().compress(query, DOCS[:1], Budget.tokens(6))  # no room for the antecedent: the sentence alone
+    tight = make(keep_antecedents=True).compress(query, DOCS[:1], Budget.tokens(6))  # no room: the sentence alone
     assert tight.text == "It has many museums." and tight.tokens_after <= 6
-    threshold = make(threshold=0.5).compress(query, DOCS[:1])
+    threshold = make(threshold=0.5, keep_antecedents=True).compress(query, DOCS[:1])
     assert threshold.text == "Paris is the capital of France. It has many museums."
     with pytest.raises(ConfigError, match="keep_antecedents"):
         make(keep_antecedents="maybe")
