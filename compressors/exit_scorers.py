@@ -54,6 +54,13 @@ class EncoderScorer:
         self.model, self.tokenizer = load_scorer(weights, dtype=dtype)
         self.batch_size = batch_size
 
+    @classmethod
+    def from_model(cls, model: Any, tokenizer: Any, *, batch_size: int = 16) -> EncoderScorer:
+        """A scorer over an already loaded `SentenceSpanScorer` (the training script calibrates through this)."""
+        scorer = cls.__new__(cls)
+        scorer.model, scorer.tokenizer, scorer.batch_size = model, tokenizer, batch_size
+        return scorer
+
     def score(self, query: str, documents: Sequence[DocSentences]) -> list[list[float]]:
         return self.score_documents(query, documents).sentences
 

@@ -60,15 +60,8 @@ def rate_error(requested: float, achieved: float) -> float:
 def paired_bootstrap_ci(differences: Sequence[float], *, seed: int = 0, num_resamples: int = 2000,
                         level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap CI of the mean of per-question paired differences (method minus baseline)."""
-    import numpy as np
-
-    diffs = np.asarray(differences, dtype=float)
-    if diffs.size == 0:
-        return (float("nan"), float("nan"))
-    rng = np.random.default_rng(seed)
-    means = diffs[rng.integers(0, diffs.size, size=(num_resamples, diffs.size))].mean(axis=1)
-    tail = (1.0 - level) / 2
-    return (float(np.quantile(means, tail)), float(np.quantile(means, 1.0 - tail)))
+    return ratio_bootstrap_ci(differences, [1.0] * len(differences), seed=seed, num_resamples=num_resamples,
+                              level=level)
 
 
 def ratio_bootstrap_ci(numerators: Sequence[float], denominators: Sequence[float], *,

@@ -279,14 +279,12 @@ def within_document_loss(logits: torch.Tensor, target: torch.Tensor, valid: torc
 
 
 def tune_scores(model: SentenceSpanScorer, tokenizer: Any, rows: list[dict[str, Any]]) -> list[float]:
-    """Sentence probabilities of the supporting sentences of HotpotQA tuning questions (through the compressor's
-    two-pass scoring, so calibration sees what inference does)."""
+    """Sentence probabilities of the supporting sentences of HotpotQA tuning questions, through the compressor's
+    own scoring with its defaults, so calibration sees what inference does."""
     from ragzip.compressors.exit import ExitCompressor
     from ragzip.compressors.exit_scorers import EncoderScorer
 
-    scorer = EncoderScorer.__new__(EncoderScorer)
-    scorer.model, scorer.tokenizer, scorer.batch_size = model, tokenizer, 16
-    compressor = ExitCompressor(scorer=scorer)
+    compressor = ExitCompressor(scorer=EncoderScorer.from_model(model, tokenizer))
     model.eval()
     positives = []
     for ex in rows:
@@ -303,7 +301,7 @@ def tune_scores(model: SentenceSpanScorer, tokenizer: Any, rows: list[dict[str, 
 
 def calibrate(model: SentenceSpanScorer, tokenizer: Any, rows: list[dict[str, Any]], target_recall: float) -> float:
     """The logit bias at which threshold 0.5 keeps `target_recall` of the tuning questions' supporting sentences,
-    found by bisection through the compressor's own scoring (two passes, document blend)."""
+    found by bisection through the compressor's own scoring with its defaults."""
     lo, hi = -6.0, 6.0
     for _ in range(10):
         mid = (lo + hi) / 2

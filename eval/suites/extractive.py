@@ -182,11 +182,11 @@ def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) ->
                 for ex in examples]
         budget_rows[rate] = rows
         out.update(_budget_figures("", rows, rate))
+        mine_n, mine_d = _per_question(rows)
         for name, compressor in others.items():
             theirs = [(ex, docs_of[ex.id], compressor.compress(ex.question, docs_of[ex.id], Budget.ratio(rate)))
                       for ex in examples]
             out.update(_budget_figures(f"{name}.", theirs, rate))
-            mine_n, mine_d = _per_question(rows)
             their_n, their_d = _per_question(theirs)
             suffix = f"@rate{rate:.2f}"
             out[f"vs_{name}.support_recall_delta{suffix}"] = out[f"support_recall{suffix}"] - out[
