@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ragzip.budget import Budget
+from ragzip.spans import piece_separator
 from ragzip.tokens import TokenCounter
 
 SEP = " "
@@ -21,11 +22,21 @@ _FORCED_BONUS = 2.0  # probabilities live in [0, 1]: forced words rank above eve
 
 @dataclass(frozen=True, slots=True)
 class UnitScores:
-    """Scored word units of one document."""
+    """Scored word units of one document, grouped into atoms that are kept or dropped whole."""
 
     units: np.ndarray  # [U, 2] source char ranges
     score: np.ndarray  # [U] keep score in [0, 1]
-    forced: np.ndarray  # [U] bool: protected / force token / digit
+    forced: np.ndarray  # [U] bool: a force token or digit the user asked to keep (ranked first)
+    group: np.ndarray | None = None  # [U] atom id (None: every unit is its own atom)
+    requires: np.ndarray | None = None  # [G] atom needed with each atom (-1: none)
+
+    def atoms(self) -> tuple[np.ndarray, np.ndarray]:
+        """(group [U], requires [G]) with the every-unit-alone default filled in."""
+        if self.group is None:
+            n = len(self.units)
+            return np.arange(n), np.full(n, -1, dtype=np.int64)
+        assert self.requires is not None
+        return self.group, self.requires
 
 
 def kept_runs(spans: np.ndarray, keep: np.ndarray) -> list[tuple[int, int]]:
@@ -53,60 +64,141 @@ def run_scores(spans: np.ndarray, keep: np.ndarray, score: np.ndarray) -> list[f
 
 
 def render(text: str, units: np.ndarray, keep: np.ndarray) -> str:
-    """The compressed text `assemble` will produce for these kept units."""
-    return SEP.join(text[a:b] for a, b in kept_runs(units, keep))
+    """The compressed text `assemble(..., keep_line_breaks=True)` will produce for these kept units."""
+    parts: list[str] = []
+    prev = 0
+    for a, b in kept_runs(units, keep):
+        if parts:
+            parts.append(piece_separator(text, prev, a, SEP))
+        parts.append(text[a:b])
+        prev = b
+    return "".join(parts)
 
 
 def select_units(texts: Sequence[str], scores: Sequence[UnitScores], budget: Budget, counter: TokenCounter, *,
                  default_rate: float, drop_repeats: Sequence[str] = ()) -> list[np.ndarray]:
     """Per document, a [U] bool mask of the kept units.
 
-    Rate and `target_tokens` budgets are met exactly: the output never exceeds the limit, and it is the longest
-    prefix of the global ranking that fits. A threshold budget keeps units scoring at least the threshold.
+    Atoms (see `UnitScores.group`) are ranked by their mean unit score, force-kept atoms first, and an atom comes
+    right after the atom it requires. Rate and `target_tokens` budgets are met exactly: the output never exceeds
+    the limit; it is the longest prefix of the ranking that fits, then later atoms that still fit (an atom too big
+    for the budget is skipped, never cut). A threshold budget keeps atoms scoring at least the threshold.
     """
     sizes = [len(s.units) for s in scores]
-    doc_of = np.repeat(np.arange(len(scores)), sizes)
+    offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    n = int(offsets[-1])
+    groups, reqs, base = [], [], 0
+    for s in scores:
+        g, r = s.atoms()
+        groups.append(g + base)
+        reqs.append(np.where(r >= 0, r + base, -1))
+        base += len(r)
+    group = np.concatenate(groups) if groups else np.zeros(0, dtype=np.int64)
+    requires = np.concatenate(reqs) if reqs else np.zeros(0, dtype=np.int64)
     flat_score = np.concatenate([s.score for s in scores]) if scores else np.zeros(0)
     flat_forced = np.concatenate([s.forced for s in scores]) if scores else np.zeros(0, dtype=bool)
-    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    n_groups = len(requires)
+    g_size = np.bincount(group, minlength=n_groups)
+    g_score = np.bincount(group, weights=flat_score, minlength=n_groups) / np.maximum(g_size, 1)
+    g_forced = np.bincount(group, weights=flat_forced, minlength=n_groups) > 0
 
     def masks(flat_keep: np.ndarray) -> list[np.ndarray]:
         return [flat_keep[offsets[d]:offsets[d + 1]] for d in range(len(scores))]
 
+    def finish(keep_groups: np.ndarray) -> list[np.ndarray]:
+        return [_drop_repeats(t, s.units, k, drop_repeats)
+                for t, s, k in zip(texts, scores, masks(keep_groups[group]))]
+
     if budget.threshold is not None:
-        keep = masks(flat_forced | (flat_score >= budget.threshold))
-        return [_drop_repeats(t, s.units, k, drop_repeats) for t, s, k in zip(texts, scores, keep)]
+        keep = g_forced | (g_score >= budget.threshold)
+        keep[requires[keep & (requires >= 0)]] = True
+        return finish(keep)
     before = sum(counter.count_batch(list(texts)))
     limit = (budget if not budget.is_unbounded else Budget.ratio(default_rate)).token_limit(before) or 0
-    n = len(flat_score)
     if limit >= before:
         return masks(np.ones(n, dtype=bool))
-    priority = flat_score + _FORCED_BONUS * flat_forced
-    order = np.lexsort((np.arange(n), -priority))  # best first, earlier position breaks ties
+    priority = g_score + _FORCED_BONUS * g_forced
+    order = _with_requirements(np.lexsort((np.arange(n_groups), -priority)), requires)
+    rank = np.empty(n_groups, dtype=np.int64)
+    rank[order] = np.arange(n_groups)
+    unit_rank = rank[group]
+
+    def outputs(flat_keep: np.ndarray) -> list[str]:
+        return [render(t, s.units, m) for t, s, m in zip(texts, scores, masks(flat_keep))]
 
     def fits(k: int) -> bool:
-        flat_keep = np.zeros(n, dtype=bool)
-        flat_keep[order[:k]] = True
-        outs = [render(t, s.units, m) for t, s, m in zip(texts, scores, masks(flat_keep))]
-        return sum(counter.count_batch(outs)) <= limit
+        return sum(counter.count_batch(outputs(unit_rank < k))) <= limit
 
-    lo, hi = _bracket(fits, n, _estimate(texts, scores, order, offsets, doc_of, before, limit))
+    doc_of_group = np.zeros(n_groups, dtype=np.int64)
+    doc_of_group[group] = np.repeat(np.arange(len(scores)), sizes)
+    estimate = _estimate(scores, order, g_size, group, n_groups, before, limit)
+    lo, hi = _bracket(fits, n_groups, estimate)
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    flat_keep = np.zeros(n, dtype=bool)
-    flat_keep[order[:lo]] = True
-    return [_drop_repeats(t, s.units, k, drop_repeats) for t, s, k in zip(texts, scores, masks(flat_keep))]
+    keep_groups = np.zeros(n_groups, dtype=bool)
+    keep_groups[order[:lo]] = True
+    _fill_gaps(keep_groups, order[lo:], requires, doc_of_group, group, offsets, texts, scores, counter, limit)
+    return finish(keep_groups)
 
 
-def _estimate(texts: Sequence[str], scores: Sequence[UnitScores], order: np.ndarray, offsets: np.ndarray,
-              doc_of: np.ndarray, before: int, limit: int) -> int:
-    """A first guess of how many ranked units fit: unit costs proportional to their characters."""
+_MAX_GAP_TRIES = 64  # atoms tried after the prefix stops fitting (each try re-counts one document)
+
+
+def _fill_gaps(keep_groups: np.ndarray, rest: np.ndarray, requires: np.ndarray, doc_of_group: np.ndarray,
+               group: np.ndarray, offsets: np.ndarray, texts: Sequence[str], scores: Sequence[UnitScores],
+               counter: TokenCounter, limit: int) -> None:
+    """Add, in ranking order, atoms after the prefix that still fit (skipping ones too big), in place."""
+    if len(rest) == 0:
+        return
+
+    def doc_tokens(d: int, keep: np.ndarray) -> int:
+        unit_keep = keep[group[offsets[d]:offsets[d + 1]]]
+        return counter.count(render(texts[d], scores[d].units, unit_keep))
+
+    per_doc = counter.count_batch([render(t, s.units, keep_groups[group[offsets[d]:offsets[d + 1]]])
+                                   for d, (t, s) in enumerate(zip(texts, scores))])
+    total = sum(per_doc)
+    for g in rest[:_MAX_GAP_TRIES]:
+        if keep_groups[g] or total >= limit:
+            continue
+        add = [g] + ([requires[g]] if requires[g] >= 0 and not keep_groups[requires[g]] else [])
+        d = int(doc_of_group[g])
+        trial = keep_groups.copy()
+        trial[add] = True
+        cost = doc_tokens(d, trial)
+        if total - per_doc[d] + cost <= limit:
+            keep_groups[add] = True
+            total += cost - per_doc[d]
+            per_doc[d] = cost
+
+
+def _with_requirements(order: np.ndarray, requires: np.ndarray) -> np.ndarray:
+    """`order` with every required atom moved to just before the first atom that needs it."""
+    if not (requires >= 0).any():
+        return order
+    placed = np.zeros(len(requires), dtype=bool)
+    out: list[int] = []
+    for g in order.tolist():
+        r = int(requires[g])
+        if r >= 0 and not placed[r]:
+            placed[r] = True
+            out.append(r)
+        if not placed[g]:
+            placed[g] = True
+            out.append(g)
+    return np.array(out, dtype=np.int64)
+
+
+def _estimate(scores: Sequence[UnitScores], order: np.ndarray, g_size: np.ndarray, group: np.ndarray,
+              n_groups: int, before: int, limit: int) -> int:
+    """A first guess of how many ranked atoms fit: costs proportional to their characters."""
     if len(order) == 0:
         return 0
     lengths = np.concatenate([s.units[:, 1] - s.units[:, 0] for s in scores]) + len(SEP)
+    g_chars = np.bincount(group, weights=lengths, minlength=n_groups)
     per_char = before / max(1, int(lengths.sum()))
-    cum = np.cumsum(lengths[order] * per_char)
+    cum = np.cumsum(g_chars[order] * per_char)
     return int(np.searchsorted(cum, limit, side="right"))
 
 

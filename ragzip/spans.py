@@ -13,22 +13,36 @@ def assemble(
     *,
     sep: str = " ",
     scores: Sequence[float] = (),
+    keep_line_breaks: bool = False,
 ) -> CompressedDocument:
-    """Join `doc.text[start:end]` for each (start, end) piece with `sep`, recording where each piece landed."""
+    """Join `doc.text[start:end]` for each (start, end) piece with `sep`, recording where each piece landed.
+
+    With `keep_line_breaks`, pieces whose source gap holds line breaks are joined by those line breaks (at most
+    two) instead of `sep`, so table rows, list items and code stay on their own lines.
+    """
     parts: list[str] = []
     spans: list[Span] = []
     offsets: list[tuple[int, int]] = []
     pos = 0
+    prev_end = 0
     for start, end in pieces:
         piece = doc.text[start:end]
         if parts:
-            parts.append(sep)
-            pos += len(sep)
+            gap = piece_separator(doc.text, prev_end, start, sep) if keep_line_breaks else sep
+            parts.append(gap)
+            pos += len(gap)
+        prev_end = end
         parts.append(piece)
         spans.append(Span(doc.id, start, end))
         offsets.append((pos, pos + len(piece)))
         pos += len(piece)
     return CompressedDocument(doc.id, "".join(parts), doc.title, tuple(spans), tuple(offsets), scores=tuple(scores))
+
+
+def piece_separator(text: str, prev_end: int, start: int, sep: str = " ") -> str:
+    """What joins two kept pieces: the line breaks of the source gap between them (at most two), else `sep`."""
+    breaks = text.count("\n", prev_end, start)
+    return "\n" * min(2, breaks) if breaks else sep
 
 
 def compose(previous: CompressedDocument, current: CompressedDocument) -> CompressedDocument:
