@@ -67,6 +67,7 @@ class Row:
     input_ids: list[int]
     token_type_ids: list[int]
     sentence_ids: list[int]
+    char_starts: tuple[int, ...] = ()  # per position, the token's start in the document text (-1: not text)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,8 +118,18 @@ class SentenceSpanScorer(nn.Module):
             ``(logits [B, K], token_counts [B, K], doc_logits [B] or None)``; a slot with no tokens has count 0 and a
             meaningless logit.
         """
-        states = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
-                              token_type_ids=token_type_ids).last_hidden_state  # [B, S, H]
+        states = self.states(input_ids, attention_mask, token_type_ids)  # [B, S, H]
+        return self.heads(states, attention_mask, token_type_ids, sentence_ids, num_slots)
+
+    def states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
+               ) -> torch.Tensor:
+        """``[B, S, H]`` final token states (shared with the query-aware token scorer of lingua2)."""
+        return self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                            token_type_ids=token_type_ids).last_hidden_state
+
+    def heads(self, states: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
+              sentence_ids: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The sentence and document logits of `forward` from already computed states."""
         onehot = nn.functional.one_hot(sentence_ids + 1, num_slots + 1)[..., 1:].to(states.dtype)  # [B, S, K]
         counts = onehot.sum(dim=1)  # [B, K]
         pooled = torch.einsum("bsk,bsh->bkh", onehot, states) / counts.clamp(min=1.0).unsqueeze(-1)  # [B, K, H]
@@ -171,7 +182,9 @@ def build_rows(tokenizer: Any, query: str, documents: Sequence[tuple[str, str, S
             tok = [cls_id, *query_ids, sep_id] + [ids[i] for i in chunk] + [sep_id]
             sent = [-1] * (len(query_ids) + 2) + [labels[i] if i >= num_title else -1 for i in chunk] + [-1]
             types = [0] * (len(query_ids) + 2) + [1] * (len(chunk) + 1)
-            rows.append(Row(d, tok, types, sent))
+            chars = [-1] * (len(query_ids) + 2) + [offsets[i][0] - shift if i >= num_title else -1
+                                                   for i in chunk] + [-1]
+            rows.append(Row(d, tok, types, sent, tuple(chars)))
     return rows
 
 

@@ -6,8 +6,9 @@ Two modes:
   per-token Python replaced by numpy; budgets are counted with this compressor's `counter` (pass a cl100k counter
   to match the reference's tiktoken counts exactly).
 * ``exact`` (default) scores whitespace words (CJK runs split at token pieces) and keeps the best ones across all
-  windows and documents so that the output meets `target_tokens` (or the rate) as counted by `counter`; structural
-  spans are protected and the query can steer the scores.
+  windows and documents so that the output meets `target_tokens` (or the rate) as counted by `counter`; structure
+  (tables, JSON, code, URLs, numbers) is kept or dropped whole, line breaks between kept pieces survive, and with
+  a question the budget is spread coarse-to-fine: sentences relevant to it keep more of their words.
 
 In both modes the output is a subsequence of source words, assembled from source character spans.
 """
@@ -19,6 +20,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -36,7 +38,7 @@ from ragzip.compressors.lingua2_words import (
     text_units,
     word_strings,
 )
-from ragzip.compressors.protect import protected_mask, units_touching
+from ragzip.compressors.protect import structure_groups, units_touching
 from ragzip.errors import ConfigError
 from ragzip.options import parse_bool as _parse_bool
 from ragzip.spans import assemble
@@ -44,6 +46,11 @@ from ragzip.tokens import TokenCounter
 from ragzip.types import CompressedDocument, Document
 
 DEFAULT_RATE = 0.5
+# Tuned on held-out SQuAD questions (scripts/lingua2_splits.py, README): a word's score is
+# (1 - DEFAULT_QUERY_WEIGHT) * classifier + DEFAULT_QUERY_WEIGHT * relevance, and its relevance is
+# (1 - DEFAULT_ANSWER_SHARE) * its sentence's EXIT probability + DEFAULT_ANSWER_SHARE * its answer probability.
+DEFAULT_QUERY_WEIGHT = 0.8
+DEFAULT_ANSWER_SHARE = 0.4
 _STOP = frozenset("a an the of to in on at for and or is are was were be it this that with as by from what who "
                   "when where which how why did does do".split())
 
@@ -51,6 +58,33 @@ _STOP = frozenset("a an the of to in on at for and or is are was were be it this
 class Mode(str, Enum):
     EXACT = "exact"
     REFERENCE = "reference"
+
+
+class QueryAware(str, Enum):
+    AUTO = "auto"  # on whenever the request has a question
+    ON = "on"
+    OFF = "off"
+
+
+class Relevance(str, Enum):
+    EXIT = "exit"
+    LEXICAL = "lexical"
+
+
+@lru_cache(maxsize=1)
+def relevance_scorer() -> Any:
+    """The `QueryScorer` (EXIT encoder + answer head) shared by every lingua2 compressor of the process."""
+    from ragzip.compressors.lingua2_query import QueryScorer
+
+    return QueryScorer()
+
+
+def _parse_query_aware(value: Any) -> QueryAware:
+    if isinstance(value, QueryAware):
+        return value
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return QueryAware.AUTO
+    return QueryAware.ON if _parse_bool(value, "query_aware") else QueryAware.OFF
 
 
 class WordProb(str, Enum):
@@ -89,7 +123,8 @@ class Lingua2Options:
 
     model: str
     mode: Mode
-    query_aware: bool
+    query_aware: QueryAware
+    relevance: Relevance
     force_tokens: tuple[str, ...]
     keep_digits: bool
     drop_consecutive: bool
@@ -97,6 +132,8 @@ class Lingua2Options:
     protect: bool
     context_filter: bool
     query_weight: float
+    answer_share: float
+    answer_gap_fill: bool
     batch_size: int
 
 
@@ -117,16 +154,26 @@ class Lingua2Compressor(BaseCompressor):
         model: token classifier: ragzip's default, a local folder or a Hugging Face name such as
             ``microsoft/llmlingua-2-xlm-roberta-large-meetingbank``.
         mode: "exact" (default) or "reference" (word-for-word parity with `llmlingua`).
-        query_aware: blend a query-relevance score into word scores (exact mode).
+        query_aware: "auto" (default: on whenever the request has a question), true or false. On, exact mode is
+            coarse-to-fine: each word's score blends its sentence's relevance to the question (`relevance`) with
+            the classifier's keep probability, so the budget goes to answer-bearing sentences first.
+        relevance: the coarse scorer: "exit" (the EXIT encoder's sentence probabilities, default) or "lexical"
+            (query-word overlap; no second model).
         force_tokens: strings always kept (a JSON list or comma-separated string from the CLI).
         keep_digits: always keep words containing a digit.
         drop_consecutive: drop a force token repeating the previous kept force token with nothing kept between.
         word_prob: "mean" or "first" subword probability per word.
-        protect: keep code, tables, URLs, numbers and JSON keys verbatim (exact mode; default on).
+        protect: keep structure whole or drop it whole (exact mode; default on): code blocks, inline code, JSON
+            values, URLs, e-mails, numbers, table rows (with their header); see `protect.structure_groups`.
         context_filter: reference mode: drop whole low-scoring documents first, as the reference's
             `use_context_level_filter`.
-        query_weight: weight of query relevance when `query_aware` (0..1).
+        query_weight: weight of query relevance when query-aware (0..1, default DEFAULT_QUERY_WEIGHT).
+        answer_share: share of the answer-token probability (vs the sentence probability) in the relevance
+            (0..1, default DEFAULT_ANSWER_SHARE; "exit" relevance only).
         batch_size: encoder windows per forward pass.
+        dtype: classifier dtype in exact mode: "auto" (bf16 where the CPU has native bf16: faster, scores differ
+            from fp32 in the third decimal; see README), "float32" or "bfloat16". Reference mode always runs in
+            float32, as llmlingua does.
 
     Example:
         >>> from ragzip.tokens import get_token_counter
@@ -138,31 +185,42 @@ class Lingua2Compressor(BaseCompressor):
     is_query_agnostic = True
 
     def __init__(self, counter: TokenCounter, *, model: str | None = None, mode: str = "exact",
-                 query_aware: bool | str = False, force_tokens: Sequence[str] | str | None = None,
+                 query_aware: bool | str = "auto", relevance: str = "exit",
+                 force_tokens: Sequence[str] | str | None = None,
                  keep_digits: bool | str = False, drop_consecutive: bool | str = False, word_prob: str = "mean",
                  protect: bool | str | None = None, context_filter: bool | str = False,
-                 query_weight: float | str = 0.5, batch_size: int | str = 4) -> None:
+                 query_weight: float | str = DEFAULT_QUERY_WEIGHT, answer_share: float | str = DEFAULT_ANSWER_SHARE,
+                 answer_gap_fill: bool | str = True, batch_size: int | str = 4, dtype: str = "auto") -> None:
         super().__init__(counter)
         parsed_mode = _parse_enum(Mode, mode, "mode")
         try:
-            weight, batch = float(query_weight), int(batch_size)
+            weight, share, batch = float(query_weight), float(answer_share), int(batch_size)
         except ValueError:
-            raise ConfigError(f"query_weight={query_weight!r} / batch_size={batch_size!r} must be numbers") from None
-        if not 0.0 <= weight <= 1.0 or batch < 1:
-            raise ConfigError("query_weight must be in [0, 1] and batch_size >= 1")
+            raise ConfigError(f"query_weight={query_weight!r} / answer_share={answer_share!r} / "
+                              f"batch_size={batch_size!r} must be numbers") from None
+        if not (0.0 <= weight <= 1.0 and 0.0 <= share <= 1.0) or batch < 1:
+            raise ConfigError("query_weight and answer_share must be in [0, 1] and batch_size >= 1")
+        aware = _parse_query_aware(query_aware)
+        if parsed_mode is Mode.REFERENCE and aware is QueryAware.AUTO:
+            aware = QueryAware.OFF  # reference mode reproduces llmlingua, which ignores the question
         self.options = Lingua2Options(
-            model=model or DEFAULT_MODEL, mode=parsed_mode, query_aware=_parse_bool(query_aware, "query_aware"),
+            model=model or DEFAULT_MODEL, mode=parsed_mode, query_aware=aware,
+            relevance=_parse_enum(Relevance, relevance, "relevance"),
             force_tokens=_parse_tokens(force_tokens), keep_digits=_parse_bool(keep_digits, "keep_digits"),
             drop_consecutive=_parse_bool(drop_consecutive, "drop_consecutive"),
             word_prob=_parse_enum(WordProb, word_prob, "word_prob"),
             protect=(parsed_mode is Mode.EXACT) if protect is None else _parse_bool(protect, "protect"),
-            context_filter=_parse_bool(context_filter, "context_filter"), query_weight=weight, batch_size=batch)
-        if parsed_mode is Mode.REFERENCE and (self.options.query_aware or self.options.protect):
+            context_filter=_parse_bool(context_filter, "context_filter"), query_weight=weight,
+            answer_share=share, answer_gap_fill=_parse_bool(answer_gap_fill, "answer_gap_fill"), batch_size=batch)
+        if parsed_mode is Mode.REFERENCE and (aware is QueryAware.ON or self.options.protect):
             raise ConfigError("query_aware and protect need mode=exact; reference mode reproduces llmlingua as is")
         if parsed_mode is Mode.EXACT and self.options.context_filter:
             raise ConfigError("context_filter is the reference's document filter; use it with mode=reference")
-        self.is_query_agnostic = not self.options.query_aware
-        self.classifier: TokenClassifier = load_token_classifier(self.options.model)
+        self.is_query_agnostic = aware is QueryAware.OFF
+        if parsed_mode is Mode.REFERENCE and dtype not in ("auto", "float32", "fp32"):
+            raise ConfigError("reference mode computes in float32 (its parity with llmlingua depends on it)")
+        self.dtype = "float32" if parsed_mode is Mode.REFERENCE else dtype
+        self.classifier: TokenClassifier = load_token_classifier(self.options.model, self.dtype)
         self.rule = detect_rule(self.classifier.tokenizer)
         self.tables = build_tables(self.classifier.tokenizer, self.rule, self.options.force_tokens)
 
@@ -273,26 +331,65 @@ class Lingua2Compressor(BaseCompressor):
         tok_probs = [np.zeros(len(ids), dtype=np.float32) for ids, _ in encs]
         for (d, a, b), p in zip(flat, probs):
             tok_probs[d][a:b] = p
-        qwords = {w for w in re.findall(r"\w+", query.lower()) if w not in _STOP} if opts.query_aware else set()
+        query_on = opts.query_aware is not QueryAware.OFF and bool(query.strip())
+        relevance = self._relevance(query, documents, encs) if query_on else [None] * len(documents)
         scores = []
-        for text, (ids, offs), p in zip(texts, encs, tok_probs):
-            units = text_units(text, offs[:, 0])
+        for doc, (ids, offs), p, rel in zip(documents, encs, tok_probs, relevance):
+            units = text_units(doc.text, offs[:, 0])
             score = _unit_prob(units, offs, p, ~self.tables.is_special[ids], opts.word_prob)
-            forced = self._forced(text, units)
-            if qwords:
-                score = (1 - opts.query_weight) * score + opts.query_weight * _query_relevance(text, units, qwords)
-            scores.append(UnitScores(units, score, forced))
+            if rel is not None:
+                score = (1 - opts.query_weight) * score + opts.query_weight * rel(units)
+            structure = structure_groups(doc.text, units) if opts.protect else None
+            scores.append(UnitScores(units, score, self._forced(doc.text, units),
+                                     None if structure is None else structure.group,
+                                     None if structure is None else structure.requires))
         kept = select_units(texts, scores, budget, self.counter, default_rate=DEFAULT_RATE,
                             drop_repeats=opts.force_tokens if opts.drop_consecutive else ())
-        out = [assemble(d, kept_runs(s.units, k), scores=run_scores(s.units, k, s.score))
+        out = [assemble(d, kept_runs(s.units, k), scores=run_scores(s.units, k, s.score), keep_line_breaks=True)
                for d, s, k in zip(documents, scores, kept)]
-        return out, {"mode": "exact", "words": int(sum(len(s.units) for s in scores)),
-                     "kept_words": int(sum(k.sum() for k in kept)), "windows": len(flat)}
+        return [o for o in out if o.text], {
+            "mode": "exact", "query_aware": query_on, "words": int(sum(len(s.units) for s in scores)),
+            "kept_words": int(sum(k.sum() for k in kept)), "windows": len(flat)}
+
+    def _relevance(self, query: str, documents: Sequence[Document], encs: Sequence[Any]) -> list[Any]:
+        """Per document, a function units [U, 2] -> [U] query relevance in [0, 1] (the coarse stage).
+
+        "exit": every sentence gets the EXIT encoder's probability of helping answer the query, in the context of
+        its document; a word inherits its sentence's probability, so answer-bearing sentences keep more words.
+        "lexical": query-word overlap (`_query_relevance`).
+        """
+        if self.options.relevance is Relevance.LEXICAL:
+            qwords = {w for w in re.findall(r"\w+", query.lower()) if w not in _STOP}
+            return [(lambda units, t=d.text: _query_relevance(t, units, qwords)) if qwords else None
+                    for d in documents]
+        from ragzip.compressors.lingua2_query import unit_max
+        from ragzip.retrieval.sentences import split_sentences
+
+        spans = [split_sentences(d.text) if d.text.strip() else [] for d in documents]
+        rel = relevance_scorer().score(query, [(d.title, d.text, s) for d, s in zip(documents, spans)])
+        share = self.options.answer_share
+        out = []
+        for d, doc_spans in enumerate(spans):
+            if not doc_spans:
+                out.append(None)
+                continue
+            starts = np.array([a for a, _ in doc_spans], dtype=np.int64)
+            sent_p = np.asarray(rel.sentences[d], dtype=np.float64)
+
+            def score(units: np.ndarray, st: np.ndarray = starts, sp: np.ndarray = sent_p, d: int = d) -> np.ndarray:
+                sentence = sp[np.maximum(0, np.searchsorted(st, units[:, 0], side="right") - 1)]
+                answer = unit_max(units, rel.token_starts[d], rel.token_probs[d])
+                if len(answer) > 2 and self.options.answer_gap_fill:  # an answer is a span: fill one-word gaps
+                    answer[1:-1] = np.maximum(answer[1:-1], np.minimum(answer[:-2], answer[2:]))
+                return (1 - share) * sentence + share * answer
+
+            out.append(score)
+        return out
 
     def _forced(self, text: str, units: np.ndarray) -> np.ndarray:
+        """Units the user asked to keep (force tokens, digits). Protected structure is not forced: it is kept or
+        dropped whole by relevance, so it never crowds the relevant words out of a tight budget."""
         forced = np.zeros(len(units), dtype=bool)
-        if self.options.protect:
-            forced |= units_touching(protected_mask(text), units)
         if self.options.keep_digits:
             forced |= units_touching(_pattern_mask(text, r"\d"), units)
         if self.options.force_tokens:

@@ -75,9 +75,11 @@ class TokenClassifier:
         return out
 
 
-@lru_cache(maxsize=4)
-def load_token_classifier(name: str | None = None) -> TokenClassifier:
-    """Load a token classifier by alias, local folder or Hugging Face name (cached per process).
+def load_token_classifier(name: str | None = None, dtype: str = "float32") -> TokenClassifier:
+    """Load a token classifier by alias, local folder or Hugging Face name (cached per process and dtype).
+
+    `dtype` is "float32" (the reference's numerics: parity needs it), "bfloat16", or "auto" (bf16 where the CPU
+    has native bf16 support, else float32).
 
     The default (`None`, "default" or "ragzip-lingua2-minilm") is ragzip's own classifier: the packaged
     all-MiniLM-L6-v2 encoder with the trained top layers and head from `weights/lingua2/` applied on top.
@@ -86,6 +88,23 @@ def load_token_classifier(name: str | None = None) -> TokenClassifier:
         ModelNotFoundError: the weights cannot be found on this machine.
         UnsupportedModelError: the model is not a 2-label token classifier with a fast tokenizer.
     """
+    from ragzip.engine import resolve_dtype
+
+    torch_dtype = resolve_dtype(dtype)
+    return _load_cached(name, str(torch_dtype).removeprefix("torch."))
+
+
+@lru_cache(maxsize=4)
+def _load_cached(name: str | None, dtype: str) -> TokenClassifier:
+    import torch
+
+    clf = _load(name)
+    if dtype != "float32":
+        clf.model.to(getattr(torch, dtype))
+    return clf
+
+
+def _load(name: str | None) -> TokenClassifier:
     if name is None or name.lower() in _DEFAULT_ALIASES:
         return _load_default()
     from transformers import AutoModelForTokenClassification, AutoTokenizer

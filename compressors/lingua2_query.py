@@ -1,0 +1,154 @@
+"""Query relevance for the token compressor: sentence probabilities and answer-token probabilities, one forward.
+
+The coarse-to-fine lingua2 needs to know, for a question, which sentences matter and which words inside them are
+likely the answer (a query-agnostic token classifier drops those as readily as filler). Both come from one pass
+of the EXIT encoder over ``[CLS] query [SEP] title \\n document [SEP]``: its sentence head gives each sentence's
+probability of being needed, and a small *answer head* trained here (`scripts/train_lingua2_answer.py`, SQuAD
+answer spans, frozen encoder) maps every document token's state, the query's mean state and the [CLS] state to the
+probability that the token belongs to the answer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ragzip.errors import ModelNotFoundError, UnsupportedModelError
+
+WEIGHTS_DIR = Path(__file__).parent / "weights" / "lingua2_answer"
+_MAX_WEIGHTS_BYTES = 16 << 20
+
+DocInput = tuple[str, str, Sequence[tuple[int, int]]]  # (title, text, sentence char spans)
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerHeadConfig:
+    """Architecture of the answer head (saved as ``config.json``); `hidden_size` must match the encoder."""
+
+    hidden_size: int = 384
+    head_hidden: int = 256
+
+
+class AnswerHead(nn.Module):
+    """Token logit of "part of the answer" from [token state, token state * query mean, CLS state]."""
+
+    def __init__(self, config: AnswerHeadConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.mlp = nn.Sequential(nn.Linear(3 * config.hidden_size, config.head_hidden), nn.GELU(),
+                                 nn.Linear(config.head_hidden, 1))
+
+    def forward(self, states: torch.Tensor, query: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
+        """``states [B, S, H]``, ``query [B, H]``, ``cls [B, H]`` -> logits ``[B, S]``."""
+        s = states.shape[1]
+        features = torch.cat([states, states * query.unsqueeze(1), cls.unsqueeze(1).expand(-1, s, -1)], dim=-1)
+        return self.mlp(features).squeeze(-1)
+
+
+def query_mean(states: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+    """``[B, H]`` mean state of the query segment (CLS and SEP included), as the EXIT heads pool it."""
+    is_query = ((token_type_ids == 0) & (attention_mask > 0)).to(states.dtype)
+    return (states * is_query.unsqueeze(-1)).sum(1) / is_query.sum(1, keepdim=True).clamp(min=1.0)
+
+
+def save_answer_head(head: AnswerHead, folder: Path, meta: dict[str, Any] | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().to(torch.float16).contiguous() for k, v in head.state_dict().items()},
+              str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(asdict(head.config), indent=2) + "\n")
+    if meta is not None:
+        (folder / "train_meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return folder
+
+
+def load_answer_head(folder: str | Path | None = None) -> AnswerHead:
+    from safetensors.torch import load_file
+
+    folder = Path(folder) if folder else WEIGHTS_DIR
+    weights = folder / "model.safetensors"
+    if not weights.exists():
+        raise ModelNotFoundError(f"lingua2 answer-head weights are missing from {folder}")
+    if weights.stat().st_size > _MAX_WEIGHTS_BYTES:
+        raise ModelNotFoundError(f"{weights} is larger than expected; refusing to load it")
+    config = AnswerHeadConfig(**json.loads((folder / "config.json").read_text()))
+    head = AnswerHead(config)
+    state = {k: v.to(torch.float32) for k, v in load_file(str(weights)).items()}
+    try:
+        head.load_state_dict(state)
+    except RuntimeError as exc:
+        raise UnsupportedModelError(f"answer-head weights in {folder} do not fit: {exc}") from None
+    return head.eval()
+
+
+@dataclass(frozen=True, slots=True)
+class QueryRelevance:
+    """Per document: sentence probabilities, and the char starts and answer probabilities of its text tokens."""
+
+    sentences: list[list[float]]
+    token_starts: list[np.ndarray]  # [T_d] int, sorted
+    token_probs: list[np.ndarray]  # [T_d] float
+
+
+class QueryScorer:
+    """EXIT sentence probabilities and answer-token probabilities for a query, from one encoder pass."""
+
+    def __init__(self, exit_weights: str | None = None, answer_weights: str | None = None, *,
+                 dtype: str = "auto", batch_size: int = 16) -> None:
+        from ragzip.compressors.exit_encoder import load_scorer
+
+        self.model, self.tokenizer = load_scorer(exit_weights, dtype=dtype)
+        head = load_answer_head(answer_weights)
+        if head.config.hidden_size != int(self.model.encoder.config.hidden_size):
+            raise UnsupportedModelError("the answer head was trained on an encoder of another width")
+        self.head = head
+        self.batch_size = batch_size
+
+    def score(self, query: str, documents: Sequence[DocInput]) -> QueryRelevance:
+        from ragzip.compressors.exit_encoder import build_rows, collate, length_batches, num_slots, slot_map
+
+        rows = build_rows(self.tokenizer, query, documents, self.model.config)
+        sentences = [[0.0] * len(spans) for _, _, spans in documents]
+        tokens: list[dict[int, float]] = [{} for _ in documents]
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))
+        with torch.inference_mode():
+            for batch_ids in length_batches([len(rows[i].input_ids) for i in order], self.batch_size, 0.1):
+                chunk = [rows[order[i]] for i in batch_ids]
+                batch = collate(chunk, int(self.tokenizer.pad_token_id or 0))
+                states = self.model.states(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+                logits, counts, _ = self.model.heads(states, batch["attention_mask"], batch["token_type_ids"],
+                                                     batch["sentence_ids"], max(1, num_slots(chunk)))
+                states = states.float()
+                answer = torch.sigmoid(self.head(states, query_mean(states, batch["attention_mask"],
+                                                                    batch["token_type_ids"]), states[:, 0]))
+                probs, answer_p = torch.sigmoid(logits.float()).tolist(), answer.tolist()
+                for b, slots in enumerate(slot_map(chunk)):
+                    for k, (d, s) in enumerate(slots):
+                        if counts[b, k] > 0:
+                            sentences[d][s] = max(sentences[d][s], probs[b][k])
+                    row = chunk[b]
+                    for pos, start in enumerate(row.char_starts):
+                        if start >= 0:
+                            tokens[row.doc][start] = max(tokens[row.doc].get(start, 0.0), answer_p[b][pos])
+        starts = [np.array(sorted(t), dtype=np.int64) for t in tokens]
+        probs_out = [np.array([t[s] for s in st.tolist()], dtype=np.float64) for t, st in zip(tokens, starts)]
+        return QueryRelevance(sentences, starts, probs_out)
+
+
+def unit_max(units: np.ndarray, starts: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """[U] the highest probability of the tokens starting inside each unit (0 for a unit with none)."""
+    out = np.zeros(len(units))
+    if len(units) == 0 or len(starts) == 0:
+        return out
+    unit_of = np.searchsorted(units[:, 0], starts, side="right") - 1
+    ok = (unit_of >= 0) & (starts < units[np.maximum(unit_of, 0), 1])
+    np.maximum.at(out, unit_of[ok], probs[ok])
+    return out
