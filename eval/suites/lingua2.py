@@ -162,44 +162,53 @@ def _random_drop(doc: Document, rate: float, rng: random.Random) -> Document:
     return Document(doc.id, " ".join(words[i] for i in keep), doc.title)
 
 
-def _speed(model_dir: Path, inputs: dict[str, list[str]], counter: TiktokenCounter, repeats: int
-           ) -> dict[str, float]:
-    """Seconds (best of `repeats`) for llmlingua and ragzip on the same checkpoint, inputs and rate, and ratios."""
+def _speed(model_dir: Path, inputs: dict[str, list[str]], counter: TiktokenCounter, repeats: int,
+           question: str = "") -> dict[str, float]:
+    """Seconds (best of `repeats`) for llmlingua and ragzip on the same checkpoint, inputs and rate, and ratios.
+
+    ragzip variants: `reference` (llmlingua's decisions, float32), `exact` (the default: bf16 where the CPU has
+    it), `exact_fp32`, and `query` (the default with `question`: coarse-to-fine, EXIT encoder included).
+    """
     from ragzip.compressors.lingua2 import Lingua2Compressor
 
     ref = reference_compressor(model_dir)
-    ours = {m: Lingua2Compressor(counter=counter, model=str(model_dir), mode=m) for m in ("reference", "exact")}
+    ours = {"reference": Lingua2Compressor(counter=counter, model=str(model_dir), mode="reference"),
+            "exact": Lingua2Compressor(counter=counter, model=str(model_dir)),
+            "exact_fp32": Lingua2Compressor(counter=counter, model=str(model_dir), dtype="float32")}
+    queries = {"reference": "", "exact": "", "exact_fp32": ""}
+    if question:
+        ours["query"], queries["query"] = ours["exact"], question
     out: dict[str, float] = {}
     for label, texts in inputs.items():
         docs = [Document(f"d{i}", t) for i, t in enumerate(texts)]
-        t_ref, t_ours, t_exact = [], [], []
+        for name, comp in ours.items():
+            comp.compress(queries[name], docs[:1], Budget.ratio(0.5))  # warm-up (loads the EXIT encoder once)
+        t_ref: list[float] = []
+        t_ours: dict[str, list[float]] = {name: [] for name in ours}
         for _ in range(repeats):
             t = time.perf_counter()
             ref.compress_prompt_llmlingua2(list(texts), rate=0.5)
             t_ref.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            ours["reference"].compress("", docs, Budget.ratio(0.5))
-            t_ours.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            ours["exact"].compress("", docs, Budget.ratio(0.5))
-            t_exact.append(time.perf_counter() - t)
+            for name, comp in ours.items():
+                t = time.perf_counter()
+                comp.compress(queries[name], docs, Budget.ratio(0.5))
+                t_ours[name].append(time.perf_counter() - t)
         out[f"seconds_llmlingua_{label}"] = round(min(t_ref), 4)
-        out[f"seconds_ragzip_reference_{label}"] = round(min(t_ours), 4)
-        out[f"seconds_ragzip_exact_{label}"] = round(min(t_exact), 4)
-        out[f"speedup_{label}"] = round(min(t_ref) / min(t_ours), 2)
-        out[f"speedup_exact_{label}"] = round(min(t_ref) / min(t_exact), 2)
+        for name, times in t_ours.items():
+            out[f"seconds_ragzip_{name}_{label}"] = round(min(times), 4)
+            suffix = "" if name == "reference" else f"_{name}"
+            out[f"speedup{suffix}_{label}"] = round(min(t_ref) / min(times), 2)
     return out
 
 
 def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) -> dict[str, Any]:
     """Options: `model` (parity/speed checkpoint; default: ragzip's classifier saved as a full folder),
     `rates` (comma list, default "0.5,0.33"), `reader=1` (reader F1 with the local LLM), `reader_model`,
-    `repeats` (speed repeats, default 2), `query_aware=1` (quality figures in query-aware mode), `counter`
-    (budget tokenizer of the quality figures; default the local LLM's), `workdir`."""
-    import tempfile
+    `repeats` (speed repeats, default 2), `query_aware` (auto | true | false: the quality figures' setting, default
+    auto = the compressor's default), `counter` (budget tokenizer of the quality figures; default the local LLM's),
+    `parity=0` (skip the parity and speed part: quality figures only), `workdir`."""
 
     from ragzip.compressors.lingua2 import Lingua2Compressor
-    from ragzip.compressors.lingua2_model import save_full_model
     from ragzip.tokens import get_token_counter
 
     rng = random.Random(seed)
@@ -207,10 +216,29 @@ def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) ->
     examples = _load(Path(data), limit)
     counter = TiktokenCounter()
     result: dict[str, Any] = {"examples": len(examples), "rates": rates}
+    if options.get("parity", "1") != "0":
+        result.update(_parity_and_speed(examples, rates, options, counter))
+    llm_counter = get_token_counter(options.get("counter"))
+    comp = Lingua2Compressor(counter=llm_counter, query_aware=options.get("query_aware", "auto"))
+    result["query_aware"] = comp.options.query_aware.value
+    result.update(_quality(examples, comp, rates, rng, llm_counter))
+    if options.get("reader") == "1":
+        result.update(_reader(examples, comp, rates, rng, options.get("reader_model")))
+    return result
+
+
+def _parity_and_speed(examples: list[dict[str, Any]], rates: list[float], options: dict[str, str],
+                      counter: TiktokenCounter) -> dict[str, Any]:
+    """Reference mode vs llmlingua, word by word, on the same checkpoint; then speed on the same inputs."""
+    import tempfile
+
+    from ragzip.compressors.lingua2 import Lingua2Compressor
+    from ragzip.compressors.lingua2_model import save_full_model
+
+    result: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(dir=options.get("workdir")) as tmp:
         model_dir = Path(options["model"]) if "model" in options else \
             save_full_model(Path(tmp) / "ragzip-lingua2-bert-base-multilingual-cased")
-        # parity: reference mode vs llmlingua on the same checkpoint and settings, word by word
         ref = reference_compressor(model_dir)
         ours = Lingua2Compressor(counter=counter, model=str(model_dir), mode="reference")
         agree, exact_docs = [], 0
@@ -228,30 +256,72 @@ def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) ->
         passages = [d.text for ex in examples for d in ex["documents"]][:20]
         inputs = {"1k": [" ".join(words[:750])], "10k": [" ".join((words * (1 + 7500 // max(1, len(words))))[:7500])],
                   f"rag{len(passages)}": passages}
-        result.update(_speed(model_dir, inputs, counter, int(options.get("repeats", "2"))))
+        question = examples[0]["question"] if examples else ""
+        result.update(_speed(model_dir, inputs, counter, int(options.get("repeats", "2")), question))
         result["speed_tokens"] = {k: sum(counter.count_batch(v)) for k, v in inputs.items()}
         result["speedup_vs_llmlingua"] = min(result["speedup_1k"], result["speedup_10k"])
-    llm_counter = get_token_counter(options.get("counter"))
-    comp = Lingua2Compressor(counter=llm_counter, query_aware=options.get("query_aware", "0"))
-    result["query_aware"] = comp.options.query_aware
-    errors, survival, surv_random = [], {r: [] for r in rates}, {r: [] for r in rates}
+    return result
+
+
+BASELINES = ("llmlingua", "agnostic", "embed-topk", "random")
+
+
+def _quality(examples: list[dict[str, Any]], comp: Any, rates: list[float], rng: random.Random,
+             counter: Any) -> dict[str, Any]:
+    """Rate adherence and answer survival of `comp` next to its baselines on the same questions and rates:
+    `llmlingua` (reference mode: llmlingua 0.2.2's decisions, query-agnostic), `agnostic` (exact mode without
+    the question), `embed-topk` (whole sentences by embedding similarity) and `random` word drop; with bootstrap
+    95% CIs, and how often two different questions over the same passage keep different text."""
+    from ragzip.compressors.lingua2 import Lingua2Compressor
+    from ragzip.compressors.registry import get_compressor
+    from ragzip.eval.metrics import paired_bootstrap_ci, ratio_bootstrap_ci
+
+    others = {"llmlingua": Lingua2Compressor(counter=counter, mode="reference"),
+              "agnostic": Lingua2Compressor(counter=counter, query_aware=False),
+              "embed-topk": get_compressor("embed-topk", counter=counter)}
+    errors: list[float] = []
+    survival: dict[str, dict[float, list[float]]] = {m: {r: [] for r in rates} for m in ("lingua2", *BASELINES)}
+    kept_by_passage: dict[tuple[str, float], dict[str, str]] = {}
     for ex in examples:
         for rate in rates:
             res = comp.compress(ex["question"], ex["documents"], Budget.ratio(rate))
             errors.append(res.tokens_after / max(1, res.tokens_before) - rate)
-            survival[rate].append(_survival(res.text, ex["answers"]))
+            survival["lingua2"][rate].append(_survival(res.text, ex["answers"]))
+            key = ("\x1e".join(d.text for d in ex["documents"]), rate)
+            kept_by_passage.setdefault(key, {})[ex["question"]] = res.text
+            for name, other in others.items():
+                text = other.compress(ex["question"], ex["documents"], Budget.ratio(rate)).text
+                survival[name][rate].append(_survival(text, ex["answers"]))
             rnd = [_random_drop(d, rate, rng) for d in ex["documents"]]
-            surv_random[rate].append(_survival("\n\n".join(d.text for d in rnd), ex["answers"]))
-    result["rate_error_max"] = round(max(errors), 6) if errors else None
-    result["rate_error_mean_abs"] = round(statistics.fmean(abs(e) for e in errors), 6) if errors else None
-    result["rate_cap_violations"] = sum(e > 1e-9 for e in errors)
+            survival["random"][rate].append(_survival("\n\n".join(d.text for d in rnd), ex["answers"]))
+    out: dict[str, Any] = {}
+    out["rate_error_max"] = round(max(errors), 6) if errors else None
+    out["rate_error_mean_abs"] = round(statistics.fmean(abs(e) for e in errors), 6) if errors else None
+    out["rate_cap_violations"] = sum(e > 1e-9 for e in errors)
     for rate in rates:
-        result[f"answer_survival_{rate:g}"] = round(statistics.fmean(survival[rate]), 4) if examples else None
-        result[f"answer_survival_random_{rate:g}"] = round(statistics.fmean(surv_random[rate]), 4) if examples else None
-    result["answer_survival"] = result[f"answer_survival_{rates[0]:g}"]
-    if options.get("reader") == "1":
-        result.update(_reader(examples, comp, rates, rng, options.get("reader_model")))
-    return result
+        ours = survival["lingua2"][rate]
+        out[f"answer_survival_{rate:g}"] = round(statistics.fmean(ours), 4) if ours else None
+        ci = ratio_bootstrap_ci(ours, [1.0] * len(ours))
+        out[f"answer_survival_ci_{rate:g}"] = [round(ci[0], 4), round(ci[1], 4)]
+        for name in BASELINES:
+            theirs = survival[name][rate]
+            out[f"answer_survival_{name}_{rate:g}"] = round(statistics.fmean(theirs), 4) if theirs else None
+            lo, hi = paired_bootstrap_ci([a - b for a, b in zip(ours, theirs)])
+            out[f"vs_{name}.survival_delta_ci_{rate:g}"] = [round(lo, 4), round(hi, 4)]
+    # the ceiling: answers that occur verbatim in the uncompressed context; `..._answerable_` is survival among those
+    full = [_survival("\n\n".join(d.text for d in ex["documents"]), ex["answers"]) for ex in examples]
+    out["answer_survival_full"] = round(statistics.fmean(full), 4) if full else None
+    out["answerable_examples"] = int(sum(full))
+    for rate in rates:
+        for name in ("lingua2", *BASELINES):
+            kept = [v for v, f in zip(survival[name][rate], full) if f]
+            prefix = "answer_survival_answerable" if name == "lingua2" else f"answer_survival_answerable_{name}"
+            out[f"{prefix}_{rate:g}"] = round(statistics.fmean(kept), 4) if kept else None
+    pairs = [len(set(texts.values())) > 1 for texts in kept_by_passage.values() if len(texts) > 1]
+    out["query_effect_passages"] = len(pairs)
+    out["query_effect_distinct_share"] = round(statistics.fmean(pairs), 4) if pairs else None
+    out["answer_survival"] = out[f"answer_survival_{rates[0]:g}"]
+    return out
 
 
 def _reader(examples: list[dict[str, Any]], comp: Any, rates: list[float], rng: random.Random,
