@@ -47,6 +47,23 @@ def test_compress_contract_end_to_end(method: str, tmp_path: Path) -> None:
                 assert originals[ctx["id"]][start:end] in ctx["text"]
 
 
+def test_lingua2_cli_is_query_aware_drops_empty_contexts_and_keeps_table_rows(tmp_path: Path) -> None:
+    table = "| river | sea |\n|---|---|\n| Rhine | North Sea |\n| Danube | Black Sea |"
+    record = {"id": "t", "question": "Into which sea does the Danube flow?", "contexts": [
+        {"id": "tab", "text": f"Rivers and where they end, as a table:\n{table}\nMore filler words follow here."},
+        {"id": "far", "text": "Unrelated filler about cooking pasta with salt and a lot of boiling water."}]}
+    src = _write(tmp_path / "in.jsonl", [json.dumps(record)])
+    out = tmp_path / "out.jsonl"
+    res = CliRunner().invoke(app, ["compress", str(src), "-o", str(out), "--method", "lingua2",
+                                   "--target-tokens", "30"])
+    assert res.exit_code == 0, res.output
+    c = _read(out)[0]["compressed"]
+    assert c["tokens_after"] <= 30 and c["stages"][0]["query_aware"] is True
+    assert all(ctx["text"] and ctx["spans"] for ctx in c["contexts"])  # nothing-kept contexts are dropped
+    kept = c["contexts"][0]["text"]
+    assert "| Danube | Black Sea |" in kept and "| river | sea |\n|---|---|" in kept  # whole row, with its header
+
+
 def test_bad_lines_are_reported_with_line_numbers(tmp_path: Path) -> None:
     src = _write(tmp_path / "in.jsonl", [json.dumps(RECORDS[0]), "{not json", json.dumps({"id": "x"}),
                                          json.dumps(RECORDS[1])])
