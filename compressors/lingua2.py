@@ -46,6 +46,7 @@ from ragzip.tokens import TokenCounter
 from ragzip.types import CompressedDocument, Document
 
 DEFAULT_RATE = 0.5
+DEFAULT_WINDOW_TOKENS = 510  # exact mode's encoder window (the reference's 512 minus [CLS]/[SEP])
 # Tuned on held-out SQuAD questions (scripts/lingua2_splits.py, README): a word's score is
 # (1 - DEFAULT_QUERY_WEIGHT) * classifier + DEFAULT_QUERY_WEIGHT * relevance, and its relevance is
 # (1 - DEFAULT_ANSWER_SHARE) * its sentence's EXIT probability + DEFAULT_ANSWER_SHARE * its answer probability.
@@ -135,6 +136,7 @@ class Lingua2Options:
     answer_share: float
     answer_gap_fill: bool
     batch_size: int
+    window_tokens: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +173,8 @@ class Lingua2Compressor(BaseCompressor):
         answer_share: share of the answer-token probability (vs the sentence probability) in the relevance
             (0..1, default DEFAULT_ANSWER_SHARE; "exit" relevance only).
         batch_size: encoder windows per forward pass.
+        window_tokens: exact mode's encoder window in tokens, cut at sentence ends (default DEFAULT_WINDOW_TOKENS;
+            shorter windows are faster on CPU, where attention over 512 tokens is ~40% of the forward).
         dtype: classifier dtype in exact mode: "auto" (bf16 where the CPU has native bf16: faster, scores differ
             from fp32 in the third decimal; see README), "float32" or "bfloat16". Reference mode always runs in
             float32, as llmlingua does.
@@ -190,16 +194,18 @@ class Lingua2Compressor(BaseCompressor):
                  keep_digits: bool | str = False, drop_consecutive: bool | str = False, word_prob: str = "mean",
                  protect: bool | str | None = None, context_filter: bool | str = False,
                  query_weight: float | str = DEFAULT_QUERY_WEIGHT, answer_share: float | str = DEFAULT_ANSWER_SHARE,
-                 answer_gap_fill: bool | str = True, batch_size: int | str = 4, dtype: str = "auto") -> None:
+                 answer_gap_fill: bool | str = True, batch_size: int | str = 4, dtype: str = "auto",
+                 window_tokens: int | str = DEFAULT_WINDOW_TOKENS) -> None:
         super().__init__(counter)
         parsed_mode = _parse_enum(Mode, mode, "mode")
         try:
             weight, share, batch = float(query_weight), float(answer_share), int(batch_size)
+            window = int(window_tokens)
         except ValueError:
             raise ConfigError(f"query_weight={query_weight!r} / answer_share={answer_share!r} / "
-                              f"batch_size={batch_size!r} must be numbers") from None
-        if not (0.0 <= weight <= 1.0 and 0.0 <= share <= 1.0) or batch < 1:
-            raise ConfigError("query_weight and answer_share must be in [0, 1] and batch_size >= 1")
+                              f"batch_size={batch_size!r} / window_tokens={window_tokens!r} must be numbers") from None
+        if not (0.0 <= weight <= 1.0 and 0.0 <= share <= 1.0) or batch < 1 or window < 16:
+            raise ConfigError("query_weight and answer_share must be in [0, 1], batch_size >= 1, window_tokens >= 16")
         aware = _parse_query_aware(query_aware)
         if parsed_mode is Mode.REFERENCE and aware is QueryAware.AUTO:
             aware = QueryAware.OFF  # reference mode reproduces llmlingua, which ignores the question
@@ -211,7 +217,8 @@ class Lingua2Compressor(BaseCompressor):
             word_prob=_parse_enum(WordProb, word_prob, "word_prob"),
             protect=(parsed_mode is Mode.EXACT) if protect is None else _parse_bool(protect, "protect"),
             context_filter=_parse_bool(context_filter, "context_filter"), query_weight=weight,
-            answer_share=share, answer_gap_fill=_parse_bool(answer_gap_fill, "answer_gap_fill"), batch_size=batch)
+            answer_share=share, answer_gap_fill=_parse_bool(answer_gap_fill, "answer_gap_fill"), batch_size=batch,
+            window_tokens=window)
         if parsed_mode is Mode.REFERENCE and (aware is QueryAware.ON or self.options.protect):
             raise ConfigError("query_aware and protect need mode=exact; reference mode reproduces llmlingua as is")
         if parsed_mode is Mode.EXACT and self.options.context_filter:
@@ -325,7 +332,8 @@ class Lingua2Compressor(BaseCompressor):
         opts, clf = self.options, self.classifier
         texts = [d.text for d in documents]
         encs = clf.encode(texts)
-        windows = [sentence_windows(t, offs, clf.max_seq_len - 2) for t, (_, offs) in zip(texts, encs)]
+        width = min(opts.window_tokens, clf.max_seq_len - 2)
+        windows = [sentence_windows(t, offs, width) for t, (_, offs) in zip(texts, encs)]
         flat = [(d, a, b) for d, ws in enumerate(windows) for a, b in ws]
         probs = clf.keep_probs([encs[d][0][a:b] for d, a, b in flat], batch_size=opts.batch_size)
         tok_probs = [np.zeros(len(ids), dtype=np.float32) for ids, _ in encs]

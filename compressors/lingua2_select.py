@@ -117,7 +117,10 @@ def select_units(texts: Sequence[str], scores: Sequence[UnitScores], budget: Bud
     limit = (budget if not budget.is_unbounded else Budget.ratio(default_rate)).token_limit(before) or 0
     if limit >= before:
         return masks(np.ones(n, dtype=bool))
-    priority = g_score + _FORCED_BONUS * g_forced
+    # a first estimate of each atom's token cost: proportional to its characters
+    lengths = np.concatenate([s.units[:, 1] - s.units[:, 0] for s in scores]) + len(SEP)
+    g_cost = np.bincount(group, weights=lengths, minlength=n_groups) * before / max(1, int(lengths.sum()))
+    priority = g_score + _FORCED_BONUS * _forced_within_share(g_forced, g_score, g_cost, limit)
     order = _with_requirements(np.lexsort((np.arange(n_groups), -priority)), requires)
     rank = np.empty(n_groups, dtype=np.int64)
     rank[order] = np.arange(n_groups)
@@ -131,7 +134,7 @@ def select_units(texts: Sequence[str], scores: Sequence[UnitScores], budget: Bud
 
     doc_of_group = np.zeros(n_groups, dtype=np.int64)
     doc_of_group[group] = np.repeat(np.arange(len(scores)), sizes)
-    estimate = _estimate(scores, order, g_size, group, n_groups, before, limit)
+    estimate = int(np.searchsorted(np.cumsum(g_cost[order]), limit, side="right"))  # costs ~ characters
     lo, hi = _bracket(fits, n_groups, estimate)
     while hi - lo > 1:
         mid = (lo + hi) // 2
@@ -140,6 +143,22 @@ def select_units(texts: Sequence[str], scores: Sequence[UnitScores], budget: Bud
     keep_groups[order[:lo]] = True
     _fill_gaps(keep_groups, order[lo:], requires, doc_of_group, group, offsets, texts, scores, counter, limit)
     return finish(keep_groups)
+
+
+_FORCED_SHARE = 0.5  # force-kept words may take at most this share of the budget before they compete normally
+
+
+def _forced_within_share(g_forced: np.ndarray, g_score: np.ndarray, g_cost: np.ndarray, limit: int) -> np.ndarray:
+    """The forced atoms that rank first: the best-scoring ones, up to `_FORCED_SHARE` of the token limit
+    (estimated costs), so that force tokens and digits never displace every relevant word."""
+    idx = np.flatnonzero(g_forced)
+    if len(idx) == 0:
+        return g_forced
+    idx = idx[np.lexsort((idx, -g_score[idx]))]
+    within = np.cumsum(g_cost[idx]) <= _FORCED_SHARE * limit
+    out = np.zeros_like(g_forced)
+    out[idx[within]] = True
+    return out
 
 
 _MAX_GAP_TRIES = 64  # atoms tried after the prefix stops fitting (each try re-counts one document)
@@ -188,18 +207,6 @@ def _with_requirements(order: np.ndarray, requires: np.ndarray) -> np.ndarray:
             placed[g] = True
             out.append(g)
     return np.array(out, dtype=np.int64)
-
-
-def _estimate(scores: Sequence[UnitScores], order: np.ndarray, g_size: np.ndarray, group: np.ndarray,
-              n_groups: int, before: int, limit: int) -> int:
-    """A first guess of how many ranked atoms fit: costs proportional to their characters."""
-    if len(order) == 0:
-        return 0
-    lengths = np.concatenate([s.units[:, 1] - s.units[:, 0] for s in scores]) + len(SEP)
-    g_chars = np.bincount(group, weights=lengths, minlength=n_groups)
-    per_char = before / max(1, int(lengths.sum()))
-    cum = np.cumsum(g_chars[order] * per_char)
-    return int(np.searchsorted(cum, limit, side="right"))
 
 
 def _bracket(check: Callable[[int], bool], n: int, guess: int) -> tuple[int, int]:

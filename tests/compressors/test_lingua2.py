@@ -382,3 +382,15 @@ def test_answer_head_loads_and_scores_answer_words_higher() -> None:
     assert len(rel.sentences[0]) == len(split_sentences(rec["text"])) and 0 <= p.min() and p.max() <= 1
     answer = [p[i] for i, w in enumerate(words) if w in ("Denver", "Broncos")]
     assert min(answer) > np.median(p)
+
+
+def test_forced_words_never_take_the_whole_budget(tiny_bert: str) -> None:
+    text = " ".join(f"item{i} costs {i * 7} dollars and {i * 3} cents" for i in range(1, 30))
+    comp = Lingua2Compressor(counter=WhitespaceCounter(), model=tiny_bert, keep_digits=True, query_aware=False)
+    res = comp.compress("", [Document("n", text)], Budget.tokens(20))
+    words = res.text.split()
+    assert len(words) == 20
+    digits = [w for w in words if any(ch.isdigit() for ch in w)]
+    assert digits and len(words) - len(digits) >= 5  # forced words rank first for about half the budget only
+    roomy = comp.compress("", [Document("n", text)], Budget.ratio(0.9)).text.split()
+    assert all(w in roomy for w in re.findall(r"\S*\d\S*", text))  # with room, every digit word is kept
