@@ -171,21 +171,21 @@ def _fill_gaps(keep_groups: np.ndarray, rest: np.ndarray, requires: np.ndarray, 
     if len(rest) == 0:
         return
 
-    def doc_tokens(d: int, keep: np.ndarray) -> int:
-        unit_keep = keep[group[offsets[d]:offsets[d + 1]]]
-        return counter.count(render(texts[d], scores[d].units, unit_keep))
+    def doc_text(d: int, keep: np.ndarray) -> str:
+        return render(texts[d], scores[d].units, keep[group[offsets[d]:offsets[d + 1]]])
 
-    per_doc = counter.count_batch([render(t, s.units, keep_groups[group[offsets[d]:offsets[d + 1]]])
-                                   for d, (t, s) in enumerate(zip(texts, scores))])
+    per_doc = counter.count_batch([doc_text(d, keep_groups) for d in range(len(texts))])
     total = sum(per_doc)
     for g in rest[:_MAX_GAP_TRIES]:
-        if keep_groups[g] or total >= limit:
+        if total >= limit:
+            break
+        if keep_groups[g]:
             continue
         add = [g] + ([requires[g]] if requires[g] >= 0 and not keep_groups[requires[g]] else [])
         d = int(doc_of_group[g])
         trial = keep_groups.copy()
         trial[add] = True
-        cost = doc_tokens(d, trial)
+        cost = counter.count(doc_text(d, trial))
         if total - per_doc[d] + cost <= limit:
             keep_groups[add] = True
             total += cost - per_doc[d]

@@ -1,10 +1,8 @@
 """Structure that token pruning must not break: code, Markdown tables, JSON, URLs, e-mails, numbers.
 
-Two views of the same patterns:
-* `protected_mask`: the characters inside protected spans (what `protect` used to force-keep);
-* `structure_groups`: word units grouped into atoms that are kept or dropped *whole* — a code block, an inline
-  code span, a JSON value, a URL, an e-mail address, a number, a table's header with its alignment row, each table
-  row — plus which atom needs which (a table row needs its header), so whatever survives still parses.
+`structure_groups` groups word units into atoms that are kept or dropped *whole* — a code block, an inline code
+span, a JSON value, a URL, an e-mail address, a number, a table's header with its alignment row, each table row —
+and says which atom needs which (a table row needs its header), so whatever survives still parses.
 """
 
 from __future__ import annotations
@@ -22,50 +20,10 @@ _PATTERNS: dict[str, re.Pattern[str]] = {
     "url": re.compile(r"(?:https?://|ftp://|www\.)[^\s<>\"'`]+[^\s<>\"'`.,;:!?)\]]"),
     "email": re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+"),
     "number": re.compile(r"[-+]?\$?\d[\d,.:/%]*"),
-    "json_key": re.compile(r"\"[^\"\n]{1,80}\"\s*:"),
-    "json_punct": re.compile(r"(?<!\w)[{}\[\]](?!\w)"),
 }
 _TABLE_ROW = re.compile(r"^[ \t]*\|.*\|[ \t]*$", re.M)
 _TABLE_RULE = re.compile(r"^[ \t]*\|?[ \t]*:?-{2,}:?[ \t]*(?:\|[ \t]*:?-{2,}:?[ \t]*)*\|?[ \t]*$", re.M)
-
-PROTECT_KINDS = (*_PATTERNS, "table")
-
-
-def protected_mask(text: str, kinds: tuple[str, ...] = PROTECT_KINDS) -> np.ndarray:
-    """[len(text)] bool: characters inside a protected span.
-
-    Markdown tables keep their pipes, their header row and their alignment row, so that the table still parses
-    after the cells' words are pruned; line breaks between rows survive because the pipes on both sides are kept.
-    """
-    mask = np.zeros(len(text) + 1, dtype=np.int32)  # difference array
-    for kind in kinds:
-        if kind == "table":
-            _mark_tables(text, mask)
-            continue
-        for m in _PATTERNS[kind].finditer(text):
-            mask[m.start()] += 1
-            mask[m.end()] -= 1
-    return np.cumsum(mask[:-1]) > 0
-
-
-def _mark_tables(text: str, mask: np.ndarray) -> None:
-    rules = list(_TABLE_RULE.finditer(text))
-    rows = list(_TABLE_ROW.finditer(text))
-    row_starts = [r.start() for r in rows]
-    for rule in rules:
-        mask[rule.start()] += 1
-        mask[rule.end()] -= 1
-        # the header is the row just above the alignment row
-        prev_end = text.rfind("\n", 0, max(0, rule.start() - 1)) + 1
-        if prev_end in row_starts:
-            header = rows[row_starts.index(prev_end)]
-            mask[header.start()] += 1
-            mask[header.end()] -= 1
-    for row in rows:
-        for i in range(row.start(), row.end()):
-            if text[i] == "|":
-                mask[i] += 1
-                mask[i + 1] -= 1
+_JSON_OPEN = re.compile(r"[\[{]")
 
 
 def units_touching(mask: np.ndarray, units: np.ndarray) -> np.ndarray:
@@ -74,11 +32,6 @@ def units_touching(mask: np.ndarray, units: np.ndarray) -> np.ndarray:
         return np.zeros(0, dtype=bool)
     csum = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
     return (csum[units[:, 1]] - csum[units[:, 0]]) > 0
-
-
-_ATOM_KINDS = ("code_fence", "inline_code", "url", "email", "number")
-_JSON_OPEN = re.compile(r"[\[{]")
-_MAX_JSON_CHARS = 200_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +44,6 @@ class Structure:
 
     group: np.ndarray  # [U] int
     requires: np.ndarray  # [G] int
-    structured: np.ndarray  # [U] bool: the unit belongs to a multi-unit atom or a protected item
 
 
 def json_spans(text: str) -> list[tuple[int, int]]:
@@ -102,13 +54,13 @@ def json_spans(text: str) -> list[tuple[int, int]]:
     while (m := _JSON_OPEN.search(text, pos)) is not None:
         start = m.start()
         try:
-            value, end = decoder.raw_decode(text[start: start + _MAX_JSON_CHARS])
+            value, end = decoder.raw_decode(text, start)  # parses in place: no copy per bracket
         except ValueError:
             pos = start + 1
             continue
         if (isinstance(value, dict) and value) or (isinstance(value, list) and len(value) > 1):
-            out.append((start, start + end))
-            pos = start + end
+            out.append((start, end))
+            pos = end
         else:
             pos = start + 1
     return out
@@ -135,7 +87,7 @@ def structure_groups(text: str, units: np.ndarray) -> Structure:
     """Atoms of the word units `units` ([U, 2] char ranges) of `text`; see `Structure`."""
     n = len(units)
     if n == 0:
-        return Structure(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool))
+        return Structure(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
     starts, ends = units[:, 0], units[:, 1]
 
     def unit_range(a: int, b: int) -> tuple[int, int] | None:
@@ -144,8 +96,8 @@ def structure_groups(text: str, units: np.ndarray) -> Structure:
         return (lo, hi) if lo <= hi else None
 
     ranges: list[tuple[int, int]] = []
-    for kind in _ATOM_KINDS:
-        for m in _PATTERNS[kind].finditer(text):
+    for pattern in _PATTERNS.values():
+        for m in pattern.finditer(text):
             if (r := unit_range(m.start(), m.end())) is not None:
                 ranges.append(r)
     ranges += [r for a, b in json_spans(text) if (r := unit_range(a, b)) is not None]
@@ -158,9 +110,6 @@ def structure_groups(text: str, units: np.ndarray) -> Structure:
             ranges += [h, *rows]
     # merge overlapping unit ranges into atoms (a number inside a code block joins the block)
     merged_id = np.full(n, -1, dtype=np.int64)
-    structured = np.zeros(n, dtype=bool)
-    for lo, hi in sorted(ranges):
-        structured[lo: hi + 1] = True
     for lo, hi in _merge(ranges):
         merged_id[lo: hi + 1] = lo
     # atom ids in text order: a new atom starts at every unit not continuing the previous unit's merged range
@@ -172,7 +121,7 @@ def structure_groups(text: str, units: np.ndarray) -> Structure:
         for r_lo, _ in rows:
             if group[r_lo] != group[h_lo]:
                 requires[group[r_lo]] = group[h_lo]
-    return Structure(group, requires, structured)
+    return Structure(group, requires)
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
