@@ -85,7 +85,8 @@ def latency_by_method(fidelity: dict[str, Any], out: Path, caption: str) -> Path
 
 
 def blend_ttft(blend: dict[str, Any], out: Path, caption: str) -> Path | None:
-    names = [k.removeprefix("ttft_s_") for k in blend if k.startswith("ttft_s_") and _num(blend[k])]
+    names = [k.removeprefix("ttft_s_") for k in blend
+             if k.startswith("ttft_s_") and not k.startswith("ttft_s_strategy_") and _num(blend[k])]
     if not names:
         return None
     plt = _plt()

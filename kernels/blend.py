@@ -26,7 +26,14 @@ from ragzip.errors import ConfigError, UnsupportedModelError
 from ragzip.kernels.attention import causal_mask
 from ragzip.kernels.hf_adapter import HFAdapter, LayerKV, ScatterCache
 from ragzip.kernels.rope import rope_cos_sin
-from ragzip.kernels.select import gradual_ratios, kv_deviation, num_to_select, random_scores, select_tokens
+from ragzip.kernels.select import (
+    gradual_ratios,
+    kv_deviation,
+    num_to_select,
+    query_attention,
+    random_scores,
+    select_tokens,
+)
 
 
 class Deviation(str, Enum):
@@ -36,6 +43,7 @@ class Deviation(str, Enum):
     KEY = "key"
     KV = "kv"
     RANDOM = "random"
+    QUERY = "query"  # the question's attention alone (ProphetKV); mix with a deviation via query_weight
 
     @classmethod
     def parse(cls, value: str | Deviation) -> Deviation:
@@ -57,9 +65,15 @@ class BlendConfig:
             ``gradual_start_ratio`` to ``recompute_ratio`` over n further layers.
         gradual_start_ratio: the first set's size for gradual filtering (default ``min(1, 2 * ratio)``).
         num_last_tokens: prompt tail always recomputed.
+        query_weight: share of the question's attention in the selection score, mixed with the deviation
+            (each normalised to sum 1 over the candidates); 0 = deviation alone. Ignored for random/query.
+        chunk_head_tokens: the first k tokens of every reused, inexact segment are always recomputed (EPIC's
+            LegoLink); they count against the ratio's budget.
         fresh_check_kv: write the fresh K/V of every scored token at a check layer (they are computed
             anyway and exact at the first one); False keeps reused K/V for unselected tokens, so that
             ratio 0 is exactly plain reuse.
+        row_groups: recomputed rows are run in up to this many position-ordered groups, each attending only
+            to the keys before its last row (same result, less attention work); 1 = one pass.
         seed: seed of the random control.
     """
 
@@ -69,14 +83,21 @@ class BlendConfig:
     gradual_layers: int = 0
     gradual_start_ratio: float | None = None
     num_last_tokens: int = 1
+    query_weight: float = 0.0
+    chunk_head_tokens: int = 0
     fresh_check_kv: bool = True
+    row_groups: int = 4
     seed: int = 0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.recompute_ratio <= 1.0:
             raise ConfigError(f"recompute_ratio must be in [0, 1], got {self.recompute_ratio}")
-        if self.check_layer < 0 or self.gradual_layers < 0 or self.num_last_tokens < 1:
-            raise ConfigError("check_layer and gradual_layers must be >= 0 and num_last_tokens >= 1")
+        if self.check_layer < 0 or self.gradual_layers < 0 or self.num_last_tokens < 1 or self.chunk_head_tokens < 0:
+            raise ConfigError("check_layer, gradual_layers and chunk_head_tokens must be >= 0, num_last_tokens >= 1")
+        if self.row_groups < 1:
+            raise ConfigError(f"row_groups must be >= 1, got {self.row_groups}")
+        if not 0.0 <= self.query_weight <= 1.0:
+            raise ConfigError(f"query_weight must be in [0, 1], got {self.query_weight}")
         if self.gradual_start_ratio is not None and not 0.0 < self.gradual_start_ratio <= 1.0:
             raise ConfigError(f"gradual_start_ratio must be in (0, 1], got {self.gradual_start_ratio}")
         object.__setattr__(self, "deviation", Deviation.parse(self.deviation))
@@ -95,11 +116,14 @@ class Segment:
         kv: per layer ``(K, V)``, each ``[H_kv, S, D]`` (or ``[1, H_kv, S, D]``), cached at positions
             ``kv_start .. kv_start + S - 1``; None = no cached entry (always recomputed).
         kv_start: the position the cached entry started at.
+        exact: the cached entry is exactly what a full prefill computes here (a true prompt prefix at its own
+            positions): never selected for recompute, and not counted in the ratio's base.
     """
 
     token_ids: Sequence[int]
     kv: Sequence[LayerKV] | None = None
     kv_start: int = 0
+    exact: bool = False
 
 
 @dataclass(slots=True)
@@ -194,6 +218,22 @@ def _deviation(cfg: BlendConfig, fresh: LayerKV, reused: LayerKV, index: Tensor,
     return score
 
 
+def _query_scores(adapter: HFAdapter, layer_idx: int, hidden: Tensor, pos_emb: tuple[Tensor, Tensor],
+                  index: Tensor, queries: Tensor, key_cache: Tensor) -> Tensor:
+    """``[r]`` attention of the question rows (``queries``, bool over ``index``) to each row of ``index``."""
+    rows = queries.nonzero().squeeze(-1)
+    q = adapter.project_q(layer_idx, hidden.index_select(1, rows), pos_emb[0].index_select(1, rows),
+                          pos_emb[1].index_select(1, rows))  # [1, H, q, D]
+    attn = query_attention(q, key_cache, index.index_select(0, rows), scaling=adapter.attention_scaling(layer_idx))
+    return attn.index_select(0, index)  # [r]
+
+
+def _share(score: Tensor, eligible: Tensor) -> Tensor:
+    """``score`` normalised to sum 1 over ``eligible`` rows (zeros elsewhere)."""
+    s = score.float().clamp_min(0) * eligible
+    return s / s.sum().clamp_min(1e-30)
+
+
 @torch.inference_mode()
 def blended_prefill(adapter: HFAdapter, segments: Sequence[Segment], config: BlendConfig | None = None) -> BlendResult:
     """Prefill a prompt made of reused and fresh segments with selective recompute.
@@ -218,7 +258,19 @@ def blended_prefill(adapter: HFAdapter, segments: Sequence[Segment], config: Ble
     kv, cached = fuse_caches(adapter, segments, num_tokens)
     forced = ~cached
     forced[-min(cfg.num_last_tokens, num_tokens) :] = True
+    eligible = cached.clone()  # reused tokens that may be recomputed: not an exact prefix
+    start = 0
+    for seg in segments:
+        n = len(seg.token_ids)
+        if seg.kv is not None and seg.exact:
+            eligible[start : start + n] = False
+        elif seg.kv is not None and cfg.chunk_head_tokens:
+            forced[start : start + min(n, cfg.chunk_head_tokens)] = True
+        start += n
     num_reused = int(cached.sum())
+    num_candidates = int(eligible.sum())
+    num_head = int((forced & eligible).sum())  # chunk heads count against the ratio's budget
+    queries = ~cached  # the question (and every other fresh token) scores attention for query-aware selection
     ratios = cfg.layer_ratios()
     first_check = min(cfg.check_layer, adapter.num_layers)
     check_layers = range(first_check, min(first_check + len(ratios), adapter.num_layers))
@@ -237,29 +289,62 @@ def blended_prefill(adapter: HFAdapter, segments: Sequence[Segment], config: Ble
         pos_emb = pos_cache[layer_type]
         if layer_idx in check_layers:
             fresh = adapter.project_kv(layer_idx, hidden, *pos_emb)  # 2 x [1, H_kv, r, D]
+            rows_eligible = eligible.index_select(0, index)
+            # The deviation compares fresh with reused K/V, so it is scored before the fresh rows are written.
+            score = None if cfg.deviation is Deviation.QUERY else _deviation(cfg, fresh, kv[layer_idx], index,
+                                                                              layer_idx)  # [r]
             if cfg.fresh_check_kv:
                 ScatterCache(*kv[layer_idx], index).update(*fresh, layer_idx)
-            score = _deviation(cfg, fresh, kv[layer_idx], index, layer_idx)  # [r]
+            use_query = cfg.deviation is Deviation.QUERY or (cfg.query_weight > 0 and
+                                                             cfg.deviation is not Deviation.RANDOM)
+            if use_query:  # the question's attention over the keys as they are now (fresh where scattered)
+                attn = _query_scores(adapter, layer_idx, hidden, pos_emb, index, queries.index_select(0, index),
+                                     kv[layer_idx][0])
+                w = 1.0 if score is None else cfg.query_weight
+                score = attn if score is None else (1 - w) * _share(score, rows_eligible) + w * _share(attn,
+                                                                                                     rows_eligible)
+            assert score is not None
             ratio = ratios[layer_idx - first_check]
-            keep = select_tokens(score, forced.index_select(0, index), num_to_select(num_reused, ratio))  # [r']
+            budget = max(0, num_to_select(num_candidates, ratio) - num_head)
+            keep = select_tokens(score, forced.index_select(0, index), budget, rows_eligible)  # [r']
             index, hidden = index.index_select(0, keep), hidden.index_select(1, keep)
             position_ids = index[None]
             pos_emb = (pos_emb[0].index_select(1, keep), pos_emb[1].index_select(1, keep))
             pos_cache = {t: (c.index_select(1, keep), s.index_select(1, keep)) for t, (c, s) in pos_cache.items()}
             mask_cache.clear()
         window = adapter.sliding_windows[layer_idx]
-        if window not in mask_cache:
-            full = index.numel() == num_tokens
-            implicit = full and adapter.can_use_implicit_causal(layer_idx, num_tokens)
-            mask_cache[window] = None if implicit else causal_mask(
-                index, kv_pos, sliding_window=window, dtype=hidden.dtype
-            )
-        cache = ScatterCache(*kv[layer_idx], index)
-        hidden = adapter.run_layer(layer_idx, hidden, position_ids, pos_emb, cache, attention_mask=mask_cache[window])
+        full = index.numel() == num_tokens
+        if full and adapter.can_use_implicit_causal(layer_idx, num_tokens):
+            cache = ScatterCache(*kv[layer_idx], index)
+            hidden = adapter.run_layer(layer_idx, hidden, position_ids, pos_emb, cache, attention_mask=None)
+        else:
+            if window not in mask_cache:
+                mask_cache[window] = [causal_mask(index[a:b], kv_pos[:end], sliding_window=window, dtype=hidden.dtype)
+                                      for a, b, end in _row_groups(index, cfg.row_groups)]
+            parts = []
+            for (a, b, end), mask in zip(_row_groups(index, cfg.row_groups), mask_cache[window]):
+                cache = ScatterCache(*kv[layer_idx], index[a:b], limit=end)
+                parts.append(adapter.run_layer(layer_idx, hidden[:, a:b], position_ids[:, a:b],
+                                               (pos_emb[0][:, a:b], pos_emb[1][:, a:b]), cache, attention_mask=mask))
+            hidden = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         result.selected.append(int(index.numel()))
     result.logits = adapter.logits(hidden[:, -1:])[0, -1]
     result.final_index = index
     return result
+
+
+def _row_groups(index: Tensor, num_groups: int) -> list[tuple[int, int, int]]:
+    """Split the recomputed rows (ascending positions) into contiguous groups ``(a, b, key_end)``.
+
+    A group's queries sit at positions below ``key_end = index[b - 1] + 1``, so its attention needs only keys
+    ``[0, key_end)``; run group by group, a layer does about half the attention work of one pass over all keys,
+    and stays exact: earlier groups' fresh K/V are scattered before later groups read them, and no group reads a
+    later one's.
+    """
+    r = int(index.numel())
+    g = max(1, min(num_groups, r // 64))
+    bounds = [round(i * r / g) for i in range(g + 1)]
+    return [(a, b, int(index[b - 1]) + 1) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
 def split_kv(kv: Sequence[LayerKV], start: int, end: int) -> list[LayerKV]:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ragzip.errors import UnsupportedModelError
+from ragzip.errors import ConfigError, UnsupportedModelError
 
 LayerKV = tuple[Tensor, Tensor]
 
@@ -33,17 +33,20 @@ class ScatterCache:
     decoder layers of the supported families.
     """
 
-    def __init__(self, key_cache: Tensor, value_cache: Tensor, index: Tensor) -> None:
+    def __init__(self, key_cache: Tensor, value_cache: Tensor, index: Tensor, *, limit: int | None = None) -> None:
         self.key_cache = key_cache  # [1, H_kv, N, D]
         self.value_cache = value_cache  # [1, H_kv, N, D]
         self.index = index  # [r]
+        self.limit = limit  # hand back only keys [0, limit) (the rows' queries see nothing later)
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> LayerKV:
         from ragzip.kernels.attention import scatter_kv
 
         scatter_kv(self.key_cache, self.index, key_states)
         scatter_kv(self.value_cache, self.index, value_states)
-        return self.key_cache, self.value_cache
+        if self.limit is None:
+            return self.key_cache, self.value_cache
+        return self.key_cache[:, :, : self.limit], self.value_cache[:, :, : self.limit]
 
 
 def _text_config(model: Any) -> Any:
@@ -161,6 +164,22 @@ class HFAdapter:
         key = key * cos[:, None] + rotate_half(key) * sin[:, None]
         return key, value
 
+    def project_q(self, layer_idx: int, hidden: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """Rotated queries ``[1, H, S, D]`` of a layer for ``hidden [1, S, hidden]`` (the layer input)."""
+        layer = self.layers[layer_idx]
+        attn = layer.self_attn
+        normed = layer.input_layernorm(hidden)
+        query = attn.q_proj(normed).view(*normed.shape[:-1], -1, self.head_dim).transpose(1, 2)  # [1, H, S, D]
+        if self.model_type == "gemma3_text":
+            query = attn.q_norm(query)
+        from ragzip.kernels.rope import rotate_half
+
+        return query * cos[:, None] + rotate_half(query) * sin[:, None]  # type: ignore[no-any-return]
+
+    def attention_scaling(self, layer_idx: int) -> float:
+        """The softmax scale of a layer's attention (``head_dim ** -0.5``, or Gemma's query_pre_attn_scalar)."""
+        return float(self.layers[layer_idx].self_attn.scaling)
+
     def run_layer(
         self,
         layer_idx: int,
@@ -214,6 +233,28 @@ class HFAdapter:
             input_ids=input_ids, cache=cache, position_ids=positions, use_cache=True, logits_to_keep=logits_to_keep
         )
         return out.logits[0].float()  # type: ignore[no-any-return]
+
+    def extend(self, input_ids: Sequence[int], cache: Any, start: int, *, block: int = 512) -> Tensor:
+        """Prefill ``input_ids`` after ``start`` cached tokens in blocks; returns the last token's ``[V]`` logits.
+
+        One call with a long suffix would give every query row the whole key range under an explicit mask
+        (no causal skipping); blocks of ``block`` rows see only the keys before them, which keeps the work
+        near a causal prefill's and makes prefix caching no slower than a full prefill.
+        """
+        if not input_ids:
+            raise ConfigError("nothing to prefill after the cached prefix")
+        device = self.device
+        logits = None
+        for at in range(0, len(input_ids), block):
+            part = torch.tensor([list(input_ids[at : at + block])], device=device)
+            logits = self.forward_with_cache(part, cache, start + at, logits_to_keep=1)[-1]
+        assert logits is not None
+        return logits
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of one token's K and V over all layers in the model's dtype."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype.itemsize
 
     def cache_layers(self, cache: Any) -> list[LayerKV]:
         """Full-attention K/V ``[1, H_kv, S, D]`` per layer from an HF cache (all layers must hold every token)."""

@@ -30,24 +30,49 @@ def num_to_select(num_candidates: int, ratio: float) -> int:
     return min(num_candidates, math.ceil(ratio * num_candidates - 1e-9))
 
 
-def select_tokens(scores: Tensor, forced: Tensor, num_select: int) -> Tensor:
-    """Indices of the ``num_select`` highest-scoring unforced tokens plus every forced one, ascending.
+def select_tokens(scores: Tensor, forced: Tensor, num_select: int, eligible: Tensor | None = None) -> Tensor:
+    """Indices of the ``num_select`` highest-scoring eligible unforced tokens plus every forced one, ascending.
 
     Args:
         scores: ``[S]`` deviation (or any priority) per token.
         forced: ``[S]`` bool, tokens always kept (the prompt's last tokens, tokens with no cached entry).
         num_select: how many unforced tokens to keep (clamped to the number available).
+        eligible: ``[S]`` bool, tokens that may be selected (default: all); e.g. not an exact prefix.
 
     Returns:
         ``[S']`` int64 indices into the ``S`` tokens, sorted ascending.
     """
-    masked = scores.float().masked_fill(forced, float("-inf"))  # [S]
-    num_free = int((~forced).sum())
-    k = max(0, min(num_select, num_free))
+    free = ~forced if eligible is None else eligible & ~forced
+    masked = scores.float().masked_fill(~free, float("-inf"))  # [S]
+    k = max(0, min(num_select, int(free.sum())))
     top = torch.topk(masked, k).indices if k else torch.empty(0, dtype=torch.long, device=scores.device)
     keep = forced.clone()
     keep[top] = True
     return keep.nonzero().squeeze(-1)
+
+
+def query_attention(query: Tensor, key: Tensor, q_pos: Tensor, *, scaling: float) -> Tensor:
+    """How much the question attends to each token: mean softmax attention of ``query`` rows over ``key``.
+
+    ProphetKV's signal: tokens the question reads are the ones whose stale K/V would hurt the answer.
+
+    Args:
+        query: ``[1, H, q, D]`` rotated queries of the question tokens.
+        key: ``[1, H_kv, N, D]`` rotated keys of every prompt token (positions ``0..N-1``).
+        q_pos: ``[q]`` global positions of the queries (causal: a query sees keys at or before it).
+        scaling: the attention softmax scale.
+
+    Returns:
+        ``[N]`` float32 attention mass per key, averaged over heads and queries (sums to 1).
+    """
+    _, num_heads, q, head_dim = query.shape
+    num_kv_heads, n = key.shape[1], key.shape[2]
+    groups = num_heads // num_kv_heads
+    qg = query.float().reshape(num_kv_heads, groups * q, head_dim)  # [H_kv, G*q, D]
+    logits = torch.bmm(qg, key[0].float().transpose(1, 2)) * scaling  # [H_kv, G*q, N]
+    visible = torch.arange(n, device=key.device)[None, :] <= q_pos.repeat(groups)[:, None]  # [G*q, N]
+    probs = logits.masked_fill(~visible, float("-inf")).softmax(-1)
+    return probs.mean(dim=(0, 1))  # [N]
 
 
 def random_scores(num_tokens: int, *, seed: int, device: torch.device | str = "cpu") -> Tensor:

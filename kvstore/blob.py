@@ -4,7 +4,8 @@
 b"RZKV" | u16 format version | u32 header length | header (UTF-8 JSON) | token ids (<i4) | payload | blake2b-256
 ```
 
-The header names the codec, its meta, the fingerprint, key, dtype, start, layer types and every layer's shape;
+The header names the codec, its meta, the fingerprint, key, dtype, start, conditioning context
+(token ids the chunk was prefilled after; absent in older blobs = none), layer types and every layer's shape;
 the checksum covers everything before it. Nothing here unpickles or `torch.load`s: a blob from a shared store
 can at worst fail to decode, which raises CodecError.
 """
@@ -30,6 +31,7 @@ _PREFIX = struct.Struct("<4sHI")
 _DIGEST = 32
 MAX_HEADER_BYTES = 1 << 20
 MAX_ELEMENTS = 1 << 31
+MAX_CONTEXT_TOKENS = 1 << 16
 
 
 def _digest(data: bytes | memoryview) -> bytes:
@@ -46,6 +48,7 @@ def encode_record(record: ChunkRecord, codec: Codec) -> bytes:
         "fingerprint": record.fingerprint,
         "key": record.key,
         "start": record.start,
+        "context": list(record.context),
         "dtype": dtype_name(record.dtype),
         "layer_types": list(record.layer_types),
         "shapes": [[list(k.shape), list(v.shape)] for k, v in record.layers],
@@ -106,6 +109,10 @@ def _check_header(h: dict[str, Any]) -> None:
             total += shape[0] * shape[1] * shape[2]
     if total > MAX_ELEMENTS:
         raise CodecError(f"KV blob declares {total} elements, more than the {MAX_ELEMENTS} limit")
+    context = h.get("context", [])  # absent in blobs written before conditioned chunks: computed alone
+    if not (isinstance(context, list) and len(context) <= MAX_CONTEXT_TOKENS
+            and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 1 << 31 for t in context)):
+        raise CodecError(f"KV blob header field 'context' must be at most {MAX_CONTEXT_TOKENS} token ids")
     torch_dtype(h["dtype"])
 
 
@@ -134,7 +141,8 @@ def decode_record(blob: bytes | memoryview, *, expected_key: str | None = None,
     fp = header["fingerprint"]
     if expected_fingerprint is not None and fp != expected_fingerprint:
         raise ForeignModelError(f"KV entry was computed by model {fp}, not {expected_fingerprint}")
-    key = chunk_key(fp, tokens)
+    context = tuple(header.get("context", ()))
+    key = chunk_key(fp, tokens, context)
     if key != header["key"] or (expected_key is not None and key != expected_key):
         raise ForeignModelError("KV entry key does not match its fingerprint and token ids")
     try:
@@ -148,7 +156,7 @@ def decode_record(blob: bytes | memoryview, *, expected_key: str | None = None,
     payload = view[off + 4 * s:body_len]
     layers = _instantiate(codec, header["codec_meta"]).decode(header["codec_meta"], bytes(payload), shapes, dtype)
     return ChunkRecord(fingerprint=fp, token_ids=tokens, start=header["start"], layers=layers, dtype=dtype,
-                       layer_types=tuple(header["layer_types"]))
+                       layer_types=tuple(header["layer_types"]), context=context)
 
 
 def _instantiate(cls: Any, meta: dict[str, Any]) -> Any:

@@ -8,6 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
+from ragzip.types import Document
+
 app = typer.Typer(help="Chunk KV store: warm it from a JSONL of chunks, inspect, evict, verify.", no_args_is_help=True)
 
 StoreOpt = Annotated[str | None, typer.Option("--store", help="memory | disk:/path (or a path) | redis://host:port/db; "
@@ -22,9 +24,10 @@ def _open(store: str | None, codec: str = "raw") -> Any:
     return open_store(store or str(Settings().cache_dir / "kv"), codec=codec)
 
 
-def _chunks(path: Path) -> list[str]:
-    """Chunk texts from a JSONL: lines with `text`, or common-schema examples (every `contexts[].text`)."""
-    out: list[str] = []
+def _chunks(path: Path) -> list[Document]:
+    """Documents from a JSONL: lines with `text` (and optional `title`, e.g. an index's documents.jsonl), or
+    common-schema examples (every `contexts[]` entry)."""
+    out: list[Document] = []
     with open(path, encoding="utf-8") as fh:
         for n, line in enumerate(fh, 1):
             if not line.strip():
@@ -33,48 +36,51 @@ def _chunks(path: Path) -> list[str]:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise typer.BadParameter(f"{path}:{n}: not JSON ({exc})") from None
-            if isinstance(obj, dict) and isinstance(obj.get("text"), str):
-                out.append(obj["text"])
-            elif isinstance(obj, dict) and isinstance(obj.get("contexts"), list):
-                out.extend(c["text"] for c in obj["contexts"] if isinstance(c, dict) and isinstance(c.get("text"), str))
-            else:
+            items = [obj] if isinstance(obj, dict) and isinstance(obj.get("text"), str) else (
+                obj.get("contexts") if isinstance(obj, dict) and isinstance(obj.get("contexts"), list) else None)
+            if items is None:
                 raise typer.BadParameter(f"{path}:{n}: expected an object with 'text' or 'contexts'")
+            for i, c in enumerate(items):
+                if isinstance(c, dict) and isinstance(c.get("text"), str):
+                    title = c.get("title") if isinstance(c.get("title"), str) else ""
+                    out.append(Document(str(c.get("id", f"{n}:{i}")), c["text"], title))
     return out
 
 
 @app.command()
 def warm(
-    data: Annotated[Path, typer.Argument(help="JSONL of chunks ({'text': ...} or common-schema examples)")],
+    data: Annotated[Path, typer.Argument(help="JSONL of chunks ({'text', 'title'?} lines, an index's "
+                                              "documents.jsonl, or common-schema examples)")],
     store: StoreOpt = None,
     codec: CodecOpt = "cachegen",
     model: Annotated[str | None, typer.Option(help="LLM alias, path or HF name")] = None,
-    dtype: Annotated[str, typer.Option(help="bfloat16 | float16 | float32")] = "bfloat16",
+    dtype: Annotated[str, typer.Option(help="auto (as the proxy and `ragzip ask` resolve it) | bfloat16 | "
+                                            "float32")] = "auto",
     limit: Annotated[int | None, typer.Option(help="at most this many chunks")] = None,
     profile: Annotated[str | None, typer.Option(help="CacheGen sensitivity profile (path or shipped model alias); "
                                                      "default: the model's shipped one if any")] = None,
 ) -> None:
-    """Prefill every chunk alone and store its KV (chunks already stored are skipped)."""
-    import torch
-
+    """Store every chunk's KV exactly as the KV engine will look it up (same prompt pieces, header and dtype),
+    so a proxy or `ragzip ask` using this store hits on every chunk. Chunks already stored are skipped."""
+    from ragzip.engine import resolve_dtype
+    from ragzip.kv_engine import KVReuseEngine
     from ragzip.kvstore.codecs import get_codec
     from ragzip.kvstore.codecs.cachegen import shipped_profiles
-    from ragzip.kvstore.loader import get_or_compute
     from ragzip.registry import DEFAULT_LLM, load_causal_lm
 
-    texts = _chunks(data)[:limit]
+    docs = _chunks(data)[:limit]
     kv = _open(store, codec)
     if codec.startswith("cachegen"):
         name = profile or ((model or DEFAULT_LLM) if (model or DEFAULT_LLM) in shipped_profiles() else None)
         kv.codec = get_codec(codec, profile=name)
-    lm, tok = load_causal_lm(model, dtype=getattr(torch, dtype))
-    hits = 0
-    with typer.progressbar(texts, label="warming") as bar:
-        for text in bar:
-            ids = tok(text, add_special_tokens=False)["input_ids"]
-            if ids:
-                _, hit = get_or_compute(kv, lm, ids)
-                hits += hit
-    typer.echo(json.dumps({"chunks": len(texts), "already_stored": hits, **kv.stats()}))
+    lm, tok = load_causal_lm(model, dtype=resolve_dtype(dtype))
+    engine = KVReuseEngine(lm, tok, store=kv, run_self_check=False)
+    stored = 0
+    with typer.progressbar(docs, label="warming") as bar:
+        for doc in bar:
+            stored += engine.warm([doc], prefix=False)
+    typer.echo(json.dumps({"chunks": len(docs), "already_stored": len(docs) - stored, "stored": stored,
+                           "fingerprint": engine.fingerprint, **kv.stats()}))
 
 
 @app.command()

@@ -18,11 +18,14 @@ from ragzip.errors import ConfigError
 
 @dataclass(frozen=True, slots=True)
 class Speeds:
-    """Measured speeds. `decode_bytes_per_s` is in decoded KV bytes per second, per codec name."""
+    """Measured speeds. `decode_bytes_per_s` is in decoded KV bytes per second, per codec name;
+    `stored_fraction` is stored bytes / decoded bytes per codec (its compression), to estimate an entry's size
+    before fetching it."""
 
     store_bytes_per_s: float
     prefill_tokens_per_s: float
     decode_bytes_per_s: Mapping[str, float] = field(default_factory=dict)
+    stored_fraction: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.store_bytes_per_s <= 0 or self.prefill_tokens_per_s <= 0:
@@ -69,6 +72,10 @@ class LoadingController:
             raise ConfigError(f"no measured decode speed for codec {option.codec!r}")
         return option.stored_bytes / self.speeds.store_bytes_per_s + kv_bytes / decode
 
+    def option(self, codec: str, kv_bytes: int) -> Option:
+        """The `Option` of an entry stored with ``codec`` whose decoded KV is ``kv_bytes`` (size estimated)."""
+        return Option(codec, round(kv_bytes * self.speeds.stored_fraction.get(codec, 1.0)))
+
     def decide(self, num_tokens: int, kv_bytes: int, options: Sequence[Option]) -> Decision:
         """Choose for one chunk of `num_tokens` whose decoded KV is `kv_bytes`, given the stored `options`."""
         recompute_s = num_tokens / self.speeds.prefill_tokens_per_s
@@ -110,9 +117,11 @@ def measure_speeds(store: Any, model: Any, token_ids: Sequence[int], codecs: Seq
     record = prefill_chunk(model, token_ids)
     prefill_tps = record.num_tokens / (time.perf_counter() - t)
     decode: dict[str, float] = {}
+    fraction: dict[str, float] = {}
     bandwidth = []
     for name in codecs:
         blob = encode_record(record, get_codec(name))
+        fraction[name] = len(blob) / max(1, record.nbytes)
         t = time.perf_counter()
         decode_record(blob)
         decode[name] = record.nbytes / max(time.perf_counter() - t, 1e-9)
@@ -123,4 +132,5 @@ def measure_speeds(store: Any, model: Any, token_ids: Sequence[int], codecs: Seq
             bandwidth.append(len(got) / max(time.perf_counter() - t, 1e-9))
     if not bandwidth:
         raise ConfigError("the store did not return the sample entry; cannot measure its bandwidth")
-    return Speeds(store_bytes_per_s=min(bandwidth), prefill_tokens_per_s=prefill_tps, decode_bytes_per_s=decode)
+    return Speeds(store_bytes_per_s=min(bandwidth), prefill_tokens_per_s=prefill_tps, decode_bytes_per_s=decode,
+                  stored_fraction=fraction)

@@ -1,4 +1,4 @@
-"""Chunk keys: a position-independent hash of (model fingerprint, token ids)."""
+"""Chunk keys: a position-independent hash of (model fingerprint, conditioning prefix, token ids)."""
 
 from __future__ import annotations
 
@@ -16,15 +16,18 @@ def fingerprint_tag(fingerprint: str) -> str:
     return hashlib.blake2b(fingerprint.encode("utf-8"), digest_size=6).hexdigest()
 
 
-def chunk_key(fingerprint: str, token_ids: Sequence[int]) -> str:
-    """Key of one chunk's KV: `<model tag>-<blake2b of fingerprint and token ids>`.
+def chunk_key(fingerprint: str, token_ids: Sequence[int], context: Sequence[int] = ()) -> str:
+    """Key of one chunk's KV: `<model tag>-<blake2b of fingerprint, context and token ids>`.
 
     The key does not depend on where the chunk appears in a prompt, so the same chunk is found wherever it is
-    reused. Token ids are hashed as little-endian int64, so the key is the same on every platform.
+    reused. Token ids are hashed as little-endian int64, so the key is the same on every platform. A chunk
+    computed after a conditioning prefix (`context`, e.g. the prompt's chat header) is another entry than the
+    same chunk computed alone; an empty context hashes exactly as before contexts existed.
 
     Args:
         fingerprint: `model_fingerprint(model)`.
         token_ids: the chunk's token ids.
+        context: the token ids the chunk was prefilled after (not stored in the entry's K/V).
 
     Returns:
         A 45-character string of `[0-9a-f-]`, safe as a file name and a Redis key.
@@ -34,6 +37,9 @@ def chunk_key(fingerprint: str, token_ids: Sequence[int]) -> str:
     h.update(fingerprint.encode("utf-8"))
     h.update(b"\x00")
     h.update(ids.tobytes())
+    if len(context):
+        h.update(b"\x01")
+        h.update(np.asarray(list(context), dtype="<i8").tobytes())
     return f"{fingerprint_tag(fingerprint)}-{h.hexdigest()}"
 
 

@@ -17,16 +17,18 @@ LayerKV = tuple["torch.Tensor", "torch.Tensor"]
 
 @dataclass(slots=True)
 class ChunkRecord:
-    """One chunk's KV cache, computed with the chunk alone at positions `start .. start + S - 1`.
+    """One chunk's KV cache, computed at positions `start .. start + S - 1` after `context` (if any).
 
     Attributes:
         fingerprint: `model_fingerprint(model)` of the model that computed it.
         token_ids: the chunk's token ids (S of them).
-        start: the position of the first token when it was computed (0 for `prefill_chunk`).
+        start: the position of the first token when it was computed (`len(context)` for `prefill_chunk`).
         layers: one `(K, V)` pair per decoder layer, each `[H_kv, S, D]` (no batch dimension). Sliding-window
             layers hold the whole chunk too.
         dtype: the dtype K and V were computed in (a decoded record is cast back to it).
         layer_types: `config.layer_types` (e.g. `"full_attention"`, `"sliding_attention"`), one per layer.
+        context: token ids the chunk was prefilled after (a chat header that takes the attention sink, so the
+            chunk's own first tokens do not); their K/V are not part of the record.
     """
 
     fingerprint: str
@@ -35,16 +37,18 @@ class ChunkRecord:
     layers: list[LayerKV]
     dtype: torch.dtype
     layer_types: tuple[str, ...] = field(default=())
+    context: tuple[int, ...] = field(default=())
 
     def __post_init__(self) -> None:
         self.token_ids = tuple(int(t) for t in self.token_ids)
+        self.context = tuple(int(t) for t in self.context)
         self.layer_types = tuple(self.layer_types) or ("full_attention",) * len(self.layers)
         self.validate()
 
     @property
     def key(self) -> str:
-        """`chunk_key(fingerprint, token_ids)`."""
-        return chunk_key(self.fingerprint, self.token_ids)
+        """`chunk_key(fingerprint, token_ids, context)`."""
+        return chunk_key(self.fingerprint, self.token_ids, self.context)
 
     @property
     def num_tokens(self) -> int:

@@ -185,6 +185,9 @@ def ask(
     option: list[str] = typer.Option(None, "--option", "-O"),
     llm: str = typer.Option(None, help="Local LLM (default: embedded SmolLM2-135M-Instruct)."),
     max_new_tokens: int = typer.Option(48),
+    kv_store: str = typer.Option(None, "--kv-store", help="Answer from chunk KV caches reused from this store "
+                                 "(memory | disk:/path | path | redis://...; fill it with `ragzip kv warm`); "
+                                 "caches hit when the chunks are sent as stored, e.g. with --method none."),
 ) -> None:
     """Retrieve, compress and answer with the local LLM (streamed)."""
     from ragzip.engine import LocalEngine
@@ -204,10 +207,23 @@ def ask(
               f"({result.rate:.2f}) by {result.method} in {result.seconds:.2f}s[/dim]")
     from ragzip.types import Document
 
-    docs = [Document(d.id, d.text, d.title) for d in result.documents]
-    for delta in engine.stream(question, docs, max_new_tokens=max_new_tokens):
+    docs = [Document(d.id, d.text, d.title) for d in result.documents if d.text]
+    if kv_store is None:
+        for delta in engine.stream(question, docs, max_new_tokens=max_new_tokens):
+            out.print(delta, end="")
+        out.print()
+        return
+    from ragzip.kv_engine import KVReuseEngine
+    from ragzip.kvstore.stores.base import open_store
+
+    try:
+        kv = KVReuseEngine(engine.model, engine.tokenizer, store=open_store(kv_store))
+    except RagzipError as exc:
+        _fail(exc)
+    for delta in kv.stream(question, docs, max_new_tokens=max_new_tokens):
         out.print(delta, end="")
     out.print()
+    err.print(f"kv {json.dumps(kv.stats.as_dict())}", markup=False, highlight=False, style="dim")
 
 
 @app.command()

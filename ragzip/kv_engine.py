@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -58,15 +58,31 @@ class EngineStats:
     recomputed_tokens: int = 0
     ttft_s: float = 0.0
     load_s: float = 0.0
+    recomputed_chunks: int = 0  # stored chunks the controller chose to recompute rather than load
+    decisions: list[str] = field(default_factory=list)  # the controller's reasons, one per stored chunk
+
+    def as_dict(self) -> dict[str, Any]:
+        """The response's ``kv`` object: what was reused, recomputed and how long loading took."""
+        out = {"hits": self.hits, "misses": self.misses, "reused_tokens": self.reused_tokens,
+               "recomputed_tokens": self.recomputed_tokens, "load_s": round(self.load_s, 4)}
+        if self.decisions:
+            out["recomputed_chunks"] = self.recomputed_chunks
+            out["decisions"] = list(self.decisions)
+        return out
 
 
 @dataclass(frozen=True, slots=True)
 class PromptPieces:
-    """A prompt as stable pieces: ``header`` + one piece per document + ``tail``."""
+    """A prompt as stable pieces: ``header`` + one piece per document + ``tail``.
+
+    ``context`` is the fixed header the document caches are computed after (equal to ``header`` unless the
+    client brought its own system prompt or earlier turns); it is part of every document's store key.
+    """
 
     header: list[int]
     documents: list[list[int]]
     tail: list[int]
+    context: list[int] = field(default_factory=list)
 
     @property
     def token_ids(self) -> list[int]:
@@ -85,13 +101,21 @@ class Prefill:
 class KVReuseEngine:
     """Generate from prompts whose document caches are reused from a KV store.
 
+    Every chunk goes through `ragzip.kvstore.loader` (one path: key, fingerprint and token check, device and
+    dtype move). Document caches are computed after the engine's fixed chat header (`PromptPieces.context`), so
+    the header, not each chunk's first tokens, holds the attention sink, as it does at answer time.
+
     Args:
         model: a loaded HF causal LM (default: the embedded SmolLM2 via `load_causal_lm`).
         tokenizer: its tokenizer (required with ``model``).
         store: a `ragzip.kvstore` store (default: an in-memory one).
-        blend: selective-recompute hyperparameters (default `BlendConfig()`: 15% value deviation).
+        blend: selective-recompute hyperparameters (default `BlendConfig()`).
         mode: default reuse mode.
         run_self_check: run the blending self-check once at construction (refuses failing models).
+        controller: an optional `LoadingController`: per stored chunk, load it or recompute it inside the
+            blended pass, from measured store and prefill speeds (its reasons land in `stats.decisions`).
+        sink_context: compute document caches after the fixed chat header (default); False computes each
+            alone from position 0, as before (kept to measure against).
 
     Raises:
         UnsupportedModelError: the model cannot be blended correctly.
@@ -106,6 +130,8 @@ class KVReuseEngine:
         blend: Any = None,
         mode: ReuseMode | str = ReuseMode.BLEND,
         run_self_check: bool = True,
+        controller: Any = None,
+        sink_context: bool = True,
     ) -> None:
         from ragzip.kernels.blend import BlendConfig, self_check
         from ragzip.kernels.hf_adapter import HFAdapter
@@ -125,64 +151,123 @@ class KVReuseEngine:
         self.adapter = HFAdapter(model)
         self.blend = blend or BlendConfig()
         self.mode = ReuseMode.parse(mode)
+        self.controller = controller
         self.fingerprint = model_fingerprint(model)
         self.self_check = self_check(self.adapter) if run_self_check else None
         self.stats = EngineStats()
         self._total_hits = 0
         self._total_misses = 0
+        self._context: list[int] | None = None if sink_context else []
 
     # -- prompt ------------------------------------------------------------------------------------
-    def pieces(self, question: str, documents: Sequence[Document]) -> PromptPieces:
-        """Tokenise the answer-from-documents prompt into stable pieces."""
-        messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": _PLACEHOLDER}]
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    def _header_and_tail(self, system: str | None, history: Sequence[dict[str, str]]) -> tuple[str, str]:
+        messages = [{"role": "system", "content": system or SYSTEM_PROMPT}, *history,
+                    {"role": "user", "content": _PLACEHOLDER}]
+        if getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        else:  # a base model: plain text turns
+            text = "\n\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\n\nassistant:"
         head, _, tail = text.partition(_PLACEHOLDER)
+        return head, tail
+
+    @property
+    def context(self) -> list[int]:
+        """The fixed header every document cache is computed after (the default chat header)."""
+        if self._context is None:
+            head, _ = self._header_and_tail(None, ())
+            self._context = self.tokenizer.encode(head, add_special_tokens=False)
+        return self._context
+
+    def pieces(self, question: str, documents: Sequence[Document], *, system: str | None = None,
+               history: Sequence[dict[str, str]] = ()) -> PromptPieces:
+        """Tokenise the answer-from-documents prompt into stable pieces.
+
+        Args:
+            question: the question, placed after the documents.
+            documents: the context documents, one piece each.
+            system: the client's system prompt (default: the engine's `SYSTEM_PROMPT`).
+            history: earlier turns (``{"role", "content"}``), kept between the system prompt and the documents.
+        """
+        head, tail = self._header_and_tail(system, history)
         enc = self.tokenizer.encode
         docs = [enc(_doc_text(d), add_special_tokens=False) for d in documents]
         return PromptPieces(
             header=enc(head, add_special_tokens=False),
             documents=[d for d in docs if d],
             tail=enc(f"Question: {question}{tail}", add_special_tokens=False),
+            context=self.context,
         )
 
     # -- store -------------------------------------------------------------------------------------
-    def chunk_kv(self, token_ids: Sequence[int]) -> Any:
-        """The `ChunkRecord` of ``token_ids`` from the store, computed and stored on a miss."""
-        from ragzip.kvstore.key import chunk_key
-        from ragzip.kvstore.prefill import prefill_chunk
+    def chunk_kv(self, token_ids: Sequence[int], context: Sequence[int] = (), *, count: bool = True) -> Any:
+        """The `ChunkRecord` of ``token_ids`` (computed after ``context``) from the store, or computed and stored.
 
-        key = chunk_key(self.fingerprint, token_ids)
-        record = self.store.get(key)
-        if record is not None:
-            self.stats.hits += 1
-            self._total_hits += 1
-            return record
-        self.stats.misses += 1
-        self._total_misses += 1
-        record = prefill_chunk(self.model, token_ids)
-        self.store.put(key, record)
+        ``count=False`` keeps the lookup out of `stats` hits/misses (the chat header: they count documents).
+        """
+        from ragzip.kvstore.loader import get_or_compute
+
+        record, hit = get_or_compute(self.store, self.model, token_ids, context)
+        if count:
+            self._count(hit)
         return record
 
-    def warm(self, documents: Sequence[Document]) -> int:
-        """Compute and store the caches of ``documents`` (and the header) ahead of time; returns misses."""
-        before = self._total_misses
+    def _count(self, hit: bool) -> None:
+        if hit:
+            self.stats.hits += 1
+            self._total_hits += 1
+        else:
+            self.stats.misses += 1
+            self._total_misses += 1
+
+    def _document_kv(self, token_ids: Sequence[int], context: Sequence[int]) -> Any:
+        """A document's record, or None when the controller decides to recompute it inside the prompt."""
+        if self.controller is None:
+            return self.chunk_kv(token_ids, context)
+        from ragzip.kvstore.key import chunk_key
+
+        key = chunk_key(self.fingerprint, token_ids, context)
+        if not self.store.contains(key):
+            return self.chunk_kv(token_ids, context)  # a miss: compute once and store it for the next request
+        codec = str(getattr(getattr(self.store, "codec", None), "name", "raw"))
+        kv_bytes = len(token_ids) * self.adapter.kv_bytes_per_token
+        decision = self.controller.decide(len(token_ids), kv_bytes, [self.controller.option(codec, kv_bytes)])
+        self.stats.decisions.append(decision.reason)
+        if decision.action == "recompute":
+            self.stats.recomputed_chunks += 1
+            return None
+        return self.chunk_kv(token_ids, context)
+
+    def warm(self, documents: Sequence[Document], *, prefix: bool = True) -> int:
+        """Compute and store the caches of ``documents`` (and the header) ahead of time.
+
+        Args:
+            documents: the documents, as they will be sent (title and text).
+            prefix: also store header + first document as one entry (what `ReuseMode.PREFIX` looks up).
+
+        Returns:
+            How many document caches were computed; the others were already stored.
+        """
         pieces = self.pieces("", documents)
-        for ids in [pieces.header, *pieces.documents]:
-            self.chunk_kv(ids)
-        if pieces.documents:
+        self.chunk_kv(pieces.header, count=False)
+        before = self._total_misses
+        for ids in pieces.documents:
+            self.chunk_kv(ids, pieces.context)
+        computed = self._total_misses - before
+        if prefix and pieces.documents:
             self.chunk_kv(pieces.header + pieces.documents[0])
-        return self._total_misses - before
+        return computed
 
     # -- prefill -----------------------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(
-        self, question: str, documents: Sequence[Document], *, mode: ReuseMode | str | None = None, blend: Any = None
+        self, question: str, documents: Sequence[Document], *, mode: ReuseMode | str | None = None, blend: Any = None,
+        system: str | None = None, history: Sequence[dict[str, str]] = (),
     ) -> Prefill:
         """Prefill the prompt in ``mode`` (default: the engine's); updates `stats` (TTFT includes KV loading)."""
-        from ragzip.kernels.blend import Segment, blended_prefill, fuse_caches
+        from ragzip.kernels.blend import BlendConfig, Segment, blended_prefill
 
         mode = ReuseMode.parse(mode or self.mode)
-        pieces = self.pieces(question, documents)
+        pieces = self.pieces(question, documents, system=system, history=history)
         self.stats = EngineStats(prompt_tokens=len(pieces.token_ids))
         ids = pieces.token_ids
         device = self.adapter.device
@@ -195,26 +280,24 @@ class KVReuseEngine:
             record = self.chunk_kv(prefix)
             self.stats.load_s = time.perf_counter() - t0
             cache = self.adapter.make_cache(record.to_cache_data())
-            rest = torch.tensor([ids[len(prefix) :]], device=device)
-            logits = self.adapter.forward_with_cache(rest, cache, len(prefix), logits_to_keep=1)[-1]
+            logits = self.adapter.extend(ids[len(prefix) :], cache, len(prefix))
             self.stats.reused_tokens = len(prefix)
             self.stats.recomputed_tokens = len(ids) - len(prefix)
         else:
-            records = [self.chunk_kv(p) for p in [pieces.header, *pieces.documents]]
+            header = self.chunk_kv(pieces.header, count=False)
+            segs = [Segment(header.token_ids, header.layers, header.start, exact=True)]
+            for doc in pieces.documents:
+                rec = self._document_kv(doc, pieces.context)
+                segs.append(Segment(doc) if rec is None else Segment(rec.token_ids, rec.layers, rec.start))
+            segs.append(Segment(pieces.tail))
             self.stats.load_s = time.perf_counter() - t0
-            segs = [Segment(r.token_ids, r.layers, r.start) for r in records] + [Segment(pieces.tail)]
-            num_cached = len(ids) - len(pieces.tail)
-            if mode is ReuseMode.REUSE:
-                kv, _ = fuse_caches(self.adapter, segs[:-1], num_cached)
-                cache = self.adapter.make_cache(kv)
-                tail = torch.tensor([pieces.tail], device=device)
-                logits = self.adapter.forward_with_cache(tail, cache, num_cached, logits_to_keep=1)[-1]
-                self.stats.recomputed_tokens = len(pieces.tail)
-            else:
-                out = blended_prefill(self.adapter, segs, blend or self.blend)
-                logits, cache = out.logits, self.adapter.make_cache(out.kv)
-                self.stats.recomputed_tokens = out.recomputed_tokens
-            self.stats.reused_tokens = num_cached
+            cfg = blend or self.blend
+            if mode is ReuseMode.REUSE:  # plain reuse: no recompute beyond chunks the controller gave back
+                cfg = BlendConfig(recompute_ratio=0.0, fresh_check_kv=False, check_layer=0)
+            out = blended_prefill(self.adapter, segs, cfg)
+            logits, cache = out.logits, self.adapter.make_cache(out.kv)
+            self.stats.recomputed_tokens = out.recomputed_tokens
+            self.stats.reused_tokens = sum(len(s.token_ids) for s in segs if s.kv is not None)
         logits.argmax()  # the first token is known here: TTFT stops
         self.stats.ttft_s = time.perf_counter() - t0
         return Prefill(logits=logits, cache=cache, num_tokens=len(ids))
@@ -235,9 +318,10 @@ class KVReuseEngine:
             pos += 1
 
     def stream(self, question: str, documents: Sequence[Document], *, max_new_tokens: int = 32,
-               mode: ReuseMode | str | None = None) -> Iterator[str]:
+               mode: ReuseMode | str | None = None, system: str | None = None,
+               history: Sequence[dict[str, str]] = ()) -> Iterator[str]:
         """Yield the answer's text as it is generated (greedy, from the fused cache)."""
-        pre = self.prefill(question, documents, mode=mode)
+        pre = self.prefill(question, documents, mode=mode, system=system, history=history)
         out: list[int] = []
         shown = ""
         for tok in self.generate_ids(pre, max_new_tokens=max_new_tokens):
@@ -248,9 +332,11 @@ class KVReuseEngine:
                 shown = text
 
     def answer(self, question: str, documents: Sequence[Document], *, max_new_tokens: int = 32,
-               mode: ReuseMode | str | None = None) -> str:
+               mode: ReuseMode | str | None = None, system: str | None = None,
+               history: Sequence[dict[str, str]] = ()) -> str:
         """The greedy answer to ``question`` from ``documents``."""
-        return "".join(self.stream(question, documents, max_new_tokens=max_new_tokens, mode=mode)).strip()
+        return "".join(self.stream(question, documents, max_new_tokens=max_new_tokens, mode=mode, system=system,
+                                   history=history)).strip()
 
     @torch.inference_mode()
     def teacher_forced_logits(self, prefill: Prefill, target_ids: Sequence[int]) -> Tensor:

@@ -133,7 +133,7 @@ async def _via_local(state: Any, req: ChatCompletionRequest, ctx: ChatContext, k
         body = {"id": cid, "object": "chat.completion", "created": created, "model": model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                              "finish_reason": done.finish_reason}],
-                "usage": usage, "ragzip": info}
+                "usage": usage, "ragzip": {**info, **({"kv": done.kv} if done.kv else {})}}
         return JSONResponse(body, headers=headers)
     include_usage = bool((req.stream_options or {}).get("include_usage"))
 
@@ -155,7 +155,7 @@ async def _via_local(state: Any, req: ChatCompletionRequest, ctx: ChatContext, k
                                   code="generation_failed"))
             return
         state.metrics.generated_tokens.inc(done.completion_tokens)
-        yield chunk({}, done.finish_reason)
+        yield chunk({}, done.finish_reason, **({"ragzip": {"kv": done.kv}} if done.kv else {}))
         if include_usage:
             yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
                         "choices": [], "usage": {"prompt_tokens": done.prompt_tokens,

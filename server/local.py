@@ -21,6 +21,17 @@ class GenerationDone:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str
+    kv: dict[str, Any] | None = None  # what the KV backend reused (`EngineStats.as_dict()`), when it answered
+
+
+def conversation(messages: Sequence[dict[str, str]]) -> tuple[str | None, list[dict[str, str]]]:
+    """The client's system prompt (None when `engine_messages` filled in the default) and the earlier turns
+    of an `engine_messages` list, for the KV engine's header."""
+    if not messages:
+        return None, []
+    system = messages[0]["content"] if messages[0]["role"] == "system" else None
+    history = [m for m in messages[1:-1] if m["role"] in ("user", "assistant")]
+    return (None if system == SYSTEM_PROMPT else system), history
 
 
 def engine_messages(messages: Sequence[dict[str, Any]], query: str,
@@ -63,8 +74,11 @@ class LocalBackend:
         with self.lock:
             if cancel.is_set():
                 return
-            if self.kv_engine is not None and documents:
-                deltas = self.kv_engine.stream(query, list(documents), max_new_tokens=max_new_tokens)
+            use_kv = self.kv_engine is not None and bool(documents)
+            if use_kv:
+                system, history = conversation(messages)
+                deltas = self.kv_engine.stream(query, list(documents), max_new_tokens=max_new_tokens, system=system,
+                                               history=history)
             else:
                 deltas = self.engine.stream_chat(messages, max_new_tokens=max_new_tokens)
             texts = []
@@ -73,8 +87,10 @@ class LocalBackend:
                 emit(delta)
                 if cancel.is_set():
                     return
-            if self.kv_engine is not None and documents:
+            kv = None
+            if use_kv:
                 stats = self.kv_engine.stats
+                kv = stats.as_dict()
                 if self.metrics is not None:
                     self.metrics.cache_hits.labels("kv").inc(stats.hits)
                     self.metrics.cache_misses.labels("kv").inc(stats.misses)
@@ -84,7 +100,7 @@ class LocalBackend:
                 prompt_tokens = self.engine.last_stats.prompt_tokens
                 count = self.engine.last_stats.new_tokens
             reason = "length" if count >= max_new_tokens else "stop"
-            emit(GenerationDone(prompt_tokens, count, reason))
+            emit(GenerationDone(prompt_tokens, count, reason, kv))
 
     async def stream(self, messages: list[dict[str, str]], *, query: str = "", documents: Sequence[Document] = (),
                      max_new_tokens: int = 64) -> AsyncIterator[str | GenerationDone]:

@@ -118,6 +118,18 @@ class AddDocumentsResponse(BaseModel):
     total_chunks: int
 
 
+class KVInfo(BaseModel):
+    """What the KV-reuse backend did for one answer (chunk caches from the store)."""
+
+    hits: int
+    misses: int
+    reused_tokens: int
+    recomputed_tokens: int
+    load_s: float
+    recomputed_chunks: int | None = None
+    decisions: list[str] | None = None
+
+
 class RagzipInfo(BaseModel):
     """The `ragzip` object of a chat completion response."""
 
@@ -129,6 +141,7 @@ class RagzipInfo(BaseModel):
     source: Literal["documents", "messages", "index", "none"]
     num_documents: int
     fallback: str | None = None
+    kv: KVInfo | None = None
 
 
 class ChatChoiceMessage(BaseModel):

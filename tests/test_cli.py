@@ -111,6 +111,26 @@ def test_index_and_ask(tmp_path: Path) -> None:
     assert "Paris" in res.output
 
 
+def test_kv_warm_then_ask_hits_every_retrieved_chunk(tmp_path: Path) -> None:
+    from ragzip.kvstore.cli import app as kv_app
+
+    docs = _write(tmp_path / "docs.jsonl", [json.dumps({"id": "t", "title": "Tower",
+                                                        "text": "The Eiffel Tower is in Paris, France."}),
+                                            json.dumps({"id": "o", "text": "Oxygen has atomic number 8."})])
+    assert CliRunner().invoke(app, ["index", str(docs), "-o", str(tmp_path / "idx")]).exit_code == 0
+    store = f"disk:{tmp_path / 'kv'}"
+    res = CliRunner().invoke(kv_app, ["warm", str(tmp_path / "idx" / "documents.jsonl"), "--store", store,
+                                      "--codec", "raw"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.strip().splitlines()[-1])["stored"] == 2
+    res = CliRunner().invoke(app, ["ask", "In which city is the Eiffel Tower?", "--index", str(tmp_path / "idx"),
+                                   "-k", "2", "-m", "none", "--max-new-tokens", "12", "--kv-store", store])
+    assert res.exit_code == 0, res.output
+    kv = json.loads(res.output.split("kv ", 1)[1].splitlines()[0])
+    assert (kv["hits"], kv["misses"]) == (2, 0) and kv["reused_tokens"] > 0
+    assert "Paris" in res.output
+
+
 def test_demo_reports_rate_and_f1_in_its_last_line_with_no_progress_bar_noise(tiny_reader: str) -> None:
     import subprocess
     import sys

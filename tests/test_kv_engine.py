@@ -74,9 +74,9 @@ def test_store_hits_after_first_request(engine_parts: tuple[Any, Any], tmp_path:
 
     engine = _engine(engine_parts, store=DiskStore(tmp_path))
     engine.prefill("who wrote the novel ?", DOCS)
-    assert (engine.stats.hits, engine.stats.misses) == (0, 4)  # header + 3 documents
+    assert (engine.stats.hits, engine.stats.misses) == (0, 3)  # 3 documents (the header is not counted)
     engine.prefill("where is the river ?", list(reversed(DOCS)))
-    assert (engine.stats.hits, engine.stats.misses) == (4, 0)
+    assert (engine.stats.hits, engine.stats.misses) == (3, 0)
     assert engine.stats.ttft_s > 0 and engine.stats.reused_tokens > 0
     assert 0 < engine.stats.recomputed_tokens < engine.stats.prompt_tokens
 
@@ -113,3 +113,41 @@ def test_reuse_mode_equals_blend_at_ratio_zero(engine_parts: tuple[Any, Any]) ->
 def test_unknown_mode_is_refused(engine_parts: tuple[Any, Any]) -> None:
     with pytest.raises(ConfigError, match="valid"):
         _engine(engine_parts, run_self_check=False, mode="sometimes")
+
+
+def test_controller_loads_from_a_fast_store_and_recomputes_instead_of_a_slow_one(engine_parts: tuple[Any, Any]) -> None:
+    from ragzip.kvstore.controller import LoadingController, Speeds
+
+    q = "who wrote the novel ?"
+    fast = LoadingController(Speeds(store_bytes_per_s=1e12, prefill_tokens_per_s=10.0,
+                                    decode_bytes_per_s={"raw": 1e12}))
+    engine = _engine(engine_parts, controller=fast)
+    engine.warm(DOCS)
+    engine.prefill(q, DOCS)
+    assert (engine.stats.hits, engine.stats.misses, engine.stats.recomputed_chunks) == (3, 0, 0)
+    assert all(r.startswith("load raw") for r in engine.stats.decisions) and len(engine.stats.decisions) == 3
+    assert fast.stats()["decisions"] == {"load:raw": 3}
+
+    slow = LoadingController(Speeds(store_bytes_per_s=1.0, prefill_tokens_per_s=1e9, decode_bytes_per_s={"raw": 1.0}))
+    engine.controller = slow
+    blend = engine.prefill(q, DOCS)
+    assert (engine.stats.hits, engine.stats.recomputed_chunks) == (0, 3)
+    assert all(r.startswith("recompute") for r in engine.stats.decisions)
+    assert engine.stats.as_dict()["recomputed_chunks"] == 3
+    # every document recomputed inside the prompt, after the exact header: the same as a full prefill
+    torch.testing.assert_close(blend.logits, engine.prefill(q, DOCS, mode="full").logits, atol=1e-5, rtol=1e-5)
+
+
+def test_documents_are_cached_after_the_header_and_the_client_conversation_is_kept(
+        engine_parts: tuple[Any, Any]) -> None:
+    engine = _engine(engine_parts, run_self_check=False)
+    plain = engine.pieces("who wrote the novel ?", DOCS)
+    assert plain.context == plain.header  # no client system prompt: the header is the cache context
+    chat = engine.pieces("who wrote the novel ?", DOCS, system="reply with few words",
+                         history=[{"role": "user", "content": "the king"}, {"role": "assistant", "content": "queen"}])
+    assert chat.context == plain.context and chat.documents == plain.documents and chat.header != plain.header
+    text = engine.tokenizer.decode(chat.header)
+    assert "reply with few words" in text and "king" in text and "queen" in text
+    engine.prefill("who wrote the novel ?", DOCS)
+    record = engine.chunk_kv(plain.documents[0], plain.context)
+    assert record.context == tuple(plain.context) and record.start == len(plain.context)

@@ -1,12 +1,14 @@
 """`ragzip eval blend`: TTFT, answer F1 and closeness of chunk-KV reuse methods vs full prefill.
 
 Per question (10 chunks each on musique_chunks_dev50), side by side in one process: full prefill, prefix
-caching only, full reuse (no recompute), and blend at each ratio (default 5/15/30%). Chunk caches are
-warmed in the store first (not timed); each method's TTFT includes loading its caches from the store.
-Closeness uses one token sequence for every method: full prefill's greedy answer (first 32 tokens) is
-teacher-forced and each method's next-token distributions are compared with full prefill's (mean KL,
-argmax agreement). Selection strategies (value / key / kv deviation, random control, check layer,
-gradual filtering) are compared at the main ratio on closeness alone.
+caching only, full reuse (no recompute) and blend at each ratio (default 5/15/30%), plus the previous version's
+caches (each chunk computed alone from position 0, `*_alone`). Chunk caches are warmed in the store first (not
+timed); each method's TTFT includes loading its caches from the store. Closeness uses one token sequence for
+every method: full prefill's greedy answer (first 32 tokens) is teacher-forced and each method's next-token
+distributions are compared with full prefill's (mean KL, argmax agreement). Answer F1 is each method's own
+greedy answer against the gold answers. Selection strategies (value deviation, the question's attention,
+their mix, random control, chunk-head recompute, gradual filtering) are compared at each strategy ratio on
+closeness.
 """
 
 from __future__ import annotations
@@ -25,12 +27,15 @@ DEFAULT_RATIOS = (0.05, 0.15, 0.30)
 MAIN_RATIO = 0.15
 log = logging.getLogger(__name__)
 STRATEGIES: dict[str, dict[str, Any]] = {
-    "key": {"deviation": "key"},
-    "kv": {"deviation": "kv"},
+    "value": {"deviation": "value", "query_weight": 0.0},
+    "key": {"deviation": "key", "query_weight": 0.0},
     "random": {"deviation": "random"},
-    "value_check2": {"deviation": "value", "check_layer": 2},
-    "value_gradual": {"deviation": "value", "gradual_layers": 3, "gradual_start_ratio": 0.45},
+    "query": {"deviation": "query"},
+    "value_query": {"deviation": "value", "query_weight": 0.5},
+    "chunk_head4": {"deviation": "value", "query_weight": 0.0, "chunk_head_tokens": 4},
+    "value_gradual": {"deviation": "value", "query_weight": 0.0, "gradual_layers": 3},
 }
+DEFAULT_STRATEGIES = ("value", "random", "query", "value_query", "chunk_head4", "value_gradual")
 
 
 def _closeness(ref: Any, other: Any) -> tuple[float, float]:
@@ -48,13 +53,16 @@ def _bool(value: str) -> bool:
 def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) -> dict[str, Any]:
     """Run the suite.
 
-    Options: model (alias, default smollm2), dtype (float32), ratios ("0.05,0.15,0.3"), deviation (value),
-    check_layer (1), gradual_layers (0), store (disk|memory), strategies (true), max_new_tokens (32),
-    threads (torch threads, default unchanged), warmup (true: one untimed full and blended prefill first).
+    Options: model (alias, default smollm2), dtype (float32), ratios ("0.05,0.15,0.3"), deviation / query_weight /
+    check_layer / gradual_layers / chunk_head_tokens (the blend configuration, default `BlendConfig()`), store
+    (disk|memory), strategies (comma list of STRATEGIES names, "false" for none), strategy_ratios (default the
+    ratios), previous (true: also the caches computed alone), skip (skip the first n examples: a held-out
+    slice), max_new_tokens (32), threads (torch threads), warmup (true: one untimed run of each kind first).
     """
     import torch
 
     from ragzip.engine import resolve_dtype
+    from ragzip.errors import ConfigError
     from ragzip.eval.datasets import load_examples
     from ragzip.eval.metrics import f1_score
     from ragzip.kernels.blend import BlendConfig
@@ -63,43 +71,62 @@ def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) ->
     from ragzip.kvstore.stores.memory import MemoryStore
     from ragzip.registry import load_causal_lm
 
-    known = {"model", "dtype", "ratios", "deviation", "check_layer", "gradual_layers", "store", "strategies",
-             "max_new_tokens", "threads", "warmup"}
+    known = {"model", "dtype", "ratios", "deviation", "query_weight", "check_layer", "gradual_layers",
+             "chunk_head_tokens", "store", "strategies", "strategy_ratios", "previous", "skip", "max_new_tokens",
+             "threads", "warmup"}
     unknown = sorted(set(options) - known)
     if unknown:
-        from ragzip.errors import ConfigError
-
         raise ConfigError(f"unknown blend suite options {unknown}; valid: {sorted(known)}")
     if "threads" in options:
         torch.set_num_threads(int(options["threads"]))
-    ratios = tuple(float(r) for r in options.get("ratios", ",".join(map(str, DEFAULT_RATIOS))).split(","))
+    ratios = _floats(options.get("ratios"), DEFAULT_RATIOS)
+    strategy_ratios = _floats(options.get("strategy_ratios"), ratios)
     max_new = int(options.get("max_new_tokens", "32"))
-    base = {"deviation": options.get("deviation", "value"), "check_layer": int(options.get("check_layer", "1")),
-            "gradual_layers": int(options.get("gradual_layers", "0")), "seed": seed}
-    strategies = STRATEGIES if _bool(options.get("strategies", "true")) else {}
+    defaults = BlendConfig()
+    base: dict[str, Any] = {
+        "deviation": options.get("deviation", defaults.deviation.value),
+        "query_weight": float(options.get("query_weight", defaults.query_weight)),
+        "check_layer": int(options.get("check_layer", defaults.check_layer)),
+        "gradual_layers": int(options.get("gradual_layers", defaults.gradual_layers)),
+        "chunk_head_tokens": int(options.get("chunk_head_tokens", defaults.chunk_head_tokens)), "seed": seed}
+    names = options.get("strategies", ",".join(DEFAULT_STRATEGIES))
+    chosen = [] if names.strip().lower() in ("false", "none", "") else [n.strip() for n in names.split(",")]
+    bad = sorted(set(chosen) - set(STRATEGIES))
+    if bad:
+        raise ConfigError(f"unknown blend strategies {bad}; valid: {sorted(STRATEGIES)}")
     model, tokenizer = load_causal_lm(options.get("model"), dtype=resolve_dtype(options.get("dtype", "float32")))
     tmp = tempfile.TemporaryDirectory(prefix="ragzip-blend-")
     store = DiskStore(tmp.name, max_bytes=32 << 30) if options.get("store", "disk") == "disk" else MemoryStore(32 << 30)
     engine = KVReuseEngine(model, tokenizer, store=store)
-    methods: dict[str, tuple[ReuseMode, Any]] = {
-        "full": (ReuseMode.FULL, None), "prefix": (ReuseMode.PREFIX, None), "full_reuse": (ReuseMode.REUSE, None),
-    }
-    for r in ratios:
-        methods[f"blend_{round(r * 100)}"] = (ReuseMode.BLEND, BlendConfig(recompute_ratio=r, **base))
-    per: dict[str, dict[str, list[float]]] = {m: {"ttft": [], "f1": [], "kl": [], "top1": [], "recomputed": []}
-                                              for m in methods}
-    strat: dict[str, dict[str, list[float]]] = {s: {"kl": [], "top1": [], "ttft": []} for s in strategies}
-    examples = load_examples(data, limit=limit)
+    engines = {"": engine}
+    if _bool(options.get("previous", "true")):
+        engines["_alone"] = KVReuseEngine(model, tokenizer, store=store, sink_context=False, run_self_check=False)
+    methods: dict[str, tuple[Any, ReuseMode, Any]] = {"full": (engine, ReuseMode.FULL, None),
+                                                       "prefix": (engine, ReuseMode.PREFIX, None)}
+    for suffix, eng in engines.items():
+        methods[f"full_reuse{suffix}"] = (eng, ReuseMode.REUSE, None)
+        for r in ratios if not suffix else (MAIN_RATIO,):
+            methods[f"blend_{round(r * 100)}{suffix}"] = (eng, ReuseMode.BLEND, BlendConfig(recompute_ratio=r, **base))
+    for sname in chosen:
+        for r in strategy_ratios:
+            cfg = BlendConfig(recompute_ratio=r, **{**base, **STRATEGIES[sname]})
+            methods[f"strategy_{sname}_{round(r * 100)}"] = (engine, ReuseMode.BLEND, cfg)
+    per: dict[str, dict[str, list[float]]] = {m: {"ttft": [], "f1": [], "kl": [], "top1": [], "recomputed": [],
+                                                  "load": []} for m in methods}
+    skip = int(options.get("skip", "0"))
+    examples = load_examples(data, limit=None if limit is None else skip + limit)[skip:]
     prompt_tokens: list[int] = []
     if examples and _bool(options.get("warmup", "true")):
         # Untimed: the first touch of fresh memory is slow here, and it would land on whichever method runs first.
         docs = examples[0].documents()
-        engine.warm(docs)
-        for mode in (ReuseMode.FULL, ReuseMode.BLEND):
+        for eng in engines.values():
+            eng.warm(docs)
+        for mode in (ReuseMode.FULL, ReuseMode.PREFIX, ReuseMode.BLEND):
             engine.prefill(examples[0].question, docs, mode=mode)
     for ex in examples:
         docs = ex.documents()
-        engine.warm(docs)
+        for eng in engines.values():
+            eng.warm(docs)
         full_pre = engine.prefill(ex.question, docs, mode=ReuseMode.FULL)
         full_stats = copy.copy(engine.stats)
         prompt_tokens.append(full_pre.num_tokens)
@@ -109,33 +136,31 @@ def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) ->
             target.append(tok)
             ref_rows.append(logits)
         ref = torch.stack(ref_rows)  # [T, V]
-        for name, (mode, cfg) in methods.items():
+        for name, (eng, mode, cfg) in methods.items():
             if name == "full":
                 pre, stats = full_pre, full_stats
             else:
-                pre = engine.prefill(ex.question, docs, mode=mode, blend=cfg)
-                stats = copy.copy(engine.stats)
-            kl, top1 = (0.0, 1.0) if name == "full" else _closeness(ref, engine.teacher_forced_logits(
+                pre = eng.prefill(ex.question, docs, mode=mode, blend=cfg)
+                stats = copy.copy(eng.stats)
+            kl, top1 = (0.0, 1.0) if name == "full" else _closeness(ref, eng.teacher_forced_logits(
                 copy.deepcopy(pre), target))
-            text = tokenizer.decode(list(engine.generate_ids(pre, max_new_tokens=max_new)), skip_special_tokens=True)
             row = per[name]
             row["ttft"].append(stats.ttft_s)
-            row["f1"].append(f1_score(text.strip(), ex.answers))
+            row["load"].append(stats.load_s)
             row["kl"].append(kl)
             row["top1"].append(top1)
             row["recomputed"].append(stats.recomputed_tokens / max(1, stats.prompt_tokens))
-            log.info("%s %s: ttft %.2fs kl %.4f top1 %.3f answer %r", ex.id, name, stats.ttft_s, kl, top1, text)
+            if not name.startswith("strategy_"):
+                text = tokenizer.decode(list(eng.generate_ids(pre, max_new_tokens=max_new)), skip_special_tokens=True)
+                row["f1"].append(f1_score(text.strip(), ex.answers))
+                log.info("%s %s: ttft %.2fs kl %.4f top1 %.3f answer %r", ex.id, name, stats.ttft_s, kl, top1, text)
             del pre
-        for sname, kw in strategies.items():
-            cfg = BlendConfig(recompute_ratio=MAIN_RATIO, **{**base, **kw})
-            pre = engine.prefill(ex.question, docs, mode=ReuseMode.BLEND, blend=cfg)
-            strat[sname]["ttft"].append(engine.stats.ttft_s)
-            kl, top1 = _closeness(ref, engine.teacher_forced_logits(pre, target))
-            strat[sname]["kl"].append(kl)
-            strat[sname]["top1"].append(top1)
-            log.info("%s strategy %s: ttft %.2fs kl %.4f top1 %.3f", ex.id, sname, engine.stats.ttft_s, kl, top1)
     tmp.cleanup()
-    return _report(per, strat, ratios, prompt_tokens, engine)
+    return _report(per, ratios, strategy_ratios, chosen, prompt_tokens, engine, examples)
+
+
+def _floats(value: str | None, default: tuple[float, ...]) -> tuple[float, ...]:
+    return default if value is None else tuple(float(r) for r in value.split(","))
 
 
 def _greedy_with_logits(engine: Any, pre: Any, max_new: int) -> Any:
@@ -159,44 +184,62 @@ def _mean(xs: list[float]) -> float:
     return float(statistics.fmean(xs)) if xs else float("nan")
 
 
-def _report(per: dict[str, dict[str, list[float]]], strat: dict[str, dict[str, list[float]]],
-            ratios: tuple[float, ...], prompt_tokens: list[int], engine: Any) -> dict[str, Any]:
+def _report(per: dict[str, dict[str, list[float]]], ratios: tuple[float, ...], strategy_ratios: tuple[float, ...],
+            strategies: list[str], prompt_tokens: list[int], engine: Any, examples: list[Any]) -> dict[str, Any]:
+    from ragzip.eval.metrics import paired_bootstrap_ci, ratio_bootstrap_ci
+
     main = f"blend_{round(MAIN_RATIO * 100)}"
     if main not in per:
         main = f"blend_{round(ratios[len(ratios) // 2] * 100)}"
     full_ttft = sum(per["full"]["ttft"])
+    kl_main, kl_reuse = per[main]["kl"], per["full_reuse"]["kl"]
     out: dict[str, Any] = {
         "num_examples": len(prompt_tokens),
+        "example_ids": [ex.id for ex in examples],
         "mean_prompt_tokens": _mean([float(n) for n in prompt_tokens]),
         "ttft_speedup_vs_full": full_ttft / max(1e-9, sum(per[main]["ttft"])),
         "f1_full": 100 * _mean(per["full"]["f1"]),
         "f1_blend": 100 * _mean(per[main]["f1"]),
-        "kl_blend": _mean(per[main]["kl"]),
-        "kl_full_reuse": _mean(per["full_reuse"]["kl"]),
+        "kl_blend": _mean(kl_main),
+        "kl_full_reuse": _mean(kl_reuse),
         "top1_agreement_blend": _mean(per[main]["top1"]),
         "top1_agreement_full_reuse": _mean(per["full_reuse"]["top1"]),
+        "kl_blend_vs_full_reuse": sum(kl_main) / max(1e-12, sum(kl_reuse)),
+        "kl_blend_vs_full_reuse_ci": list(ratio_bootstrap_ci(kl_main, kl_reuse)),
+        "f1_blend_minus_full_ci": list(paired_bootstrap_ci(
+            [100 * (b - f) for b, f in zip(per[main]["f1"], per["full"]["f1"])])),
     }
     for name, row in per.items():
         out[f"ttft_s_{name}"] = _mean(row["ttft"])
+        out[f"load_s_{name}"] = _mean(row["load"])
         out[f"speedup_{name}"] = full_ttft / max(1e-9, sum(row["ttft"]))
-        out[f"f1_{name}"] = 100 * _mean(row["f1"])
+        if row["f1"]:
+            out[f"f1_{name}"] = 100 * _mean(row["f1"])
         if name != "full":
             out[f"kl_{name}"] = _mean(row["kl"])
             out[f"top1_{name}"] = _mean(row["top1"])
-    for name, row in strat.items():
-        out[f"strategy_kl_{name}"] = _mean(row["kl"])
-        out[f"strategy_top1_{name}"] = _mean(row["top1"])
-        out[f"strategy_speedup_{name}"] = full_ttft / max(1e-9, sum(row["ttft"]))
-    if strat and "value" not in strat:
-        strat = {"value": {"kl": per[main]["kl"], "top1": per[main]["top1"], "ttft": per[main]["ttft"]}, **strat}
-        out["strategy_kl_value"] = _mean(per[main]["kl"])
-        out["strategy_top1_value"] = _mean(per[main]["top1"])
-        out["strategy_speedup_value"] = out["ttft_speedup_vs_full"]
-    if strat:
-        out["best_strategy"] = min(strat, key=lambda s: _mean(strat[s]["kl"]))
+            out[f"kl_ci_{name}"] = list(ratio_bootstrap_ci(row["kl"], [1.0] * len(row["kl"])))
+    for sname in strategies:
+        for r in strategy_ratios:
+            row = per[f"strategy_{sname}_{round(r * 100)}"]
+            suffix = "" if abs(r - MAIN_RATIO) < 1e-9 else f"_{round(r * 100)}"
+            out[f"strategy_kl_{sname}{suffix}"] = _mean(row["kl"])
+            out[f"strategy_top1_{sname}{suffix}"] = _mean(row["top1"])
+            out[f"strategy_speedup_{sname}{suffix}"] = full_ttft / max(1e-9, sum(row["ttft"]))
+    main_strategies = {s: _mean(per[f"strategy_{s}_{round(MAIN_RATIO * 100)}"]["kl"]) for s in strategies
+                       if f"strategy_{s}_{round(MAIN_RATIO * 100)}" in per}
+    if main_strategies:
+        out["best_strategy"] = min(main_strategies, key=lambda s: main_strategies[s])
     out["per_method"] = {name: {k: v for k, v in row.items()} for name, row in per.items()}
     out["main_blend"] = main
+    out["blend_config"] = _config_dict(engine.blend)
     out["self_check"] = None if engine.self_check is None else {
         "full_vs_reference": engine.self_check.full_vs_reference, "rerotation": engine.self_check.rerotation}
     out["time"] = time.strftime("%Y-%m-%d %H:%M:%S")
     return out
+
+
+def _config_dict(cfg: Any) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(cfg).items()}

@@ -15,6 +15,7 @@ from ragzip.kernels.blend import (
     self_check,
 )
 from ragzip.kernels.hf_adapter import HFAdapter
+from ragzip.kernels.select import query_attention
 
 FAMILIES = ["llama", "qwen2", "gemma3"]
 
@@ -93,10 +94,75 @@ def test_gradual_filtering_and_strategies_run(tiny_model: Any) -> None:
     sel = out.selected
     assert sel[0] == n_cached + len(tail) and sel[1] > sel[2] > sel[3]
     assert sel[3] == pytest.approx(0.2 * n_cached + len(tail), abs=1)
-    for deviation in ["key", "value", "kv", "random"]:
-        blended_prefill(adapter, segs, BlendConfig(recompute_ratio=0.2, deviation=deviation))
+    picked = {}
+    for deviation in ["key", "value", "kv", "random", "query"]:
+        out = blended_prefill(adapter, segs, BlendConfig(recompute_ratio=0.2, deviation=deviation))
+        assert out.final_index is not None and out.selected[-1] == sel[3]
+        picked[deviation] = tuple(out.final_index.tolist())
+    assert len(set(picked.values())) >= 3  # the strategies really choose differently
     with pytest.raises(ConfigError, match="valid"):
         BlendConfig(deviation="nope")
+    with pytest.raises(ConfigError):
+        BlendConfig(query_weight=1.5)
+    with pytest.raises(ConfigError):
+        BlendConfig(row_groups=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("deviation", ["value", "key"])
+def test_deviation_selects_the_tokens_whose_reused_kv_deviates_most(tiny_model: Any, family: str,
+                                                                   deviation: str) -> None:
+    """With the default fresh_check_kv, scores compare fresh with *reused* K/V (not fresh with itself)."""
+    adapter = HFAdapter(tiny_model(family))
+    tail, chunks = _prompt(6)
+    segs = _segments(adapter, chunks, tail)
+    ids = [t for c in chunks for t in c] + tail
+    n_cached = sum(len(c) for c in chunks)
+    out = blended_prefill(adapter, segs, BlendConfig(recompute_ratio=0.25, deviation=deviation))
+    # Independently: the check layer's input from the model's own forward, its fresh K/V, the reused K/V.
+    with torch.inference_mode():
+        hidden = adapter.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[1]
+        cos, sin = adapter.position_embeddings(1, hidden, torch.arange(len(ids))[None])
+        fresh = adapter.project_kv(1, hidden, cos, sin)
+    reused, _ = fuse_caches(adapter, segs, len(ids))
+    which = 0 if deviation == "key" else 1
+    dev = (fresh[which] - reused[1][which]).pow(2).sum(dim=(0, 1, 3))[:n_cached]  # [n_cached]
+    k = out.selected[-1] - len(tail)
+    expected = sorted(torch.topk(dev, k).indices.tolist()) + list(range(n_cached, len(ids)))
+    assert out.final_index is not None and out.final_index.tolist() == expected
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_row_groups_give_the_same_result_as_one_pass(tiny_model: Any, family: str) -> None:
+    adapter = HFAdapter(tiny_model(family))
+    tail, chunks = _prompt(7, sizes=(120, 90, 110, 100), tail=9)
+    segs = _segments(adapter, chunks, tail)
+    # Check layer 2: at layer 1, Gemma's sliding window makes most deviations exact ties that float noise orders.
+    one = blended_prefill(adapter, segs, BlendConfig(recompute_ratio=0.6, check_layer=2, row_groups=1))
+    four = blended_prefill(adapter, segs, BlendConfig(recompute_ratio=0.6, check_layer=2, row_groups=4))
+    assert one.final_index is not None and four.final_index is not None
+    assert one.final_index.tolist() == four.final_index.tolist() and one.selected[-1] >= 256  # really 4 groups
+    torch.testing.assert_close(four.logits, one.logits, atol=1e-5, rtol=1e-5)
+    for (k1, v1), (k4, v4) in zip(one.kv, four.kv):
+        torch.testing.assert_close(k4, k1, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(v4, v1, atol=1e-5, rtol=1e-5)
+
+
+def test_exact_segments_are_never_selected_and_chunk_heads_always_are(tiny_model: Any) -> None:
+    adapter = HFAdapter(tiny_model("llama"))
+    tail, chunks = _prompt(8)
+    header = chunks[0]
+    segs = [Segment(header, compute_chunk_kv(adapter, header), exact=True)] + _segments(adapter, chunks[1:], tail)
+    starts = [len(header), len(header) + len(chunks[1]), len(header) + len(chunks[1]) + len(chunks[2])]
+    for deviation in ["value", "query", "random"]:
+        out = blended_prefill(adapter, segs, BlendConfig(recompute_ratio=0.3, deviation=deviation,
+                                                         chunk_head_tokens=2))
+        assert out.final_index is not None
+        chosen = set(out.final_index.tolist())
+        assert not chosen & set(range(len(header)))  # the exact prefix is reused as is
+        assert {s + i for s in starts for i in range(2)} <= chosen  # every chunk's first 2 tokens
+        candidates = sum(len(c) for c in chunks[1:])
+        assert len(chosen) - len(tail) == pytest.approx(0.3 * candidates, abs=1)  # heads count in the budget
 
 
 def test_final_tokens_always_recomputed(tiny_model: Any) -> None:
@@ -139,3 +205,19 @@ def test_unsupported_attention_is_refused(tiny_model: Any) -> None:
     model.config._attn_implementation = "flash_attention_2"
     with pytest.raises(UnsupportedModelError, match="sdpa"):
         HFAdapter(model)
+
+
+def test_query_attention_is_the_questions_causal_softmax_attention() -> None:
+    gen = torch.Generator().manual_seed(0)
+    query = torch.randn(1, 4, 3, 8, generator=gen)  # 4 heads over 2 KV heads, 3 question tokens
+    key = torch.randn(1, 2, 10, 8, generator=gen)
+    q_pos = torch.tensor([6, 7, 8])
+    attn = query_attention(query, key, q_pos, scaling=8**-0.5)
+    assert attn.shape == (10,) and float(attn.sum()) == pytest.approx(1.0, abs=1e-5)
+    assert float(attn[9]) == 0.0  # after every question token
+    manual = torch.zeros(10)
+    for h in range(4):
+        for i, p in enumerate(q_pos.tolist()):
+            logits = key[0, h // 2, : p + 1] @ query[0, h, i] * 8**-0.5
+            manual[: p + 1] += logits.softmax(-1)
+    torch.testing.assert_close(attn, manual / 12, atol=1e-6, rtol=1e-5)

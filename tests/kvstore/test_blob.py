@@ -31,6 +31,7 @@ def _with_header(record: ChunkRecord, **changes: object) -> bytes:
     n = struct.unpack_from("<I", blob, 6)[0]
     header = json.loads(blob[10:10 + n])
     header.update(changes)
+    header = {k: v for k, v in header.items() if v is not None}  # None = drop the field
     head = json.dumps(header).encode()
     body = blob[:4] + struct.pack("<HI", 1, len(head)) + head + blob[10 + n:-32]
     return body + hashlib.blake2b(body, digest_size=32).digest()
@@ -43,6 +44,8 @@ def _with_header(record: ChunkRecord, **changes: object) -> bytes:
     {"codec": "pickle"},
     {"num_tokens": "12"},
     {"payload_len": 5},
+    {"context": "1,2"},
+    {"context": [1, -2]},
 ])
 def test_bad_headers_are_rejected(record_factory: Callable[..., ChunkRecord], change: dict[str, object]) -> None:
     with pytest.raises(CodecError):
@@ -53,3 +56,17 @@ def test_not_a_blob() -> None:
     for data in (b"", b"RZKV", b"XXXX" + b"\x00" * 64, b"RZKV\x09\x00" + b"\x00" * 64):
         with pytest.raises(CodecError):
             decode_record(data)
+
+
+def test_context_round_trips_and_older_blobs_without_it_still_read(record_factory: Callable[..., ChunkRecord]) -> None:
+    import dataclasses
+
+    base = record_factory()
+    conditioned = dataclasses.replace(base, start=3, context=(7, 8, 9))
+    back = decode_record(encode_record(conditioned, get_codec("raw")), expected_key=conditioned.key)
+    assert back.context == (7, 8, 9) and back.start == 3 and back.key == conditioned.key != base.key
+    legacy = _with_header(base, context=None)  # what format version 1 wrote before conditioned chunks
+    assert decode_record(legacy, expected_key=base.key).context == ()
+    # a context edited in (without the key matching) is caught as a foreign entry
+    with pytest.raises(ForeignModelError):
+        decode_record(_with_header(base, context=[1, 2]))

@@ -15,3 +15,9 @@ def test_key_changes_with_model_and_tokens() -> None:
     assert a != chunk_key("fp", [1, 2, 4])
     assert a != chunk_key("fp", [1, 2])
     assert not is_chunk_key("../etc/passwd")
+
+
+def test_context_is_part_of_the_key_and_empty_context_keeps_old_keys() -> None:
+    assert chunk_key("fp", [1, 2, 3], ()) == chunk_key("fp", [1, 2, 3])
+    keys = {chunk_key("fp", [1, 2, 3]), chunk_key("fp", [1, 2, 3], [9]), chunk_key("fp", [1, 2, 3], [9, 9])}
+    assert len(keys) == 3

@@ -43,3 +43,34 @@ def test_fingerprint_sees_weights_and_dtype(tiny_llama: torch.nn.Module) -> None
 def test_empty_chunk_is_an_input_error(tiny_llama: torch.nn.Module) -> None:
     with pytest.raises(InputError):
         prefill_chunk(tiny_llama, [])
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_gemma"])
+def test_header_conditioned_chunk_equals_the_slice_of_a_full_forward(name: str, request: pytest.FixtureRequest) -> None:
+    """A chunk computed after the prompt header holds exactly the header+chunk forward's K/V for its tokens."""
+    model = request.getfixturevalue(name)
+    header, chunk = list(range(40, 47)), list(range(1, 15))
+    record = prefill_chunk(model, chunk, header)
+    assert record.start == len(header) and record.context == tuple(header) and record.token_ids == tuple(chunk)
+    cache = DynamicCache()
+    with torch.no_grad():
+        model.model(input_ids=torch.tensor([header + chunk]), cache=cache, use_cache=True)
+    for (k, v), layer in zip(record.layers, cache.layers):
+        torch.testing.assert_close(k, layer.keys[0, :, len(header):], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(v, layer.values[0, :, len(header):], atol=1e-6, rtol=1e-5)
+    alone = prefill_chunk(model, chunk)
+    assert record.key != alone.key  # another entry than the chunk computed alone
+    assert not torch.allclose(record.layers[-1][1], alone.layers[-1][1])  # the header changes the chunk's V
+
+
+def test_loader_hits_only_with_the_same_context(tiny_llama: torch.nn.Module) -> None:
+    from ragzip.kvstore.loader import get_or_compute
+    from ragzip.kvstore.stores.memory import MemoryStore
+
+    store = MemoryStore()
+    _, hit = get_or_compute(store, tiny_llama, [5, 6, 7], [1, 2])
+    assert not hit
+    record, hit = get_or_compute(store, tiny_llama, [5, 6, 7], [1, 2])
+    assert hit and record.context == (1, 2) and record.start == 2
+    assert not get_or_compute(store, tiny_llama, [5, 6, 7], [1, 3])[1]
+    assert not get_or_compute(store, tiny_llama, [5, 6, 7])[1]
