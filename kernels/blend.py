@@ -67,6 +67,8 @@ class BlendConfig:
         num_last_tokens: prompt tail always recomputed.
         query_weight: share of the question's attention in the selection score, mixed with the deviation
             (each normalised to sum 1 over the candidates); 0 = deviation alone. Ignored for random/query.
+            Default 0.5: on MuSiQue tuning questions (SmolLM2, 15%) KL to full prefill 0.093 against 0.112 for
+            value deviation alone, 0.099 for attention alone and 0.149 for plain reuse.
         chunk_head_tokens: the first k tokens of every reused, inexact segment are always recomputed (EPIC's
             LegoLink); they count against the ratio's budget.
         fresh_check_kv: write the fresh K/V of every scored token at a check layer (they are computed
@@ -83,7 +85,7 @@ class BlendConfig:
     gradual_layers: int = 0
     gradual_start_ratio: float | None = None
     num_last_tokens: int = 1
-    query_weight: float = 0.0
+    query_weight: float = 0.5
     chunk_head_tokens: int = 0
     fresh_check_kv: bool = True
     row_groups: int = 4
@@ -277,6 +279,10 @@ def blended_prefill(adapter: HFAdapter, segments: Sequence[Segment], config: Ble
 
     index = torch.arange(num_tokens, device=device)  # [r] rows being recomputed
     hidden = adapter.embed(torch.tensor([ids], device=device))  # [1, N, hidden]
+    if num_candidates == 0:  # only exact caches and fresh tokens (prefix caching): nothing to select
+        index = forced.nonzero().squeeze(-1)
+        hidden = hidden.index_select(1, index)
+        check_layers = range(0)
     result = BlendResult(logits=torch.empty(0), kv=kv, num_tokens=num_tokens, num_reused=num_reused)
     pos_cache: dict[str, tuple[Tensor, Tensor]] = {}
     mask_cache: dict[int | None, Tensor | None] = {}
@@ -295,8 +301,11 @@ def blended_prefill(adapter: HFAdapter, segments: Sequence[Segment], config: Ble
                                                                               layer_idx)  # [r]
             if cfg.fresh_check_kv:
                 ScatterCache(*kv[layer_idx], index).update(*fresh, layer_idx)
-            use_query = cfg.deviation is Deviation.QUERY or (cfg.query_weight > 0 and
-                                                             cfg.deviation is not Deviation.RANDOM)
+            has_question = bool(queries.any())  # a prompt cached to its end has no question rows to ask
+            use_query = has_question and (cfg.deviation is Deviation.QUERY or (
+                cfg.query_weight > 0 and cfg.deviation is not Deviation.RANDOM))
+            if score is None and not use_query:
+                score = _deviation(cfg, fresh, kv[layer_idx], index, layer_idx)
             if use_query:  # the question's attention over the keys as they are now (fresh where scattered)
                 attn = _query_scores(adapter, layer_idx, hidden, pos_emb, index, queries.index_select(0, index),
                                      kv[layer_idx][0])

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ragzip.errors import ConfigError, UnsupportedModelError
+from ragzip.errors import UnsupportedModelError
 
 LayerKV = tuple[Tensor, Tensor]
 
@@ -233,23 +233,6 @@ class HFAdapter:
             input_ids=input_ids, cache=cache, position_ids=positions, use_cache=True, logits_to_keep=logits_to_keep
         )
         return out.logits[0].float()  # type: ignore[no-any-return]
-
-    def extend(self, input_ids: Sequence[int], cache: Any, start: int, *, block: int = 512) -> Tensor:
-        """Prefill ``input_ids`` after ``start`` cached tokens in blocks; returns the last token's ``[V]`` logits.
-
-        One call with a long suffix would give every query row the whole key range under an explicit mask
-        (no causal skipping); blocks of ``block`` rows see only the keys before them, which keeps the work
-        near a causal prefill's and makes prefix caching no slower than a full prefill.
-        """
-        if not input_ids:
-            raise ConfigError("nothing to prefill after the cached prefix")
-        device = self.device
-        logits = None
-        for at in range(0, len(input_ids), block):
-            part = torch.tensor([list(input_ids[at : at + block])], device=device)
-            logits = self.forward_with_cache(part, cache, start + at, logits_to_keep=1)[-1]
-        assert logits is not None
-        return logits
 
     @property
     def kv_bytes_per_token(self) -> int:

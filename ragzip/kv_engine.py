@@ -279,8 +279,13 @@ class KVReuseEngine:
             prefix = pieces.header + (pieces.documents[0] if pieces.documents else [])
             record = self.chunk_kv(prefix)
             self.stats.load_s = time.perf_counter() - t0
-            cache = self.adapter.make_cache(record.to_cache_data())
-            logits = self.adapter.extend(ids[len(prefix) :], cache, len(prefix))
+            # The exact prefix and a fresh rest: the blended pass runs only the rest's rows, in groups of about
+            # 256 that each attend to the keys before them, into preallocated K/V (no growing HF cache).
+            rest = ids[len(prefix) :]
+            segs = [Segment(record.token_ids, record.layers, 0, exact=True), Segment(rest)]
+            cfg = BlendConfig(recompute_ratio=0.0, row_groups=max(1, len(rest) // 256))
+            out = blended_prefill(self.adapter, segs, cfg)
+            logits, cache = out.logits, self.adapter.make_cache(out.kv)
             self.stats.reused_tokens = len(prefix)
             self.stats.recomputed_tokens = len(ids) - len(prefix)
         else:

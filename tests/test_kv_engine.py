@@ -102,6 +102,10 @@ def test_reuse_mode_equals_blend_at_ratio_zero(engine_parts: tuple[Any, Any]) ->
     prefix = engine.prefill(q, DOCS, mode="prefix")
     full = engine.prefill(q, DOCS, mode="full")
     assert prefix.num_tokens == full.num_tokens
+    # header + first document reused exactly, the rest computed: the same as a full prefill, and it generates alike
+    torch.testing.assert_close(prefix.logits, full.logits, atol=1e-5, rtol=1e-5)
+    assert list(engine.generate_ids(prefix, max_new_tokens=5)) == list(engine.generate_ids(full, max_new_tokens=5))
+    full = engine.prefill(q, DOCS, mode="full")
     # The first document at its true place is exact; with one document prefix caching equals full prefill.
     one_prefix = engine.prefill(q, DOCS[:1], mode="prefix")
     torch.testing.assert_close(one_prefix.logits, engine.prefill(q, DOCS[:1], mode="full").logits, atol=1e-5,

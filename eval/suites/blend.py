@@ -115,6 +115,8 @@ def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) ->
                                                   "load": []} for m in methods}
     skip = int(options.get("skip", "0"))
     examples = load_examples(data, limit=None if limit is None else skip + limit)[skip:]
+    if not examples:
+        raise ConfigError(f"no examples to run in {data} after skipping {skip}")
     prompt_tokens: list[int] = []
     if examples and _bool(options.get("warmup", "true")):
         # Untimed: the first touch of fresh memory is slow here, and it would land on whichever method runs first.

@@ -118,7 +118,7 @@ def test_deviation_selects_the_tokens_whose_reused_kv_deviates_most(tiny_model: 
     segs = _segments(adapter, chunks, tail)
     ids = [t for c in chunks for t in c] + tail
     n_cached = sum(len(c) for c in chunks)
-    out = blended_prefill(adapter, segs, BlendConfig(recompute_ratio=0.25, deviation=deviation))
+    out = blended_prefill(adapter, segs, BlendConfig(recompute_ratio=0.25, deviation=deviation, query_weight=0.0))
     # Independently: the check layer's input from the model's own forward, its fresh K/V, the reused K/V.
     with torch.inference_mode():
         hidden = adapter.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[1]
