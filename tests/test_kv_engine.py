@@ -105,6 +105,10 @@ def test_reuse_mode_equals_blend_at_ratio_zero(engine_parts: tuple[Any, Any]) ->
     # header + first document reused exactly, the rest computed: the same as a full prefill, and it generates alike
     torch.testing.assert_close(prefix.logits, full.logits, atol=1e-5, rtol=1e-5)
     assert list(engine.generate_ids(prefix, max_new_tokens=5)) == list(engine.generate_ids(full, max_new_tokens=5))
+    engine.prefill(q, DOCS, mode="prefix")
+    assert engine.stats.reused_tokens > 0  # header + first document are over a third of this prompt
+    engine.prefill(q, DOCS * 3, mode="prefix")  # a short prefix does not pay: a plain full prefill instead
+    assert (engine.stats.reused_tokens, engine.stats.recomputed_tokens) == (0, engine.stats.prompt_tokens)
     full = engine.prefill(q, DOCS, mode="full")
     # The first document at its true place is exact; with one document prefix caching equals full prefill.
     one_prefix = engine.prefill(q, DOCS[:1], mode="prefix")
