@@ -96,6 +96,7 @@ def blend_ttft(blend: dict[str, Any], out: Path, caption: str) -> Path | None:
     for i, n in enumerate(names):
         ax.text(i, values[i], f"{blend.get(f'speedup_{n}', 1):.1f}x", ha="center", va="bottom", fontsize=8)
     ax.set_ylabel("time to first token (s)")
+    ax.tick_params(axis="x", labelrotation=30)
     return _finish(fig, ax, out, caption)
 
 
