@@ -286,7 +286,7 @@ def blended_prefill(adapter: HFAdapter, segments: Sequence[Segment], config: Ble
         check_layers = range(0)
     result = BlendResult(logits=torch.empty(0), kv=kv, num_tokens=num_tokens, num_reused=num_reused)
     pos_cache: dict[str, tuple[Tensor, Tensor]] = {}
-    mask_cache: dict[int | None, Tensor | None] = {}
+    mask_cache: dict[int | None, list[tuple[tuple[int, int, int], Tensor]]] = {}
     kv_pos = torch.arange(num_tokens, device=device)
     for layer_idx in range(adapter.num_layers):
         position_ids = index[None]  # [1, r]
@@ -297,23 +297,23 @@ def blended_prefill(adapter: HFAdapter, segments: Sequence[Segment], config: Ble
         if layer_idx in check_layers:
             fresh = adapter.project_kv(layer_idx, hidden, *pos_emb)  # 2 x [1, H_kv, r, D]
             rows_eligible = eligible.index_select(0, index)
-            # The deviation compares fresh with reused K/V, so it is scored before the fresh rows are written.
-            score = None if cfg.deviation is Deviation.QUERY else _deviation(cfg, fresh, kv[layer_idx], index,
-                                                                              layer_idx)  # [r]
-            if cfg.fresh_check_kv:
-                ScatterCache(*kv[layer_idx], index).update(*fresh, layer_idx)
             has_question = bool(queries.any())  # a prompt cached to its end has no question rows to ask
             use_query = has_question and (cfg.deviation is Deviation.QUERY or (
                 cfg.query_weight > 0 and cfg.deviation is not Deviation.RANDOM))
-            if score is None and not use_query:
-                score = _deviation(cfg, fresh, kv[layer_idx], index, layer_idx)
+            # The deviation compares fresh with reused K/V, so it is scored before the fresh rows are written.
+            deviation = None if cfg.deviation is Deviation.QUERY and use_query else _deviation(
+                cfg, fresh, kv[layer_idx], index, layer_idx)  # [r]
+            if cfg.fresh_check_kv:
+                ScatterCache(*kv[layer_idx], index).update(*fresh, layer_idx)
             if use_query:  # the question's attention over the keys as they are now (fresh where scattered)
                 attn = _query_scores(adapter, layer_idx, hidden, pos_emb, index, queries.index_select(0, index),
                                      kv[layer_idx][0])
-                w = 1.0 if score is None else cfg.query_weight
-                score = attn if score is None else (1 - w) * _share(score, rows_eligible) + w * _share(attn,
-                                                                                                     rows_eligible)
-            assert score is not None
+                w = cfg.query_weight
+                score = attn if deviation is None else (1 - w) * _share(deviation, rows_eligible) + w * _share(
+                    attn, rows_eligible)
+            else:
+                assert deviation is not None
+                score = deviation
             ratio = ratios[layer_idx - first_check]
             budget = max(0, num_to_select(num_candidates, ratio) - num_head)
             keep = select_tokens(score, forced.index_select(0, index), budget, rows_eligible)  # [r']
@@ -328,11 +328,12 @@ def blended_prefill(adapter: HFAdapter, segments: Sequence[Segment], config: Ble
             cache = ScatterCache(*kv[layer_idx], index)
             hidden = adapter.run_layer(layer_idx, hidden, position_ids, pos_emb, cache, attention_mask=None)
         else:
-            if window not in mask_cache:
-                mask_cache[window] = [causal_mask(index[a:b], kv_pos[:end], sliding_window=window, dtype=hidden.dtype)
+            if window not in mask_cache:  # the groups and their masks change only when the selection does
+                mask_cache[window] = [((a, b, end), causal_mask(index[a:b], kv_pos[:end], sliding_window=window,
+                                                                dtype=hidden.dtype))
                                       for a, b, end in _row_groups(index, cfg.row_groups)]
             parts = []
-            for (a, b, end), mask in zip(_row_groups(index, cfg.row_groups), mask_cache[window]):
+            for (a, b, end), mask in mask_cache[window]:
                 cache = ScatterCache(*kv[layer_idx], index[a:b], limit=end)
                 parts.append(adapter.run_layer(layer_idx, hidden[:, a:b], position_ids[:, a:b],
                                                (pos_emb[0][:, a:b], pos_emb[1][:, a:b]), cache, attention_mask=mask))
