@@ -49,7 +49,7 @@ PLAN: tuple[SuiteRun, ...] = (
              {}),
     # Quick runs reuse the shipped sensitivity profile; the full run measures it again.
     SuiteRun("kvcodec", "kvcodec", "musique_chunks_dev50", 2, 12,
-             {"profile": "smollm2-135m-instruct", "calib": "0"}, {}),
+             {"profile": "smollm2-135m-instruct", "calib": "0", "blend": "1"}, {}),
     SuiteRun("blend", "blend", "musique_chunks_dev50", 1, 5, {"strategies": "false", "max_new_tokens": "16"}, {}),
 )
 
@@ -259,7 +259,8 @@ def render_readme_section(results: dict[str, Any], assets_rel: str) -> str:
              ("lingua2", ["speedup_vs_llmlingua", "parity_word_agreement", "answer_survival", "rate_error_max"]),
              ("crag_fewsum", ["token_reduction", "rougeL_compressed", "rougeL_full"]),
              ("crag_multi_news", ["token_reduction", "rougeL_compressed", "rougeL_full"]),
-             ("kvcodec", ["bits_per_element", "ratio_vs_int8", "top1_agreement", "decode_mb_s", "load_vs_recompute"]),
+             ("kvcodec", ["bits_per_element", "ratio_vs_int8", "top1_agreement", "kl", "top1_agreement_int8", "kl_int8",
+                          "decode_mb_s", "load_vs_recompute", "blend_kl", "blend_kl_int8"]),
              ("proxy", ["rps", "p50_ms", "p95_ms", "server_errors"]),
              ("blend", ["ttft_speedup_vs_full", "f1_full", "f1_blend", "kl_blend", "kl_full_reuse",
                         "top1_agreement_blend", "top1_agreement_full_reuse"])]

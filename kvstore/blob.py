@@ -40,7 +40,7 @@ def _digest(data: bytes | memoryview) -> bytes:
 
 def encode_record(record: ChunkRecord, codec: Codec) -> bytes:
     """Serialize `record` with `codec` into a self-describing, checksummed blob."""
-    meta, payload = codec.encode(record.layers)
+    meta, payload = codec.encode(record.layers, start=record.start)
     header = {
         "codec": codec.name,
         "codec_version": codec.version,
@@ -117,13 +117,15 @@ def _check_header(h: dict[str, Any]) -> None:
 
 
 def decode_record(blob: bytes | memoryview, *, expected_key: str | None = None,
-                  expected_fingerprint: str | None = None) -> ChunkRecord:
+                  expected_fingerprint: str | None = None, codec: Codec | None = None) -> ChunkRecord:
     """Verify and decode a blob.
 
     Args:
         blob: bytes from `encode_record`.
         expected_key: the store key it was read under; a mismatch means a misplaced or foreign entry.
         expected_fingerprint: the model the caller runs; a mismatch raises `ForeignModelError`.
+        codec: the caller's configured codec; used when the blob names the same codec (it may hold state a
+            default instance lacks, such as a KVTC profile), otherwise a default instance decodes.
 
     Raises:
         CodecError: corrupt, truncated or unknown data (`ForeignModelError` for another model's entry).
@@ -146,22 +148,18 @@ def decode_record(blob: bytes | memoryview, *, expected_key: str | None = None,
     if key != header["key"] or (expected_key is not None and key != expected_key):
         raise ForeignModelError("KV entry key does not match its fingerprint and token ids")
     try:
-        codec = codec_class(header["codec"])
+        cls = codec_class(header["codec"])
     except ConfigError:
         raise CodecError(f"KV blob uses an unknown codec {header['codec']!r}") from None
-    if header["codec_version"] != codec.version:
+    if header["codec_version"] != cls.version:
         raise CodecError(f"KV codec {header['codec']!r} version {header['codec_version']} is not supported")
     dtype = torch_dtype(header["dtype"])
     shapes = [(tuple(k), tuple(v)) for k, v in header["shapes"]]
     payload = view[off + 4 * s:body_len]
-    layers = _instantiate(codec, header["codec_meta"]).decode(header["codec_meta"], bytes(payload), shapes, dtype)
+    decoder = codec if codec is not None and codec.name == header["codec"] else cls()
+    layers = decoder.decode(header["codec_meta"], bytes(payload), shapes, dtype)
     return ChunkRecord(fingerprint=fp, token_ids=tokens, start=header["start"], layers=layers, dtype=dtype,
                        layer_types=tuple(header["layer_types"]), context=context)
-
-
-def _instantiate(cls: Any, meta: dict[str, Any]) -> Any:
-    # Decoding needs no options (everything is in the meta); build with defaults.
-    return cls()
 
 
 class ForeignModelError(CodecError):

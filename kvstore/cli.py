@@ -14,7 +14,7 @@ app = typer.Typer(help="Chunk KV store: warm it from a JSONL of chunks, inspect,
 
 StoreOpt = Annotated[str | None, typer.Option("--store", help="memory | disk:/path (or a path) | redis://host:port/db; "
                                                      "default: <cache dir>/kv")]
-CodecOpt = Annotated[str, typer.Option("--codec", help="raw | int8 | int4 | cachegen[:level]")]
+CodecOpt = Annotated[str, typer.Option("--codec", help="raw | int8 | int4 | cachegen[:level] | kvtc[:level]")]
 
 
 def _open(store: str | None, codec: str = "raw") -> Any:
@@ -52,13 +52,15 @@ def warm(
     data: Annotated[Path, typer.Argument(help="JSONL of chunks ({'text', 'title'?} lines, an index's "
                                               "documents.jsonl, or common-schema examples)")],
     store: StoreOpt = None,
-    codec: CodecOpt = "cachegen",
+    codec: Annotated[str, typer.Option("--codec", help="auto (kvtc if the model has a shipped profile, else "
+                                                       "cachegen) | raw | int8 | int4 | cachegen[:level] | "
+                                                       "kvtc[:level]")] = "auto",
     model: Annotated[str | None, typer.Option(help="LLM alias, path or HF name")] = None,
     dtype: Annotated[str, typer.Option(help="auto (as the proxy and `ragzip ask` resolve it) | bfloat16 | "
                                             "float32")] = "auto",
     limit: Annotated[int | None, typer.Option(help="at most this many chunks")] = None,
-    profile: Annotated[str | None, typer.Option(help="CacheGen sensitivity profile (path or shipped model alias); "
-                                                     "default: the model's shipped one if any")] = None,
+    profile: Annotated[str | None, typer.Option(help="the codec's profile for kvtc / cachegen (path or shipped "
+                                                     "model alias); default: the model's shipped one if any")] = None,
 ) -> None:
     """Store every chunk's KV exactly as the KV engine will look it up (same prompt pieces, header and dtype),
     so a proxy or `ragzip ask` using this store hits on every chunk. Chunks already stored are skipped."""
@@ -66,13 +68,23 @@ def warm(
     from ragzip.kv_engine import KVReuseEngine
     from ragzip.kvstore.codecs import get_codec
     from ragzip.kvstore.codecs.cachegen import shipped_profiles
+    from ragzip.kvstore.codecs.kvtc import shipped_kvtc_profiles
     from ragzip.registry import DEFAULT_LLM, load_causal_lm
 
     docs = _chunks(data)[:limit]
-    kv = _open(store, codec)
+    alias = model or DEFAULT_LLM
+    if codec == "auto":
+        codec = "kvtc" if profile is not None or alias in shipped_kvtc_profiles() else "cachegen"
+    kv = _open(store, "raw")
     if codec.startswith("cachegen"):
-        name = profile or ((model or DEFAULT_LLM) if (model or DEFAULT_LLM) in shipped_profiles() else None)
-        kv.codec = get_codec(codec, profile=name)
+        kv.codec = get_codec(codec, profile=profile or (alias if alias in shipped_profiles() else None))
+    elif codec.startswith("kvtc"):
+        if profile is None and alias not in shipped_kvtc_profiles():
+            raise typer.BadParameter(f"no shipped KVTC profile for {alias!r}: pass --profile PATH (see "
+                                     f"scripts/calibrate_kvtc.py) or another --codec", param_hint="--codec")
+        kv.codec = get_codec(codec, profile=profile or alias)
+    else:
+        kv.codec = get_codec(codec)
     lm, tok = load_causal_lm(model, dtype=resolve_dtype(dtype))
     engine = KVReuseEngine(lm, tok, store=kv, run_self_check=False)
     stored = 0

@@ -119,10 +119,11 @@ def test_kv_warm_then_ask_hits_every_retrieved_chunk(tmp_path: Path) -> None:
                                             json.dumps({"id": "o", "text": "Oxygen has atomic number 8."})])
     assert CliRunner().invoke(app, ["index", str(docs), "-o", str(tmp_path / "idx")]).exit_code == 0
     store = f"disk:{tmp_path / 'kv'}"
-    res = CliRunner().invoke(kv_app, ["warm", str(tmp_path / "idx" / "documents.jsonl"), "--store", store,
-                                      "--codec", "raw"])
+    # default codec: kvtc with the default LLM's shipped profile; `ask` decodes it from the blob alone
+    res = CliRunner().invoke(kv_app, ["warm", str(tmp_path / "idx" / "documents.jsonl"), "--store", store])
     assert res.exit_code == 0, res.output
-    assert json.loads(res.stdout.strip().splitlines()[-1])["stored"] == 2
+    warmed = json.loads(res.stdout.strip().splitlines()[-1])
+    assert warmed["stored"] == 2 and warmed["codec"] == "kvtc"
     res = CliRunner().invoke(app, ["ask", "In which city is the Eiffel Tower?", "--index", str(tmp_path / "idx"),
                                    "-k", "2", "-m", "none", "--max-new-tokens", "12", "--kv-store", store])
     assert res.exit_code == 0, res.output

@@ -1,6 +1,6 @@
 """KV codecs: turn a chunk's per-layer K/V into bytes and back.
 
-`get_codec("raw" | "int8" | "int4" | "cachegen", **options)` builds one; a codec's `encode` returns a small
+`get_codec("raw" | "int8" | "int4" | "cachegen" | "kvtc", **options)` builds one; a codec's `encode` returns a small
 JSON-able meta dict (stored in the blob header) and the payload bytes, and `decode` inverts it. Codecs never
 pickle: payloads are raw little-endian arrays or entropy-coded words.
 """
@@ -25,6 +25,7 @@ CODECS: dict[str, str] = {
     "int8": "ragzip.kvstore.codecs.quant:Int8Codec",
     "int4": "ragzip.kvstore.codecs.quant:Int4Codec",
     "cachegen": "ragzip.kvstore.codecs.cachegen:CacheGenCodec",
+    "kvtc": "ragzip.kvstore.codecs.kvtc:KVTCCodec",
 }
 
 
@@ -34,8 +35,8 @@ class Codec(Protocol):
     name: str
     version: int
 
-    def encode(self, layers: Sequence[LayerKV]) -> tuple[dict[str, Any], bytes]:
-        """Return (meta, payload); meta must be JSON-able and small."""
+    def encode(self, layers: Sequence[LayerKV], *, start: int = 0) -> tuple[dict[str, Any], bytes]:
+        """Return (meta, payload); meta must be JSON-able and small. `start`: the chunk's first position."""
         ...
 
     def decode(self, meta: dict[str, Any], payload: bytes, shapes: Sequence[tuple[Shape, Shape]],
@@ -55,7 +56,7 @@ def codec_class(name: str) -> Any:
 
 
 def get_codec(name: str, **options: Any) -> Codec:
-    """Build a codec by name. `"cachegen:2"` is short for `get_codec("cachegen", level=2)`.
+    """Build a codec by name. `"kvtc:2"` is short for `get_codec("kvtc", level=2)`.
 
     Raises:
         ConfigError: unknown name or options.

@@ -133,7 +133,7 @@ class CacheGenCodec:
             raise ConfigError(f"CacheGen profile has {len(self.profile.sensitivity)} layers, the record {num_layers}")
         return self.profile.steps(self.base_step)
 
-    def encode(self, layers: Sequence[LayerKV]) -> tuple[dict[str, Any], bytes]:
+    def encode(self, layers: Sequence[LayerKV], *, start: int = 0) -> tuple[dict[str, Any], bytes]:
         steps = self.steps_for(len(layers))
         parts: list[bytes] = []
         tensors_meta = []

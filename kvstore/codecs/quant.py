@@ -65,7 +65,7 @@ class _PerTokenCodec:
     def _code_bytes(self, n: int) -> int:
         return n if self.bits == 8 else (n + 1) // 2
 
-    def encode(self, layers: Sequence[LayerKV]) -> tuple[dict[str, Any], bytes]:
+    def encode(self, layers: Sequence[LayerKV], *, start: int = 0) -> tuple[dict[str, Any], bytes]:
         parts: list[bytes] = []
         for k, v in layers:
             for t in (k, v):

@@ -68,7 +68,7 @@ class RawCodec:
             raise ConfigError(f"raw codec dtype must be one of {list(DTYPES)}, got {dtype!r}")
         self.dtype = dtype
 
-    def encode(self, layers: Sequence[LayerKV]) -> tuple[dict[str, Any], bytes]:
+    def encode(self, layers: Sequence[LayerKV], *, start: int = 0) -> tuple[dict[str, Any], bytes]:
         store = torch_dtype(self.dtype) if self.dtype else layers[0][0].dtype
         parts = [tensor_to_bytes(t.to(store)) for k, v in layers for t in (k, v)]
         return {"dtype": dtype_name(store)}, b"".join(parts)

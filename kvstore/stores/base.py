@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from ragzip.errors import CodecError, ConfigError
 from ragzip.kvstore.blob import ForeignModelError, decode_record, encode_record
 from ragzip.kvstore.codecs import Codec, get_codec
+from ragzip.kvstore.codecs.kvtc import MissingProfileError
 from ragzip.kvstore.key import is_chunk_key
 
 if TYPE_CHECKING:
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-STAT_FIELDS = ("hits", "misses", "puts", "evictions", "corrupt", "foreign", "errors", "removed")
+STAT_FIELDS = ("hits", "misses", "puts", "evictions", "corrupt", "foreign", "errors", "removed", "missing_profile")
 
 
 @runtime_checkable
@@ -105,7 +106,13 @@ class ByteStore(ABC):
             self._count("misses")
             return None
         try:
-            record = decode_record(blob, expected_key=key)
+            record = decode_record(blob, expected_key=key, codec=self.codec)
+        except MissingProfileError as exc:
+            # The entry is fine; this process lacks the codec profile it needs: a miss, never an eviction.
+            log.warning("cannot decode KV entry %s here: %s", key, exc)
+            self._count("missing_profile")
+            self._count("misses")
+            return None
         except ForeignModelError:
             self._count("foreign")
             self._evict_bad(key)
@@ -178,8 +185,9 @@ class ByteStore(ABC):
             return []
 
     def verify(self) -> dict[str, int]:
-        """Decode every entry; evict the bad ones. Returns counts of ok / corrupt / foreign entries."""
-        result = {"ok": 0, "corrupt": 0, "foreign": 0}
+        """Decode every entry; evict the bad ones. Returns counts of ok / corrupt / foreign entries, and of
+        entries kept unverified because their codec profile is not loaded here (`missing_profile`)."""
+        result = {"ok": 0, "corrupt": 0, "foreign": 0, "missing_profile": 0}
         for key in self.keys():
             before = dict(self._counts)
             if self.get(key) is not None:
@@ -188,6 +196,8 @@ class ByteStore(ABC):
                 result["corrupt"] += 1
             elif self._counts["foreign"] > before["foreign"]:
                 result["foreign"] += 1
+            elif self._counts["missing_profile"] > before["missing_profile"]:
+                result["missing_profile"] += 1
         return result
 
     def stats(self) -> dict[str, Any]:

@@ -25,7 +25,8 @@ def test_stats_verify_evict(tmp_path: Path, record_factory: Callable[..., ChunkR
     res = runner.invoke(app, ["stats", "--store", str(root)])
     assert res.exit_code == 0 and json.loads(res.stdout)["entries"] == 4
     res = runner.invoke(app, ["verify", "--store", str(root)])
-    assert res.exit_code == 1 and json.loads(res.stdout) == {"ok": 3, "corrupt": 1, "foreign": 0}
+    assert res.exit_code == 1 and json.loads(res.stdout) == {"ok": 3, "corrupt": 1, "foreign": 0,
+                                                                     "missing_profile": 0}
     res = runner.invoke(app, ["evict", "--store", str(root), "--key", good[0].key])
     assert json.loads(res.stdout) == {"removed": 1}
     res = runner.invoke(app, ["evict", "--store", str(root), "--tag", good[1].key[:12]])
