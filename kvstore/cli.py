@@ -75,16 +75,17 @@ def warm(
     alias = model or DEFAULT_LLM
     if codec == "auto":
         codec = "kvtc" if profile is not None or alias in shipped_kvtc_profiles() else "cachegen"
-    kv = _open(store, "raw")
     if codec.startswith("cachegen"):
-        kv.codec = get_codec(codec, profile=profile or (alias if alias in shipped_profiles() else None))
+        chosen = get_codec(codec, profile=profile or (alias if alias in shipped_profiles() else None))
     elif codec.startswith("kvtc"):
         if profile is None and alias not in shipped_kvtc_profiles():
             raise typer.BadParameter(f"no shipped KVTC profile for {alias!r}: pass --profile PATH (see "
                                      f"scripts/calibrate_kvtc.py) or another --codec", param_hint="--codec")
-        kv.codec = get_codec(codec, profile=profile or alias)
+        chosen = get_codec(codec, profile=profile or alias)
     else:
-        kv.codec = get_codec(codec)
+        chosen = get_codec(codec)
+    kv = _open(store, "raw")
+    kv.codec = chosen
     lm, tok = load_causal_lm(model, dtype=resolve_dtype(dtype))
     engine = KVReuseEngine(lm, tok, store=kv, run_self_check=False)
     stored = 0

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ragzip.errors import CodecError, ConfigError
+from ragzip.kvstore.codecs.tables import categorical, frequency_table, pack_table, read_table
 
 if TYPE_CHECKING:
     import torch
@@ -232,21 +233,11 @@ def _code(sym: np.ndarray) -> tuple[dict[str, Any], bytes]:
     enc = constriction.stream.queue.RangeEncoder()
     for k in np.unique(cls):
         vals = centred[cls == k].reshape(-1)
-        lo, hi = int(vals.min()), int(vals.max())
-        hi = max(hi, lo + 1)  # constriction needs two or more symbols in a table
-        counts = np.bincount(vals - lo, minlength=hi - lo + 1).astype(np.float64)
-        freq = np.where(counts > 0, np.maximum(1, np.round(counts / counts.max() * 65535)), 0).astype("<u2")
-        side.append(np.array([lo, hi - lo + 1], dtype="<i2").tobytes() + freq.tobytes())
-        enc.encode((vals - lo).astype(np.int32), _categorical(freq))
+        lo, freq = frequency_table(vals)
+        side.append(pack_table(lo, freq, "<i2"))
+        enc.encode((vals - lo).astype(np.int32), categorical(freq))
     words = enc.get_compressed().astype("<u4").tobytes()
     return {"n": int(n), "words": len(words) // 4}, b"".join(side) + words
-
-
-def _categorical(freq: np.ndarray) -> Any:
-    import constriction
-
-    p = freq.astype(np.float64)
-    return constriction.stream.model.Categorical(p / p.sum(), perfect=False)
 
 
 def _encode_tensor(x: torch.Tensor, step: float, group: int, delta: str) -> tuple[dict[str, Any], bytes]:
@@ -286,16 +277,7 @@ def _decode_stream(m: Any, view: memoryview, pos: int, h: int, d: int) -> tuple[
     pos += 3 * c
     tables = []
     for _k in np.unique(cls):
-        if pos + 4 > len(view):
-            raise CodecError("cachegen payload is truncated")
-        lo, size = (int(v) for v in np.frombuffer(view[pos:pos + 4], dtype="<i2"))
-        pos += 4
-        if size < 2 or pos + 2 * size > len(view):
-            raise CodecError("cachegen frequency table is invalid or truncated")
-        freq = np.frombuffer(view[pos:pos + 2 * size], dtype="<u2")
-        pos += 2 * size
-        if not freq.any():
-            raise CodecError("cachegen frequency table is empty")
+        lo, freq, pos = read_table(view, pos, "<i2", "cachegen")
         tables.append((lo, freq))
     if pos + 4 * words > len(view):
         raise CodecError("cachegen payload is truncated")
@@ -306,7 +288,7 @@ def _decode_stream(m: Any, view: memoryview, pos: int, h: int, d: int) -> tuple[
     try:
         for k, (lo, freq) in zip(np.unique(cls), tables):
             rows = cls == k
-            vals = dec.decode(_categorical(freq), int(rows.sum()) * n)
+            vals = dec.decode(categorical(freq), int(rows.sum()) * n)
             centred[rows] = np.asarray(vals, dtype=np.int64).reshape(-1, n) + lo
     except (ValueError, RuntimeError, AssertionError) as exc:
         raise CodecError(f"cachegen range decoding failed: {exc}") from None

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ragzip.errors import CodecError, ConfigError
+from ragzip.kvstore.codecs.tables import categorical, frequency_table, pack_table, read_table
 
 if TYPE_CHECKING:
     import torch
@@ -367,25 +368,15 @@ def _code_components(blocks: Sequence[np.ndarray]) -> bytes:
     coded = []
     for k in np.unique(cls[~zero]):
         vals = centred[cls == k].reshape(-1)
-        lo, hi = int(vals.min()), int(vals.max())
-        hi = max(hi, lo + 1)  # a table needs two or more symbols
-        counts = np.bincount(vals - lo, minlength=hi - lo + 1).astype(np.float64)
-        freq = np.where(counts > 0, np.maximum(1, np.round(counts / counts.max() * 65535)), 0).astype("<u2")
-        side.append(np.array([lo], "<i2").tobytes() + np.array([hi - lo + 1], "<u2").tobytes() + freq.tobytes())
+        lo, freq = frequency_table(vals)
+        side.append(pack_table(lo, freq, "<u2"))
         coded.append(((vals - lo).astype(np.int32), freq))
     # ANS is a stack: encode the classes last-first so the decoder reads them first-first.
     enc = constriction.stream.stack.AnsCoder()
     for vals, freq in reversed(coded):
-        enc.encode_reverse(vals, _categorical(freq))
+        enc.encode_reverse(vals, categorical(freq))
     words = enc.get_compressed().astype("<u4")
     return b"".join(side) + np.array([words.size], "<u4").tobytes() + words.tobytes()
-
-
-def _categorical(freq: np.ndarray) -> Any:
-    import constriction
-
-    p = freq.astype(np.float64)
-    return constriction.stream.model.Categorical(p / p.sum(), perfect=False)
 
 
 def _decode_components(view: memoryview, rows: Sequence[int], tokens: Sequence[int]) -> list[np.ndarray]:
@@ -401,17 +392,7 @@ def _decode_components(view: memoryview, rows: Sequence[int], tokens: Sequence[i
     present = np.unique(cls[cls != _ZERO_CLASS])
     tables = []
     for _k in present:
-        if pos + 4 > len(view):
-            raise CodecError("kvtc payload is truncated")
-        lo = int(np.frombuffer(view[pos:pos + 2], dtype="<i2")[0])
-        size = int(np.frombuffer(view[pos + 2:pos + 4], dtype="<u2")[0])
-        pos += 4
-        if size < 2 or pos + 2 * size > len(view):
-            raise CodecError("kvtc frequency table is invalid or truncated")
-        freq = np.frombuffer(view[pos:pos + 2 * size], dtype="<u2")
-        pos += 2 * size
-        if not freq.any():
-            raise CodecError("kvtc frequency table is empty")
+        lo, freq, pos = read_table(view, pos, "<u2", "kvtc")
         tables.append((lo, freq))
     if pos + 4 > len(view):
         raise CodecError("kvtc payload is truncated")
@@ -425,7 +406,7 @@ def _decode_components(view: memoryview, rows: Sequence[int], tokens: Sequence[i
     try:
         for k, (lo, freq) in zip(present, tables):
             sel = cls == k
-            vals = dec.decode(_categorical(freq), int(sel.sum()) * s)
+            vals = dec.decode(categorical(freq), int(sel.sum()) * s)
             q[sel] = np.asarray(vals, dtype=np.int32).reshape(-1, s) + lo
     except (ValueError, RuntimeError, AssertionError) as exc:
         raise CodecError(f"kvtc entropy decoding failed: {exc}") from None

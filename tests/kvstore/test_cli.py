@@ -34,3 +34,12 @@ def test_stats_verify_evict(tmp_path: Path, record_factory: Callable[..., ChunkR
     assert runner.invoke(app, ["evict", "--store", str(root)]).exit_code != 0
     res = runner.invoke(app, ["verify", "--store", str(root)])
     assert res.exit_code == 0 and json.loads(res.stdout)["ok"] == 0
+
+
+def test_warm_with_kvtc_for_a_model_without_a_profile_is_a_clear_error(tmp_path: Path) -> None:
+    chunks = tmp_path / "c.jsonl"
+    chunks.write_text(json.dumps({"text": "A chunk."}) + "\n")
+    res = CliRunner().invoke(app, ["warm", str(chunks), "--store", str(tmp_path / "kv"), "--codec", "kvtc",
+                                   "--model", "some/other-model"])
+    assert res.exit_code == 2 and "no shipped KVTC profile" in res.output
+    assert not (tmp_path / "kv").exists() or not any((tmp_path / "kv").iterdir())
