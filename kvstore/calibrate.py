@@ -91,6 +91,8 @@ def calibrate_kvtc(model: Any, samples: Sequence[tuple[Sequence[int], Sequence[i
     that share the KV head; a PCA of the weighted vectors gives the transform. The first token of each
     chunk is left out of the statistics (an attention sink when the chunk starts at position 0).
     """
+    import dataclasses
+
     import numpy as np
     import torch
 
@@ -151,12 +153,11 @@ def calibrate_kvtc(model: Any, samples: Sequence[tuple[Sequence[int], Sequence[i
             forward[li, kind] = t.float().numpy()
             inverse[li, kind] = np.linalg.inv(t.float().numpy().astype(np.float64)).astype(np.float32)  # as load()
             mean[li, kind] = (data @ t).mean(0).float().numpy()
-    profile = KVTCProfile(name=name, fingerprint=model_fingerprint(model), inv_freq=inv_freq, forward=forward,
-                          inverse=inverse, mean=mean, sensitivity=np.zeros((n_layers, 2)))
-    sens = _kvtc_sensitivity(model, profile, records[:sensitivity_samples],
+    transforms = KVTCProfile(name=name, fingerprint=model_fingerprint(model), inv_freq=inv_freq, forward=forward,
+                             inverse=inverse, mean=mean, sensitivity=np.zeros((n_layers, 2)))
+    sens = _kvtc_sensitivity(model, transforms, records[:sensitivity_samples],
                              [c for _, c in samples[:sensitivity_samples]], noise, seed)
-    return KVTCProfile(name=name, fingerprint=profile.fingerprint, inv_freq=inv_freq, forward=forward,
-                       inverse=inverse, mean=mean, sensitivity=sens)
+    return dataclasses.replace(transforms, sensitivity=sens)
 
 
 def _kvtc_sensitivity(model: Any, profile: KVTCProfile, records: Sequence[ChunkRecord],

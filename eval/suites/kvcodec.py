@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ragzip.errors import ConfigError
+
 DEFAULT_LEVEL = 3  # cachegen's
 DEFAULT_CODEC = "kvtc:2"
 BLEND_CODECS = ("raw", "int8", "cachegen:3", DEFAULT_CODEC)
@@ -68,7 +70,6 @@ def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) ->
     """
     import torch
 
-    from ragzip.errors import ConfigError
     from ragzip.eval.metrics import ratio_bootstrap_ci
     from ragzip.kvstore.calibrate import agreement, continuation_logits, measure_sensitivity
     from ragzip.kvstore.codecs.cachegen import CacheGenProfile
@@ -212,8 +213,6 @@ def _calibrate_kvtc(model: Any, tok: Any, examples: list[dict[str, Any]], prefix
         if len(ids) > prefix:
             samples.append((ids[:prefix], ids[prefix:prefix + cont] + q))
     if not samples:
-        from ragzip.errors import ConfigError
-
         raise ConfigError(f"no calibration chunk of more than {prefix} tokens for the KVTC profile")
     dtype = next(model.parameters()).dtype
     model.float()
@@ -226,6 +225,8 @@ def _calibrate_kvtc(model: Any, tok: Any, examples: list[dict[str, Any]], prefix
 def _blend(model: Any, tok: Any, data: Path, n: int, skip: int, codecs: dict[str, Any]) -> dict[str, Any]:
     """KL / top-1 of a 15% blend on each codec's decoded chunk caches vs a full prefill (see the module doc)."""
     import copy
+
+    import torch
 
     from ragzip.eval.datasets import load_examples
     from ragzip.eval.suites.blend import _closeness, _greedy_with_logits
@@ -249,8 +250,6 @@ def _blend(model: Any, tok: Any, data: Path, n: int, skip: int, codecs: dict[str
         for t, logits in _greedy_with_logits(engine, copy.deepcopy(full), 32):
             target.append(t)
             ref_rows.append(logits)
-        import torch
-
         ref = torch.stack(ref_rows)
         for name in BLEND_CODECS:
             store = MemoryStore(1 << 34, codec=codecs[name])

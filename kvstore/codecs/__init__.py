@@ -11,7 +11,7 @@ import importlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ragzip.errors import ConfigError
+from ragzip.errors import CodecError, ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -43,6 +43,11 @@ class Codec(Protocol):
                dtype: torch.dtype) -> list[LayerKV]:
         """Rebuild the layers (`shapes[i] = (K shape, V shape)`) in `dtype`; raise CodecError on bad input."""
         ...
+
+
+class MissingProfileError(CodecError):
+    """A blob needs codec state this process lacks (e.g. a KVTC profile): a configuration problem, not corruption,
+    so stores count a miss and keep the entry."""
 
 
 def codec_class(name: str) -> Any:

@@ -28,13 +28,14 @@ import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ragzip.errors import CodecError, ConfigError
+from ragzip.kvstore.codecs import MissingProfileError
 from ragzip.kvstore.codecs.tables import categorical, frequency_table, pack_table, read_table
 
 if TYPE_CHECKING:
@@ -132,16 +133,19 @@ class KVTCProfile:
 
     @classmethod
     def load(cls, path: str | Path) -> KVTCProfile:
-        """Load a saved profile (safetensors: no pickle), or a shipped one by model alias."""
-        from safetensors import SafetensorError, safe_open
-
+        """Load a saved profile (safetensors: no pickle), or a shipped one by model alias (read once per process)."""
         p = Path(path)
         if not p.exists():
-            shipped = Path(__file__).parent / f"{_PREFIX}{path}.safetensors"
-            if not shipped.exists():
+            if not (Path(__file__).parent / f"{_PREFIX}{path}.safetensors").exists():
                 raise ConfigError(f"no KVTC profile file {str(path)!r} and no shipped profile of that name; "
                                   f"shipped: {shipped_kvtc_profiles()}")
-            p = shipped
+            return _load_shipped(str(path))
+        return cls._read(p)
+
+    @classmethod
+    def _read(cls, p: Path) -> KVTCProfile:
+        from safetensors import SafetensorError, safe_open
+
         try:
             with safe_open(str(p), framework="numpy") as fh:
                 meta = fh.metadata() or {}
@@ -163,6 +167,12 @@ class KVTCProfile:
 _REGISTERED: dict[str, KVTCProfile] = {}
 
 
+@cache
+def _load_shipped(alias: str) -> KVTCProfile:
+    # Several codecs (one per level) and every decode of a foreign digest would otherwise re-read ~9 MB.
+    return KVTCProfile._read(Path(__file__).parent / f"{_PREFIX}{alias}.safetensors")
+
+
 def register_profile(profile: KVTCProfile) -> None:
     """Make `profile` available to decoders in this process (loading or passing one to a codec does this)."""
     _REGISTERED[profile.digest] = profile
@@ -172,10 +182,6 @@ def shipped_kvtc_profiles() -> list[str]:
     """Model aliases with a KVTC profile shipped in the package."""
     return sorted(p.name[len(_PREFIX):-len(".safetensors")]
                   for p in Path(__file__).parent.glob(_PREFIX + "*.safetensors"))
-
-
-class MissingProfileError(CodecError):
-    """A blob was encoded with a KVTC profile this process does not have (a configuration problem, not corruption)."""
 
 
 def _find_profile(digest: str, name: str) -> KVTCProfile:
@@ -244,16 +250,15 @@ class KVTCCodec:
         symbols: list[np.ndarray] = []  # one [F, S] block per tensor
         for li, (k, v) in enumerate(layers):
             for kind, x in ((0, k), (1, v)):
-                xf = x.detach().to(torch.float32).cpu()
-                if kind == 0:
-                    xf = _rotate(xf, p.inv_freq[li], start, inverse=True)
+                x32 = x.detach().to(torch.float32).cpu()
+                xf = _rotate(x32, p.inv_freq[li], start, inverse=True) if kind == 0 else x32
                 y = _tokens_by_heads(xf.numpy()) @ p.forward[li, kind] - p.mean[li, kind]  # [S, F]
                 token_rms = np.sqrt((y.astype(np.float64) ** 2).mean(axis=1))  # [S]
                 is_out = token_rms > self.outlier_ratio * max(float(np.median(token_rms)), 1e-12)
                 if start == 0:
                     is_out[0] = True  # position 0 is the attention sink: its value error reaches every query
                 outliers = np.flatnonzero(is_out)
-                raw = x.detach().to(torch.float32).cpu().numpy()[:, outliers, :].astype("<f2")
+                raw = x32.numpy()[:, outliers, :].astype("<f2")
                 parts.append(np.array([outliers.size], "<u4").tobytes() + outliers.astype("<u4").tobytes()
                              + raw.tobytes())
                 # The chunk's own mean per component, exact (fp16): rounding a near-constant component would
@@ -289,7 +294,7 @@ class KVTCCodec:
         if not (np.isfinite(steps).all() and (steps > 0).all()):
             raise CodecError("kvtc steps are invalid")
         pos = n_steps
-        outliers: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        side: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (fp16 token indices, their values, centre)
         for _li, pair in enumerate(shapes):
             for h, s, d in pair:
                 if pos + 4 > len(view):
@@ -305,7 +310,7 @@ class KVTCCodec:
                 if end + 2 * h * d > len(view):
                     raise CodecError("kvtc payload is truncated")
                 centre = np.frombuffer(view[end:end + 2 * h * d], dtype="<f2").astype(np.float32)
-                outliers.append((idx, raw, centre))
+                side.append((idx, raw, centre))
                 pos = end + 2 * h * d
         rows = [h * d for pair in shapes for h, _s, d in pair]
         tokens = [s for pair in shapes for _h, s, _d in pair]
@@ -316,7 +321,7 @@ class KVTCCodec:
             for kind, (h, s, d) in enumerate(pair):
                 i = 2 * li + kind
                 y = blocks[i].T.astype(np.float32) * steps[li, kind]  # [S, F]
-                idx, raw, centre = outliers[i]
+                idx, raw, centre = side[i]
                 x = (y + (centre + p.mean[li, kind])) @ p.inverse[li, kind]  # [S, F]
                 t = torch.from_numpy(np.ascontiguousarray(x.reshape(s, h, d).transpose(1, 0, 2)))
                 if kind == 0:

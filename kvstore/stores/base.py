@@ -15,8 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ragzip.errors import CodecError, ConfigError
 from ragzip.kvstore.blob import ForeignModelError, decode_record, encode_record
-from ragzip.kvstore.codecs import Codec, get_codec
-from ragzip.kvstore.codecs.kvtc import MissingProfileError
+from ragzip.kvstore.codecs import Codec, MissingProfileError, get_codec
 from ragzip.kvstore.key import is_chunk_key
 
 if TYPE_CHECKING:
