@@ -6,14 +6,15 @@ import hashlib
 import random
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 from ragzip.budget import Budget
 from ragzip.compressors.base import BaseCompressor, select_within_limit
-from ragzip.errors import ConfigError
-from ragzip.retrieval.sentences import split_sentences
+from ragzip.options import bounds
 from ragzip.spans import assemble
-from ragzip.tokens import TokenCounter
+from ragzip.text import split_sentences
 from ragzip.types import CompressedDocument, Document
 
 _WORD = re.compile(r"\S+")
@@ -21,7 +22,7 @@ DEFAULT_RATE = 0.5
 
 
 def _limit(budget: Budget, tokens_before: int) -> int:
-    """Baselines need a token limit; with none (or only a threshold) they keep DEFAULT_RATE."""
+    """Baselines need a token limit; with the default budget they keep DEFAULT_RATE (a threshold is refused)."""
     limit = budget.token_limit(tokens_before)
     return limit if limit is not None else max(1, int(DEFAULT_RATE * tokens_before))
 
@@ -55,9 +56,9 @@ class IdentityCompressor(BaseCompressor):
     """Keeps everything (the uncompressed baseline)."""
 
     name = "none"
-    is_query_agnostic = True
 
-    def _compress(self, query: str, documents: Sequence[Document], budget: Budget):  # type: ignore[no-untyped-def]
+    def _compress(self, query: str, documents: Sequence[Document], budget: Budget,  # type: ignore[no-untyped-def]
+                  tokens: Sequence[int]):
         return [assemble(d, [(0, len(d.text))]) for d in documents if d.text], {}
 
 
@@ -65,11 +66,12 @@ class TruncateCompressor(BaseCompressor):
     """Keeps the head of the context (whole words, documents in order) up to the budget."""
 
     name = "truncate"
-    is_query_agnostic = True
+    budget_kinds = frozenset({"rate", "target_tokens"})
 
-    def _compress(self, query: str, documents: Sequence[Document], budget: Budget):  # type: ignore[no-untyped-def]
+    def _compress(self, query: str, documents: Sequence[Document], budget: Budget,  # type: ignore[no-untyped-def]
+                  tokens: Sequence[int]):
         units = _units(documents, "word")
-        limit = _limit(budget, sum(self.counter.count_batch([d.text for d in documents])))
+        limit = _limit(budget, sum(tokens))
 
         def cost(n: int) -> int:  # exact count of the output the first n words would give
             return sum(self.counter.count_batch([d.text for d in _build(documents, units, range(n))]))
@@ -82,28 +84,42 @@ class TruncateCompressor(BaseCompressor):
         return _build(documents, units, chosen), {"limit": limit}
 
 
+class Unit(str, Enum):
+    SENTENCE = "sentence"
+    WORD = "word"
+
+
+@dataclass(frozen=True, slots=True)
+class RandomOptions:
+    unit: Unit = Unit.SENTENCE  # what is kept or dropped whole
+    seed: int = 0  # mixed with the query, so a query's result repeats
+
+
 class RandomCompressor(BaseCompressor):
     """Keeps random sentences (or words) up to the budget, seeded by the query so results repeat."""
 
     name = "random"
-    is_query_agnostic = False
+    budget_kinds = frozenset({"rate", "target_tokens"})
+    Options = RandomOptions
+    options: RandomOptions
 
-    def __init__(self, counter: TokenCounter, *, unit: str = "sentence", seed: int | str = 0) -> None:
-        super().__init__(counter)
-        if unit not in ("sentence", "word"):
-            raise ConfigError(f"unit must be 'sentence' or 'word', got {unit!r}")
-        self.unit = unit
-        self.seed = int(seed)
-
-    def _compress(self, query: str, documents: Sequence[Document], budget: Budget):  # type: ignore[no-untyped-def]
-        units = _units(documents, self.unit)
+    def _compress(self, query: str, documents: Sequence[Document], budget: Budget,  # type: ignore[no-untyped-def]
+                  tokens: Sequence[int]):
+        unit = self.options.unit.value
+        units = _units(documents, unit)
         costs = self.counter.count_batch([documents[i].text[a:b] for i, a, b in units])
-        limit = _limit(budget, sum(self.counter.count_batch([d.text for d in documents])))
-        digest = hashlib.blake2b(f"{self.seed}:{query}".encode(), digest_size=8).digest()
+        limit = _limit(budget, sum(tokens))
+        digest = hashlib.blake2b(f"{self.options.seed}:{query}".encode(), digest_size=8).digest()
         rng = random.Random(int.from_bytes(digest, "little"))
         scores = [rng.random() for _ in units]
         chosen = select_within_limit(scores, costs, limit) or ([0] if units else [])
-        return _build(documents, units, chosen), {"limit": limit, "unit": self.unit}
+        return _build(documents, units, chosen), {"limit": limit, "unit": unit}
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedTopKOptions:
+    embedder: str | None = None  # sentence embedder: alias, path or hub name (default: the packaged MiniLM)
+    min_keep: int = field(default=1, metadata=bounds(low=0))  # best sentences kept even over the budget
 
 
 class EmbedTopKCompressor(BaseCompressor):
@@ -113,21 +129,18 @@ class EmbedTopKCompressor(BaseCompressor):
     """
 
     name = "embed-topk"
-    is_query_agnostic = False
+    Options = EmbedTopKOptions
+    options: EmbedTopKOptions
 
-    def __init__(self, counter: TokenCounter, *, embedder: str | None = None, min_keep: int | str = 1) -> None:
-        super().__init__(counter)
-        self.embedder_name = embedder
-        self.min_keep = int(min_keep)
-
-    def _compress(self, query: str, documents: Sequence[Document], budget: Budget):  # type: ignore[no-untyped-def]
+    def _compress(self, query: str, documents: Sequence[Document], budget: Budget,  # type: ignore[no-untyped-def]
+                  tokens: Sequence[int]):
         from ragzip.registry import load_embedder
 
         units = _units(documents, "sentence")
         if not units:
             return [], {}
         texts = [documents[i].text[a:b] for i, a, b in units]
-        model: Any = load_embedder(self.embedder_name)
+        model: Any = load_embedder(self.options.embedder)
         emb = model.encode([query, *texts], normalize_embeddings=True, convert_to_numpy=True)
         scores = [float(x) for x in emb[1:] @ emb[0]]
         if budget.threshold is not None:
@@ -135,7 +148,7 @@ class EmbedTopKCompressor(BaseCompressor):
         else:
             costs = self.counter.count_batch(texts)
             chosen = select_within_limit(scores, costs, _limit(budget, sum(costs)))
-        if len(chosen) < self.min_keep:
-            best = sorted(range(len(scores)), key=lambda k: -scores[k])[: self.min_keep]
+        if len(chosen) < self.options.min_keep:
+            best = sorted(range(len(scores)), key=lambda k: -scores[k])[: self.options.min_keep]
             chosen = sorted(set(chosen) | set(best))
         return _build(documents, units, chosen, scores), {"num_sentences": len(units)}

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -30,7 +30,7 @@ from ragzip.budget import Budget
 from ragzip.compressors.base import BaseCompressor, select_within_limit
 from ragzip.compressors.summarize import Summarizer, SummaryCache, cached_summary, make_summarizer
 from ragzip.errors import ConfigError
-from ragzip.options import parse_bool
+from ragzip.options import bounds, parse_int
 from ragzip.tokens import TokenCounter
 from ragzip.types import CompressedDocument, Document, Span
 
@@ -41,21 +41,6 @@ _WORD = re.compile(r"\S+")
 class Mode(str, Enum):
     EXTRACTIVE = "extractive"
     ABSTRACTIVE = "abstractive"
-
-
-@dataclass(frozen=True, slots=True)
-class CragOptions:
-    """Validated settings of a CragCompressor (see the class docstring)."""
-
-    k: int | str = "auto"
-    mode: Mode = Mode.EXTRACTIVE
-    per_cluster: int = 1
-    alpha: float = 0.5
-    seed: int = 0
-    max_k: int = 16
-    niter: int = 25
-    nredo: int = 5
-    max_new_tokens: int = 96
 
 
 @dataclass(slots=True)
@@ -69,24 +54,31 @@ class _Piece:
     member_idx: list[int] = field(default_factory=list)
 
 
-def _as_int(name: str, value: Any, low: int) -> int:
-    try:
-        out = int(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"crag option {name} must be an integer, got {value!r}") from None
-    if isinstance(value, float) and out != value or out < low:
-        raise ConfigError(f"crag option {name} must be an integer >= {low}, got {value!r}")
-    return out
-
-
-def _parse_k(value: Any) -> int | str:
+def _parse_k(value: Any, name: str) -> int | str:
     if isinstance(value, str) and value.strip().lower() in K_MODES:
         return value.strip().lower()
     try:
-        return _as_int("k", value, 1)
+        return parse_int(value, name, low=1)
     except ConfigError:
-        raise ConfigError(
-            f"crag option k must be a positive integer or one of {list(K_MODES)}, got {value!r}") from None
+        raise ConfigError(f"{name} must be a positive integer or one of {list(K_MODES)}, got {value!r}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class CragOptions:
+    """Settings of a CragCompressor (see the class docstring); strings from the CLI are parsed."""
+
+    k: int | str = field(default="auto", metadata={"parse": _parse_k})
+    mode: Mode = Mode.EXTRACTIVE
+    per_cluster: int = field(default=1, metadata=bounds(low=1))
+    alpha: float = field(default=0.5, metadata=bounds(low=0.0, high=1.0))
+    seed: int = field(default=0, metadata=bounds(low=0))
+    max_k: int = field(default=16, metadata=bounds(low=2))
+    max_new_tokens: int = field(default=96, metadata=bounds(low=1))
+    llm: str | None = None
+    embedder: str | None = None
+    cache: bool = True
+    cache_dir: str | None = None
+    api_key: str | None = None
 
 
 def kmeans_labels(embeddings: np.ndarray, k: int, *, seed: int = 0, niter: int = 25, nredo: int = 5) -> np.ndarray:
@@ -153,33 +145,18 @@ class CragCompressor(BaseCompressor):
     """
 
     name = "crag"
+    Options = CragOptions
+    options: CragOptions
+    budget_kinds = frozenset({"rate", "target_tokens"})
 
-    def __init__(self, counter: TokenCounter, *, k: Any = "auto", mode: Any = "extractive", per_cluster: Any = 1,
-                 alpha: Any = 0.5, llm: str | None = None, embedder: Any = None, seed: Any = 0, max_k: Any = 16,
-                 max_new_tokens: Any = 96, cache: Any = True, cache_dir: str | Path | None = None,
-                 api_key: str | None = None, summarizer: Summarizer | None = None) -> None:
-        super().__init__(counter)
-        try:
-            alpha_f = float(alpha)
-        except (TypeError, ValueError):
-            raise ConfigError(f"crag option alpha must be a number in [0, 1], got {alpha!r}") from None
-        if not 0.0 <= alpha_f <= 1.0:
-            raise ConfigError(f"crag option alpha must be in [0, 1], got {alpha!r}")
-        try:
-            mode_e = Mode(str(mode).strip().lower())
-        except ValueError:
-            raise ConfigError(f"crag option mode must be one of {[m.value for m in Mode]}, got {mode!r}") from None
-        self.options = CragOptions(k=_parse_k(k), mode=mode_e, per_cluster=_as_int("per_cluster", per_cluster, 1),
-                                   alpha=alpha_f, seed=_as_int("seed", seed, 0), max_k=_as_int("max_k", max_k, 2),
-                                   max_new_tokens=_as_int("max_new_tokens", max_new_tokens, 1))
-        self.is_query_agnostic = alpha_f == 1.0 and mode_e is Mode.EXTRACTIVE
-        self._embedder_spec = embedder
-        self._encoder: Any = embedder if hasattr(embedder, "encode") else None
+    def __init__(self, counter: TokenCounter, options: CragOptions | Mapping[str, Any] | None = None, *,
+                 embedder: Any = None, summarizer: Summarizer | None = None, **values: Any) -> None:
+        encoder = embedder if hasattr(embedder, "encode") else None  # a ready embedding model object
+        if embedder is not None and encoder is None:
+            values["embedder"] = embedder
+        super().__init__(counter, options, **values)
+        self._encoder: Any = encoder
         self._summarizer = summarizer
-        self._llm = llm
-        self._api_key = api_key
-        self._use_cache = parse_bool(cache, "crag option cache")
-        self._cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self._cache: SummaryCache | None = None
 
     # -- models, loaded on first use -------------------------------------------------------------------------
@@ -187,7 +164,7 @@ class CragCompressor(BaseCompressor):
         if self._encoder is None:
             from ragzip.registry import load_embedder
 
-            self._encoder = load_embedder(self._embedder_spec)
+            self._encoder = load_embedder(self.options.embedder)
         vecs = self._encoder.encode(list(texts), batch_size=32, normalize_embeddings=True, convert_to_numpy=True,
                                     show_progress_bar=False)
         return np.asarray(vecs, dtype=np.float32)
@@ -195,15 +172,16 @@ class CragCompressor(BaseCompressor):
     @property
     def summarizer(self) -> Summarizer:
         if self._summarizer is None:
-            self._summarizer = make_summarizer(self._llm, api_key=self._api_key)
+            self._summarizer = make_summarizer(self.options.llm, api_key=self.options.api_key)
         return self._summarizer
 
     @property
     def cache(self) -> SummaryCache | None:
-        if self._use_cache and self._cache is None:
+        if self.options.cache and self._cache is None:
             from ragzip.registry import default_cache_dir
 
-            self._cache = SummaryCache((self._cache_dir or default_cache_dir()) / "crag_summaries.sqlite")
+            folder = Path(self.options.cache_dir).expanduser() if self.options.cache_dir else default_cache_dir()
+            self._cache = SummaryCache(folder / "crag_summaries.sqlite")
         return self._cache
 
     # -- k selection -------------------------------------------------------------------------------------------
@@ -228,21 +206,21 @@ class CragCompressor(BaseCompressor):
                 piece = min(mean_cost, opts.max_new_tokens)
             k = max(1, math.floor(limit / piece))
         else:
-            k, score = silhouette_k(embeddings, opts.max_k, seed=opts.seed, niter=opts.niter, nredo=opts.nredo)
+            k, score = silhouette_k(embeddings, opts.max_k, seed=opts.seed)
         return max(1, min(k, n, distinct)), mode, score
 
     # -- compression -------------------------------------------------------------------------------------------
-    def _compress(self, query: str, documents: Sequence[Document], budget: Budget
+    def _compress(self, query: str, documents: Sequence[Document], budget: Budget, tokens: Sequence[int]
                   ) -> tuple[list[CompressedDocument], dict[str, object]]:
         if not documents:
             return [], {"k": 0, "clusters": []}
         opts = self.options
         texts = [d.text for d in documents]
-        costs = self.counter.count_batch(texts)
+        costs = list(tokens)
         limit = budget.token_limit(sum(costs))
         emb = self._embed(texts)
         k, k_source, sil = self.choose_k(emb, costs, limit)
-        labels = kmeans_labels(emb, k, seed=opts.seed, niter=opts.niter, nredo=opts.nredo)
+        labels = kmeans_labels(emb, k, seed=opts.seed)
         clusters = [np.flatnonzero(labels == c) for c in range(int(labels.max()) + 1)]
         scores = self._item_scores(query, emb, labels, clusters)
         if opts.mode is Mode.EXTRACTIVE:
@@ -342,7 +320,7 @@ class CragCompressor(BaseCompressor):
                    limit: int) -> CompressedDocument:
         """The longest leading part of `piece` within `limit` tokens, cut at a sentence end if one fits, else at a
         word end (at least one word): the minimum keep, so the output is never empty."""
-        from ragzip.retrieval.sentences import split_sentences
+        from ragzip.text import split_sentences
 
         text = piece.doc.text
         cut = self._longest_prefix(text, [e for _, e in split_sentences(text)], limit)

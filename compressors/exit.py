@@ -21,8 +21,8 @@ Example:
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -30,9 +30,9 @@ from ragzip.budget import Budget
 from ragzip.compressors.base import BaseCompressor
 from ragzip.compressors.exit_scorers import CausalLMScorer, EncoderScorer, SentenceScorer, fuse_scores
 from ragzip.errors import ConfigError
-from ragzip.options import parse_bool
-from ragzip.retrieval.sentences import split_sentences
+from ragzip.options import bounds
 from ragzip.spans import assemble
+from ragzip.text import split_sentences
 from ragzip.tokens import TokenCounter, get_token_counter
 from ragzip.types import CompressedDocument, Document
 
@@ -85,6 +85,29 @@ def candidate_spans(doc: Document) -> list[tuple[int, int]]:
     return split_sentences(doc.text) if doc.text.strip() else []
 
 
+def _adapter(value: Any, name: str) -> str | None:
+    return None if value in (None, "", "none") else str(value)
+
+
+@dataclass(frozen=True, slots=True)
+class ExitOptions:
+    """Settings of an `ExitCompressor` (see its docstring); strings from the CLI are parsed."""
+
+    scorer: ScorerKind = ScorerKind.ENCODER
+    model: str | None = None
+    adapter: str | None = field(default=None, metadata={"parse": _adapter})
+    weights: str | None = None
+    threshold: float = 0.5
+    doc_weight: float = field(default=DEFAULT_DOC_WEIGHT, metadata=bounds(low=0.0, high=1.0))
+    neighbor_weight: float = field(default=DEFAULT_NEIGHBOR_WEIGHT, metadata=bounds(low=0.0, high=1.0))
+    hops: int = field(default=DEFAULT_HOPS, metadata=bounds(low=1, high=2))
+    keep_antecedents: bool = False
+    min_keep: int = field(default=1, metadata=bounds(low=0))
+    batch_size: int | None = field(default=None, metadata=bounds(low=1))
+    max_length: int | None = field(default=None, metadata=bounds(low=16))
+    dtype: str = "auto"
+
+
 class ExitCompressor(BaseCompressor):
     """Context-aware extractive sentence selection with a trained encoder or a causal-LM Yes/No scorer.
 
@@ -118,48 +141,36 @@ class ExitCompressor(BaseCompressor):
     """
 
     name = "exit"
-    is_query_agnostic = False
+    Options = ExitOptions
+    options: ExitOptions
 
-    def __init__(self, counter: TokenCounter | None = None, *, scorer: str | SentenceScorer = "encoder",
-                 model: str | None = None, adapter: str | None = None, weights: str | None = None,
-                 threshold: float | str = 0.5, doc_weight: float | str | None = None,
-                 neighbor_weight: float | str | None = None, hops: int | str | None = None,
-                 keep_antecedents: bool | str = False, min_keep: int | str = 1,
-                 batch_size: int | str | None = None, max_length: int | str | None = None,
-                 dtype: str = "auto") -> None:
-        super().__init__(counter or get_token_counter(None))
-        self.threshold = _number(threshold, "threshold", float)
-        self.min_keep = _number(min_keep, "min_keep", int, minimum=0)
-        self.doc_weight = _weight(doc_weight, "doc_weight", DEFAULT_DOC_WEIGHT)
-        self.hops = _hops(hops)
-        self.neighbor_weight = _weight(neighbor_weight, "neighbor_weight", DEFAULT_NEIGHBOR_WEIGHT)
-        self.keep_antecedents = parse_bool(keep_antecedents, "keep_antecedents")
-        self.scorer_kind: ScorerKind | None = None
-        if not isinstance(scorer, str):  # a ready scorer object (custom scorers, tests)
-            self.scorer: SentenceScorer = scorer
+    def __init__(self, counter: TokenCounter | None = None, options: ExitOptions | Mapping[str, Any] | None = None,
+                 *, scorer: str | SentenceScorer | None = None, **values: Any) -> None:
+        ready = scorer if scorer is not None and not isinstance(scorer, str) else None  # a custom scorer object
+        if isinstance(scorer, str):
+            values["scorer"] = scorer
+        super().__init__(counter or get_token_counter(None), options, **values)
+        o: ExitOptions = self.options
+        if ready is not None:
+            self.scorer: SentenceScorer = ready
             return
-        try:
-            self.scorer_kind = ScorerKind(scorer.lower())
-        except ValueError:
-            raise ConfigError(f"unknown scorer {scorer!r}; valid: {[s.value for s in ScorerKind]}") from None
-        size = None if batch_size in (None, "") else _number(batch_size, "batch_size", int, minimum=1)
-        window = None if max_length in (None, "") else _number(max_length, "max_length", int, minimum=16)
-        adapter = None if adapter in (None, "", "none") else adapter
-        if self.scorer_kind is ScorerKind.ENCODER:
-            if model or adapter:
+        if o.scorer is ScorerKind.ENCODER:
+            if o.model or o.adapter:
                 raise ConfigError("model/adapter apply to scorer='causal-lm'; the encoder scorer takes 'weights'")
-            self.scorer = EncoderScorer(weights, batch_size=size or 16, dtype=dtype)
+            self.scorer = EncoderScorer(o.weights, batch_size=o.batch_size or 16, dtype=o.dtype)
         else:
-            if weights:
+            if o.weights:
                 raise ConfigError("'weights' applies to scorer='encoder'")
-            self.scorer = CausalLMScorer(model, adapter=adapter, batch_size=size or 8, max_length=window, dtype=dtype)
+            self.scorer = CausalLMScorer(o.model, adapter=o.adapter, batch_size=o.batch_size or 8,
+                                         max_length=o.max_length, dtype=o.dtype)
 
     def score(self, query: str, documents: Sequence[Document]) -> list[list[Candidate]]:
         """Every candidate sentence of every document with its final score (passes, document blend, neighbours)."""
         spans = [candidate_spans(d) for d in documents]
         sentences, doc_scores = self.score_passes(query, documents, spans)
-        if self.doc_weight or self.neighbor_weight:
-            sentences = fuse_scores(sentences, doc_weight=self.doc_weight, neighbor_weight=self.neighbor_weight,
+        o = self.options
+        if o.doc_weight or o.neighbor_weight:
+            sentences = fuse_scores(sentences, doc_weight=o.doc_weight, neighbor_weight=o.neighbor_weight,
                                     doc_scores=doc_scores)
         return [[Candidate(d, i, a, b, sc) for i, ((a, b), sc) in enumerate(zip(doc_spans, doc_sc))]
                 for d, (doc_spans, doc_sc) in enumerate(zip(spans, sentences))]
@@ -174,7 +185,7 @@ class ExitCompressor(BaseCompressor):
         inputs = [(d.title, d.text, s) for d, s in zip(documents, spans)]
         sentences, doc_scores = self._score_once(query, inputs)
         ranked = [d for d in range(len(documents)) if spans[d]]
-        if self.hops < 2 or len(ranked) < 2:
+        if self.options.hops < 2 or len(ranked) < 2:
             return sentences, doc_scores
         prior = doc_scores if doc_scores is not None else [max(s, default=0.0) for s in sentences]
         top = max(ranked, key=lambda d: (prior[d], -d))
@@ -198,15 +209,15 @@ class ExitCompressor(BaseCompressor):
         docs = list(result.documents) if result.documents is not None else None
         return [list(s) for s in result.sentences], docs
 
-    def _compress(self, query: str, documents: Sequence[Document],
-                  budget: Budget) -> tuple[list[CompressedDocument], dict[str, object]]:
+    def _compress(self, query: str, documents: Sequence[Document], budget: Budget,
+                  tokens: Sequence[int]) -> tuple[list[CompressedDocument], dict[str, object]]:
         per_doc = self.score(query, documents)
         flat = [c for cands in per_doc for c in cands]
-        limit = budget.token_limit(sum(self.counter.count_batch([d.text for d in documents])))
+        limit = budget.token_limit(sum(tokens))
         if limit is None:
-            threshold = self.threshold if budget.threshold is None else float(budget.threshold)
+            threshold = self.options.threshold if budget.threshold is None else float(budget.threshold)
             chosen = {(c.doc, c.index) for c in flat if c.score >= threshold}
-            if self.keep_antecedents:
+            if self.options.keep_antecedents:
                 chosen |= {key for c in flat if (c.doc, c.index) in chosen
                            for key in self._antecedents(documents, per_doc, c, chosen)}
             mode = "threshold"
@@ -215,12 +226,13 @@ class ExitCompressor(BaseCompressor):
             threshold, mode = None, "budget"
         best = sorted(flat, key=lambda c: (-c.score, c.doc, c.index))
         for c in best:  # the min-keep rule: the context never ends up empty
-            if len(chosen) >= self.min_keep:
+            if len(chosen) >= self.options.min_keep:
                 break
             chosen.add((c.doc, c.index))
         kept = _build(documents, per_doc, chosen)
         info: dict[str, object] = {
-            "scorer": getattr(self.scorer, "name", "custom"), "mode": mode, "threshold": threshold, "hops": self.hops,
+            "scorer": getattr(self.scorer, "name", "custom"), "mode": mode, "threshold": threshold,
+            "hops": self.options.hops,
             "token_limit": limit, "num_sentences": len(flat), "num_kept": len(chosen),
             "sentence_scores": {documents[i].id: [round(c.score, 4) for c in cands]
                                 for i, cands in enumerate(per_doc)},
@@ -250,7 +262,7 @@ class ExitCompressor(BaseCompressor):
             if (c.doc, c.index) in keys:
                 continue
             group = [(c.doc, c.index)]
-            if self.keep_antecedents:
+            if self.options.keep_antecedents:
                 group += self._antecedents(documents, per_doc, c, keys)
             cost = sum(costs[k] for k in group)
             if total + cost <= limit:
@@ -284,27 +296,3 @@ def _build(documents: Sequence[Document], per_doc: list[list[Candidate]],
             out.append(assemble(documents[d], [(c.start, c.end) for c in kept], sep=" ",
                                 scores=[c.score for c in kept]))
     return out
-
-
-def _hops(value: Any) -> int:
-    hops = DEFAULT_HOPS if value in (None, "") else _number(value, "hops", int, minimum=1)
-    if hops > 2:
-        raise ConfigError(f"hops must be 1 or 2, got {value!r}")
-    return int(hops)
-
-
-def _weight(value: Any, name: str, default: float) -> float:
-    weight = default if value in (None, "") else _number(value, name, float, minimum=0.0)
-    if weight > 1.0:
-        raise ConfigError(f"{name} must be in [0, 1], got {value!r}")
-    return float(weight)
-
-
-def _number(value: Any, name: str, kind: type, *, minimum: float | None = None) -> Any:
-    try:
-        number = kind(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a {kind.__name__}, got {value!r}") from None
-    if minimum is not None and number < minimum:
-        raise ConfigError(f"{name} must be >= {minimum}, got {value!r}")
-    return number

@@ -310,7 +310,7 @@ def load_scorer(folder: str | Path | None = None, *, dtype: str = "float32") -> 
                                  f"{sorted(expected - set(state))[:3]}, extra {sorted(set(state) - expected)[:3]}")
     model.load_state_dict(state, strict=False)
     model.eval()
-    from ragzip.engine import resolve_dtype
+    from ragzip.registry import resolve_dtype
 
     torch_dtype = resolve_dtype(dtype)
     if torch_dtype != torch.float32:

@@ -184,8 +184,7 @@ class CausalLMScorer:
 
     def __init__(self, model: str | None = None, *, adapter: str | None = None, batch_size: int = 8,
                  max_length: int | None = None, dtype: str = "auto") -> None:
-        from ragzip.engine import resolve_dtype
-        from ragzip.registry import load_causal_lm
+        from ragzip.registry import load_causal_lm, resolve_dtype
 
         if model is not None and model.lower() in EXIT_ALIASES:
             model, adapter = EXIT_BASE_MODEL, adapter or EXIT_ADAPTER

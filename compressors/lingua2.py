@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from enum import Enum
 from functools import lru_cache
 from typing import Any
@@ -40,7 +40,7 @@ from ragzip.compressors.lingua2_words import (
 )
 from ragzip.compressors.protect import structure_groups, units_touching
 from ragzip.errors import ConfigError
-from ragzip.options import parse_bool as _parse_bool
+from ragzip.options import bounds, parse_bool
 from ragzip.spans import assemble
 from ragzip.tokens import TokenCounter
 from ragzip.types import CompressedDocument, Document
@@ -84,12 +84,12 @@ def relevance_scorer() -> Any:
     return QueryScorer()
 
 
-def _parse_query_aware(value: Any) -> QueryAware:
+def _parse_query_aware(value: Any, name: str) -> QueryAware:
     if isinstance(value, QueryAware):
         return value
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return QueryAware.AUTO
-    return QueryAware.ON if _parse_bool(value, "query_aware") else QueryAware.OFF
+    if isinstance(value, str) and value.strip().lower() in ("auto", "on", "off"):
+        return QueryAware(value.strip().lower())
+    return QueryAware.ON if parse_bool(value, name) else QueryAware.OFF
 
 
 class WordProb(str, Enum):
@@ -97,14 +97,7 @@ class WordProb(str, Enum):
     FIRST = "first"
 
 
-def _parse_enum(enum: type[Enum], value: Any, name: str) -> Any:
-    try:
-        return enum(value.value if isinstance(value, Enum) else str(value).lower())
-    except ValueError:
-        raise ConfigError(f"{name}={value!r}; use one of {[m.value for m in enum]}") from None  # type: ignore[attr-defined]
-
-
-def _parse_tokens(value: Any) -> tuple[str, ...]:
+def _parse_tokens(value: Any, name: str = "force_tokens") -> tuple[str, ...]:
     """Force tokens from a sequence, a JSON list string, or a comma-separated string."""
     if value is None:
         return ()
@@ -124,23 +117,40 @@ def _parse_tokens(value: Any) -> tuple[str, ...]:
 
 @dataclass(frozen=True, slots=True)
 class Lingua2Options:
-    """Validated settings of a `Lingua2Compressor` (see its docstring)."""
+    """Settings of a `Lingua2Compressor` (see its docstring); strings from the CLI are parsed. `model` None is
+    ragzip's classifier; `protect` None means on in exact mode; `query_aware` auto is off in reference mode."""
 
-    model: str
-    mode: Mode
-    query_aware: QueryAware
-    relevance: Relevance
-    force_tokens: tuple[str, ...]
-    keep_digits: bool
-    drop_consecutive: bool
-    word_prob: WordProb
-    protect: bool
-    context_filter: bool
-    query_weight: float
-    answer_share: float
-    answer_gap_fill: bool
-    batch_size: int
-    window_tokens: int
+    model: str | None = None
+    mode: Mode = Mode.EXACT
+    query_aware: QueryAware = field(default=QueryAware.AUTO, metadata={"parse": _parse_query_aware})
+    relevance: Relevance = Relevance.EXIT
+    force_tokens: tuple[str, ...] = field(default=(), metadata={"parse": _parse_tokens})
+    keep_digits: bool = False
+    drop_consecutive: bool = False
+    word_prob: WordProb = WordProb.MEAN
+    protect: bool | None = None
+    context_filter: bool = False
+    query_weight: float = field(default=DEFAULT_QUERY_WEIGHT, metadata=bounds(low=0.0, high=1.0))
+    answer_share: float = field(default=DEFAULT_ANSWER_SHARE, metadata=bounds(low=0.0, high=1.0))
+    answer_gap_fill: bool = True
+    batch_size: int = field(default=4, metadata=bounds(low=1))
+    window_tokens: int = field(default=DEFAULT_WINDOW_TOKENS, metadata=bounds(low=16))
+    dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        reference = self.mode is Mode.REFERENCE
+        if self.model is None:
+            object.__setattr__(self, "model", DEFAULT_MODEL)
+        if self.protect is None:
+            object.__setattr__(self, "protect", not reference)
+        if reference and self.query_aware is QueryAware.AUTO:
+            object.__setattr__(self, "query_aware", QueryAware.OFF)  # the reference ignores the question
+        if reference and (self.query_aware is QueryAware.ON or self.protect):
+            raise ConfigError("query_aware and protect need mode=exact; reference mode reproduces llmlingua as is")
+        if not reference and self.context_filter:
+            raise ConfigError("context_filter is the reference's document filter; use it with mode=reference")
+        if reference and self.dtype not in ("auto", "float32", "fp32"):
+            raise ConfigError("reference mode computes in float32 (its parity with llmlingua depends on it)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,53 +201,20 @@ class Lingua2Compressor(BaseCompressor):
     """
 
     name = "lingua2"
-    is_query_agnostic = True
+    Options = Lingua2Options
+    options: Lingua2Options
 
-    def __init__(self, counter: TokenCounter, *, model: str | None = None, mode: str = "exact",
-                 query_aware: bool | str = "auto", relevance: str = "exit",
-                 force_tokens: Sequence[str] | str | None = None,
-                 keep_digits: bool | str = False, drop_consecutive: bool | str = False, word_prob: str = "mean",
-                 protect: bool | str | None = None, context_filter: bool | str = False,
-                 query_weight: float | str = DEFAULT_QUERY_WEIGHT, answer_share: float | str = DEFAULT_ANSWER_SHARE,
-                 answer_gap_fill: bool | str = True, batch_size: int | str = 4, dtype: str = "auto",
-                 window_tokens: int | str = DEFAULT_WINDOW_TOKENS) -> None:
-        super().__init__(counter)
-        parsed_mode = _parse_enum(Mode, mode, "mode")
-        try:
-            weight, share, batch = float(query_weight), float(answer_share), int(batch_size)
-            window = int(window_tokens)
-        except ValueError:
-            raise ConfigError(f"query_weight={query_weight!r} / answer_share={answer_share!r} / "
-                              f"batch_size={batch_size!r} / window_tokens={window_tokens!r} must be numbers") from None
-        if not (0.0 <= weight <= 1.0 and 0.0 <= share <= 1.0) or batch < 1 or window < 16:
-            raise ConfigError("query_weight and answer_share must be in [0, 1], batch_size >= 1, window_tokens >= 16")
-        aware = _parse_query_aware(query_aware)
-        if parsed_mode is Mode.REFERENCE and aware is QueryAware.AUTO:
-            aware = QueryAware.OFF  # reference mode reproduces llmlingua, which ignores the question
-        self.options = Lingua2Options(
-            model=model or DEFAULT_MODEL, mode=parsed_mode, query_aware=aware,
-            relevance=_parse_enum(Relevance, relevance, "relevance"),
-            force_tokens=_parse_tokens(force_tokens), keep_digits=_parse_bool(keep_digits, "keep_digits"),
-            drop_consecutive=_parse_bool(drop_consecutive, "drop_consecutive"),
-            word_prob=_parse_enum(WordProb, word_prob, "word_prob"),
-            protect=(parsed_mode is Mode.EXACT) if protect is None else _parse_bool(protect, "protect"),
-            context_filter=_parse_bool(context_filter, "context_filter"), query_weight=weight,
-            answer_share=share, answer_gap_fill=_parse_bool(answer_gap_fill, "answer_gap_fill"), batch_size=batch,
-            window_tokens=window)
-        if parsed_mode is Mode.REFERENCE and (aware is QueryAware.ON or self.options.protect):
-            raise ConfigError("query_aware and protect need mode=exact; reference mode reproduces llmlingua as is")
-        if parsed_mode is Mode.EXACT and self.options.context_filter:
-            raise ConfigError("context_filter is the reference's document filter; use it with mode=reference")
-        self.is_query_agnostic = aware is QueryAware.OFF
-        if parsed_mode is Mode.REFERENCE and dtype not in ("auto", "float32", "fp32"):
-            raise ConfigError("reference mode computes in float32 (its parity with llmlingua depends on it)")
-        self.dtype = "float32" if parsed_mode is Mode.REFERENCE else dtype
-        self.classifier: TokenClassifier = load_token_classifier(self.options.model, self.dtype)
+    def __init__(self, counter: TokenCounter, options: Lingua2Options | Mapping[str, Any] | None = None,
+                 **values: Any) -> None:
+        super().__init__(counter, options, **values)
+        o: Lingua2Options = self.options
+        self.dtype = "float32" if o.mode is Mode.REFERENCE else o.dtype
+        self.classifier: TokenClassifier = load_token_classifier(str(o.model), self.dtype)
         self.rule = detect_rule(self.classifier.tokenizer)
-        self.tables = build_tables(self.classifier.tokenizer, self.rule, self.options.force_tokens)
+        self.tables = build_tables(self.classifier.tokenizer, self.rule, o.force_tokens)
 
     # ------------------------------------------------------------------ dispatch
-    def _compress(self, query: str, documents: Sequence[Document], budget: Budget
+    def _compress(self, query: str, documents: Sequence[Document], budget: Budget, tokens: Sequence[int]
                   ) -> tuple[list[CompressedDocument], dict[str, object]]:
         if self.options.mode is Mode.REFERENCE:
             labeled = self.label_words([d.text for d in documents], budget)
@@ -377,7 +354,7 @@ class Lingua2Compressor(BaseCompressor):
             return [(lambda units, t=d.text: _query_relevance(t, units, qwords)) if qwords else None
                     for d in documents]
         from ragzip.compressors.lingua2_query import unit_max
-        from ragzip.retrieval.sentences import split_sentences
+        from ragzip.text import split_sentences
 
         spans = [split_sentences(d.text) if d.text.strip() else [] for d in documents]
         rel = relevance_scorer().score(query, [(d.title, d.text, s) for d, s in zip(documents, spans)])

@@ -88,7 +88,7 @@ def load_token_classifier(name: str | None = None, dtype: str = "float32") -> To
         ModelNotFoundError: the weights cannot be found on this machine.
         UnsupportedModelError: the model is not a 2-label token classifier with a fast tokenizer.
     """
-    from ragzip.engine import resolve_dtype
+    from ragzip.registry import resolve_dtype
 
     torch_dtype = resolve_dtype(dtype)
     return _load_cached(name, str(torch_dtype).removeprefix("torch."))

@@ -1,25 +1,26 @@
-"""Compressor registry: explicit name -> factory table, looked up strictly.
+"""Compressor registry: the explicit name -> class table, looked up strictly.
 
-Factories are "module:attribute" strings so that heavy modules load only when used. Every factory is called
-as `factory(counter=TokenCounter, **options)`.
+Every compressor module is import-light (torch and the models load on first use), so the table names the classes
+themselves. Each is built as `cls(counter=TokenCounter, **options)`; its options are a frozen dataclass
+(`cls.Options`) parsed by `ragzip.options`.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
+from ragzip.compressors.base import BaseCompressor, Compressor
+from ragzip.compressors.baselines import EmbedTopKCompressor, IdentityCompressor, RandomCompressor, TruncateCompressor
+from ragzip.compressors.crag import CragCompressor
+from ragzip.compressors.exit import ExitCompressor
+from ragzip.compressors.lingua2 import Lingua2Compressor
 from ragzip.errors import ConfigError
 from ragzip.tokens import TokenCounter, get_token_counter
 
-COMPRESSORS: dict[str, str] = {
-    "none": "ragzip.compressors.baselines:IdentityCompressor",
-    "truncate": "ragzip.compressors.baselines:TruncateCompressor",
-    "random": "ragzip.compressors.baselines:RandomCompressor",
-    "embed-topk": "ragzip.compressors.baselines:EmbedTopKCompressor",
-    "exit": "ragzip.compressors.exit:ExitCompressor",
-    "lingua2": "ragzip.compressors.lingua2:Lingua2Compressor",
-    "crag": "ragzip.compressors.crag:CragCompressor",
+COMPRESSORS: dict[str, type[BaseCompressor]] = {
+    cls.name: cls
+    for cls in (IdentityCompressor, TruncateCompressor, RandomCompressor, EmbedTopKCompressor, ExitCompressor,
+                Lingua2Compressor, CragCompressor)
 }
 
 
@@ -27,19 +28,17 @@ def available() -> list[str]:
     return sorted(COMPRESSORS)
 
 
-def get_compressor(name: str, *, counter: TokenCounter | None = None, **options: Any) -> Any:
+def get_compressor(name: str, *, counter: TokenCounter | None = None, **options: Any) -> Compressor:
     """Build the compressor registered as `name` with `options`.
 
     Raises:
         ConfigError: unknown name, or options the compressor does not accept.
     """
     try:
-        target = COMPRESSORS[name]
+        cls = COMPRESSORS[name]
     except KeyError:
         raise ConfigError(f"unknown compressor {name!r}; valid: {available()}") from None
-    module_name, attr = target.split(":")
-    factory = getattr(importlib.import_module(module_name), attr)
     try:
-        return factory(counter=counter or get_token_counter(None), **options)
-    except TypeError as exc:
+        return cls(counter=counter or get_token_counter(None), **options)
+    except TypeError as exc:  # an argument the constructor itself does not take (not an option)
         raise ConfigError(f"invalid options for compressor {name!r}: {exc}") from exc

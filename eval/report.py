@@ -108,25 +108,19 @@ def run_report(data_dir: Path, out_dir: Path, *, quick: bool, seed: int = 0, lim
     return results
 
 
-LOAD_TEST = Path(__file__).resolve().parents[1] / "scripts" / "loadtest_server.py"
-
-
 def _run_proxy_load(results: dict[str, Any], *, quick: bool, seed: int, log: Callable[[str], Any]) -> None:
-    """The proxy's bounded loopback load test (scripts/loadtest_server.py; present in a source checkout)."""
+    """The proxy's bounded loopback load test (`python -m ragzip.eval.loadtest`), in a fresh process."""
     import subprocess
     import sys
     import tempfile
 
-    if not LOAD_TEST.exists():
-        results["errors"]["proxy"] = f"{LOAD_TEST} not found (the load test ships with the source checkout)"
-        return
     seconds = 8 if quick else 30
     log(f"running proxy load test ({seconds} s x 2 rounds, loopback)")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "load.json"
-        cmd = [sys.executable, str(LOAD_TEST), "--seconds", str(seconds), "--concurrency", "4", "--seed", str(seed),
-               "--json", str(out)]
+        cmd = [sys.executable, "-m", "ragzip.eval.loadtest", "--seconds", str(seconds), "--concurrency", "4",
+               "--seed", str(seed), "--json", str(out)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds * 2 + 300, check=False)
         if proc.returncode != 0 or not out.exists():
             results["errors"]["proxy"] = f"load test exited {proc.returncode}: {proc.stderr[-500:]}"

@@ -22,8 +22,8 @@ from enum import Enum
 import torch
 from torch import Tensor
 
-from ragzip.errors import ConfigError, UnsupportedModelError
 from ragzip.kernels.attention import causal_mask
+from ragzip.kernels.errors import KernelConfigError, UnsupportedModelError
 from ragzip.kernels.hf_adapter import HFAdapter, LayerKV, ScatterCache
 from ragzip.kernels.rope import rope_cos_sin
 from ragzip.kernels.select import (
@@ -44,13 +44,6 @@ class Deviation(str, Enum):
     KV = "kv"
     RANDOM = "random"
     QUERY = "query"  # the question's attention alone (ProphetKV); mix with a deviation via query_weight
-
-    @classmethod
-    def parse(cls, value: str | Deviation) -> Deviation:
-        try:
-            return cls(value)
-        except ValueError:
-            raise ConfigError(f"unknown deviation {value!r}; valid: {[m.value for m in cls]}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,16 +87,19 @@ class BlendConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.recompute_ratio <= 1.0:
-            raise ConfigError(f"recompute_ratio must be in [0, 1], got {self.recompute_ratio}")
+            raise KernelConfigError(f"recompute_ratio must be in [0, 1], got {self.recompute_ratio}")
         if self.check_layer < 0 or self.gradual_layers < 0 or self.num_last_tokens < 1 or self.chunk_head_tokens < 0:
-            raise ConfigError("check_layer, gradual_layers and chunk_head_tokens must be >= 0, num_last_tokens >= 1")
+            raise KernelConfigError("check_layer, gradual_layers and chunk_head_tokens must be >= 0, "
+                                    "num_last_tokens >= 1")
         if self.row_groups < 1:
-            raise ConfigError(f"row_groups must be >= 1, got {self.row_groups}")
+            raise KernelConfigError(f"row_groups must be >= 1, got {self.row_groups}")
         if not 0.0 <= self.query_weight <= 1.0:
-            raise ConfigError(f"query_weight must be in [0, 1], got {self.query_weight}")
+            raise KernelConfigError(f"query_weight must be in [0, 1], got {self.query_weight}")
         if self.gradual_start_ratio is not None and not 0.0 < self.gradual_start_ratio <= 1.0:
-            raise ConfigError(f"gradual_start_ratio must be in (0, 1], got {self.gradual_start_ratio}")
-        object.__setattr__(self, "deviation", Deviation.parse(self.deviation))
+            raise KernelConfigError(f"gradual_start_ratio must be in (0, 1], got {self.gradual_start_ratio}")
+        if self.deviation not in {d.value for d in Deviation}:
+            raise KernelConfigError(f"unknown deviation {self.deviation!r}; valid: {[d.value for d in Deviation]}")
+        object.__setattr__(self, "deviation", Deviation(self.deviation))
 
     def layer_ratios(self) -> list[float]:
         start = self.gradual_start_ratio or min(1.0, 2.0 * self.recompute_ratio)
@@ -162,7 +158,7 @@ def fuse_caches(adapter: HFAdapter, segments: Sequence[Segment], num_tokens: int
         n = len(seg.token_ids)
         if seg.kv is not None:
             if len(seg.kv) != adapter.num_layers:
-                raise ConfigError(f"segment cache has {len(seg.kv)} layers, the model {adapter.num_layers}")
+                raise KernelConfigError(f"segment cache has {len(seg.kv)} layers, the model {adapter.num_layers}")
             cached[start : start + n] = True
             delta[start : start + n] = start - seg.kv_start
         start += n
@@ -183,7 +179,7 @@ def fuse_caches(adapter: HFAdapter, segments: Sequence[Segment], num_tokens: int
             if seg.kv is not None:
                 k, v = seg.kv[layer_idx]
                 if k.shape[-2] != n:
-                    raise ConfigError(f"segment cache holds {k.shape[-2]} tokens, the segment {n}")
+                    raise KernelConfigError(f"segment cache holds {k.shape[-2]} tokens, the segment {n}")
                 key[0, :, start : start + n] = k.reshape(-1, n, adapter.head_dim)
                 value[0, :, start : start + n] = v.reshape(-1, n, adapter.head_dim)
             start += n
@@ -250,13 +246,13 @@ def blended_prefill(adapter: HFAdapter, segments: Sequence[Segment], config: Ble
         A `BlendResult` with next-token logits and the fused cache.
 
     Raises:
-        ConfigError: empty prompt, or caches that do not match their segments or the model.
+        KernelConfigError: empty prompt, or caches that do not match their segments or the model.
     """
     cfg = config or BlendConfig()
     ids = [t for seg in segments for t in seg.token_ids]
     num_tokens = len(ids)
     if num_tokens == 0:
-        raise ConfigError("cannot prefill an empty prompt")
+        raise KernelConfigError("cannot prefill an empty prompt")
     device = adapter.device
     kv, cached = fuse_caches(adapter, segments, num_tokens)
     forced = ~cached
@@ -358,25 +354,12 @@ def _row_groups(index: Tensor, num_groups: int) -> list[tuple[int, int, int]]:
     return [(a, b, int(index[b - 1]) + 1) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
-def split_kv(kv: Sequence[LayerKV], start: int, end: int) -> list[LayerKV]:
-    """Token slice ``[start, end)`` of a per-layer ``[1, H_kv, N, D]`` cache, as ``[H_kv, S, D]`` tensors."""
-    return [(k[0, :, start:end].clone(), v[0, :, start:end].clone()) for k, v in kv]
-
-
-@torch.inference_mode()
-def compute_chunk_kv(adapter: HFAdapter, token_ids: Sequence[int]) -> list[LayerKV]:
-    """Prefill one chunk alone at positions ``0..S-1``; per layer ``(K, V)`` ``[H_kv, S, D]``."""
-    full = blended_prefill(adapter, [Segment(token_ids)], BlendConfig(recompute_ratio=1.0))
-    return split_kv(full.kv, 0, len(token_ids))
-
-
 @dataclass(frozen=True, slots=True)
 class SelfCheckReport:
     """Outcome of `self_check`: worst absolute logit differences on the probe."""
 
     full_vs_reference: float  # all-recompute blended prefill vs the model's own forward
     rerotation: float  # layer-0 keys of a re-rotated chunk vs the same keys computed in place
-    passed: bool
 
 
 @torch.inference_mode()
@@ -399,16 +382,16 @@ def self_check(adapter: HFAdapter, *, probe_len: int = 48, atol: float | None = 
     full = blended_prefill(adapter, segs, BlendConfig(recompute_ratio=1.0))
     scale = max(1.0, float(ref_logits.abs().max()))
     d_full = float((full.logits - ref_logits).abs().max()) / scale
-    chunk_kv = compute_chunk_kv(adapter, ids[third : 2 * third])
+    alone = blended_prefill(adapter, [Segment(ids[third : 2 * third])], BlendConfig(recompute_ratio=1.0))
+    chunk_kv = [(k[0], v[0]) for k, v in alone.kv]  # the chunk computed at positions 0.., [H_kv, S, D]
     moved, _ = fuse_caches(adapter, [Segment(ids[:third]), Segment(ids[third : 2 * third], chunk_kv)], 2 * third)
     in_place = full.kv[0][0][0, :, third : 2 * third]  # [H_kv, S, D]
     k0 = moved[0][0][0, :, third : 2 * third]
     d_rot = float((k0 - in_place).abs().max()) / max(1.0, float(in_place.abs().max()))
-    passed = d_full <= tol and d_rot <= tol
-    if not passed:
+    if d_full > tol or d_rot > tol:
         raise UnsupportedModelError(
             f"blending self-check failed for {adapter.model_type!r}: relative logit error {d_full:.2e}, "
             f"re-rotation error {d_rot:.2e} (tolerance {tol:.0e}); refusing selective recompute for this model"
         )
     del ref_cache
-    return SelfCheckReport(d_full, d_rot, passed)
+    return SelfCheckReport(d_full, d_rot)

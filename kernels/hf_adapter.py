@@ -15,7 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ragzip.errors import UnsupportedModelError
+from ragzip.kernels.attention import scatter_kv
+from ragzip.kernels.errors import UnsupportedModelError
+from ragzip.kernels.rope import rotate_half
 
 LayerKV = tuple[Tensor, Tensor]
 
@@ -40,8 +42,6 @@ class ScatterCache:
         self.limit = limit  # hand back only keys [0, limit) (the rows' queries see nothing later)
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> LayerKV:
-        from ragzip.kernels.attention import scatter_kv
-
         scatter_kv(self.key_cache, self.index, key_states)
         scatter_kv(self.value_cache, self.index, value_states)
         if self.limit is None:
@@ -159,8 +159,6 @@ class HFAdapter:
         value = attn.v_proj(normed).view(shape).transpose(1, 2)  # [1, H_kv, S, D]
         if self.model_type == "gemma3_text":
             key = attn.k_norm(key)
-        from ragzip.kernels.rope import rotate_half
-
         key = key * cos[:, None] + rotate_half(key) * sin[:, None]
         return key, value
 
@@ -172,8 +170,6 @@ class HFAdapter:
         query = attn.q_proj(normed).view(*normed.shape[:-1], -1, self.head_dim).transpose(1, 2)  # [1, H, S, D]
         if self.model_type == "gemma3_text":
             query = attn.q_norm(query)
-        from ragzip.kernels.rope import rotate_half
-
         return query * cos[:, None] + rotate_half(query) * sin[:, None]  # type: ignore[no-any-return]
 
     def attention_scaling(self, layer_idx: int) -> float:

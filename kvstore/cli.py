@@ -8,7 +8,8 @@ from typing import Annotated, Any
 
 import typer
 
-from ragzip.types import Document
+from ragzip.batch import read_corpus
+from ragzip.errors import InputError
 
 app = typer.Typer(help="Chunk KV store: warm it from a JSONL of chunks, inspect, evict, verify.", no_args_is_help=True)
 
@@ -22,29 +23,6 @@ def _open(store: str | None, codec: str = "raw") -> Any:
     from ragzip.settings import Settings
 
     return open_store(store or str(Settings().cache_dir / "kv"), codec=codec)
-
-
-def _chunks(path: Path) -> list[Document]:
-    """Documents from a JSONL: lines with `text` (and optional `title`, e.g. an index's documents.jsonl), or
-    common-schema examples (every `contexts[]` entry)."""
-    out: list[Document] = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise typer.BadParameter(f"{path}:{n}: not JSON ({exc})") from None
-            items = [obj] if isinstance(obj, dict) and isinstance(obj.get("text"), str) else (
-                obj.get("contexts") if isinstance(obj, dict) and isinstance(obj.get("contexts"), list) else None)
-            if items is None:
-                raise typer.BadParameter(f"{path}:{n}: expected an object with 'text' or 'contexts'")
-            for i, c in enumerate(items):
-                if isinstance(c, dict) and isinstance(c.get("text"), str):
-                    title = c.get("title") if isinstance(c.get("title"), str) else ""
-                    out.append(Document(str(c.get("id", f"{n}:{i}")), c["text"], title))
-    return out
 
 
 @app.command()
@@ -64,14 +42,16 @@ def warm(
 ) -> None:
     """Store every chunk's KV exactly as the KV engine will look it up (same prompt pieces, header and dtype),
     so a proxy or `ragzip ask` using this store hits on every chunk. Chunks already stored are skipped."""
-    from ragzip.engine import resolve_dtype
     from ragzip.kv_engine import KVReuseEngine
     from ragzip.kvstore.codecs import get_codec
     from ragzip.kvstore.codecs.cachegen import shipped_profiles
     from ragzip.kvstore.codecs.kvtc import shipped_kvtc_profiles
-    from ragzip.registry import DEFAULT_LLM, load_causal_lm
+    from ragzip.registry import DEFAULT_LLM, load_causal_lm, resolve_dtype
 
-    docs = _chunks(data)[:limit]
+    try:
+        docs = read_corpus(data)[:limit]
+    except InputError as exc:
+        raise typer.BadParameter(str(exc), param_hint="DATA") from None
     alias = model or DEFAULT_LLM
     if codec == "auto":
         codec = "kvtc" if profile is not None or alias in shipped_kvtc_profiles() else "cachegen"

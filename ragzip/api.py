@@ -2,40 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from ragzip.budget import Budget
-from ragzip.errors import InputError
+from ragzip.contract import DocumentLike, to_documents, to_question
+from ragzip.pipeline import build_compressor
 from ragzip.tokens import TokenCounter, get_token_counter
-from ragzip.types import CompressionResult, Document
-
-
-def to_documents(items: Sequence[Document | str | Mapping[str, Any]]) -> list[Document]:
-    """Accept Documents, plain strings, or `{"id"?, "title"?, "text"}` dicts; ids default to the position."""
-    if isinstance(items, (str, bytes)):
-        raise InputError("documents must be a list, not a single string")
-    docs = []
-    for i, item in enumerate(items):
-        if isinstance(item, Document):
-            docs.append(item)
-        elif isinstance(item, str):
-            docs.append(Document(str(i), item))
-        elif isinstance(item, Mapping):
-            text = item.get("text")
-            if not isinstance(text, str):
-                raise InputError(f"document {i}: 'text' must be a string")
-            title = item.get("title") or ""
-            if not isinstance(title, str):
-                raise InputError(f"document {i}: 'title' must be a string")
-            meta = item.get("metadata") or {}
-            docs.append(Document(str(item.get("id", i)), text, title, dict(meta) if isinstance(meta, Mapping) else {}))
-        else:
-            raise InputError(f"document {i}: expected a Document, str or dict, got {type(item).__name__}")
-    ids = [d.id for d in docs]
-    if len(set(ids)) != len(ids):
-        raise InputError("document ids must be unique")
-    return docs
+from ragzip.types import CompressionResult
 
 
 class RagZip:
@@ -56,16 +30,19 @@ class RagZip:
 
     def __init__(self, method: str = "exit", *, tokenizer: str | None = None, counter: TokenCounter | None = None,
                  **options: Any) -> None:
-        from ragzip.pipeline import build_compressor
-
         self.counter = counter or get_token_counter(tokenizer)
         self.compressor = build_compressor(method, counter=self.counter, options=options)
         self.method = method
 
-    def compress(self, query: str, documents: Sequence[Document | str | Mapping[str, Any]],
+    def compress(self, query: str | None, documents: Sequence[DocumentLike],
                  budget: Budget | None = None) -> CompressionResult:
-        return self.compressor.compress(query, to_documents(documents), budget)
+        """Compress `documents` (Documents, strings or `{"id"?, "title"?, "text"}` dicts) for `query`."""
+        return self.compressor.compress(to_question(query), to_documents(documents), budget)
 
-    def compress_batch(self, queries: Sequence[str], documents: Sequence[Sequence[Document | str | Mapping[str, Any]]],
+    def compress_batch(self, queries: Sequence[str | None], documents: Sequence[Sequence[DocumentLike]],
                        budget: Budget | None = None) -> list[CompressionResult]:
-        return self.compressor.compress_batch(queries, [to_documents(d) for d in documents], budget)
+        return self.compressor.compress_batch([to_question(q) for q in queries],
+                                              [to_documents(d) for d in documents], budget)
+
+
+__all__ = ["RagZip", "to_documents"]

@@ -1,4 +1,4 @@
-"""The JSONL compression contract, shared by the CLI, the HTTP API and distributed runners.
+"""JSONL files of the compression contract (`ragzip.contract`): reading, resuming, repairing a partial line.
 
 Input line: `{"id", "question"?, "contexts": [{"id"?, "title"?, "text"}]}` (the common data schema is valid).
 Output: the input object plus `"compressed": {"method", "contexts": [{"id", "title", "text", "spans"}], "text",
@@ -8,54 +8,15 @@ Output: the input object plus `"compressed": {"method", "contexts": [{"id", "tit
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from ragzip.budget import Budget
+from ragzip.contract import SupportsCompress, compress_record, documents_of_line, parse_record
 from ragzip.errors import InputError
-from ragzip.types import CompressionResult, Document
+from ragzip.types import Document
 
 MAX_LINE_BYTES = 64 * 1024 * 1024
-
-
-class SupportsCompress(Protocol):
-    def compress(self, query: str, documents: list[Document], budget: Budget | None = None) -> CompressionResult: ...
-
-
-def parse_record(obj: Any) -> tuple[str, list[Document]]:
-    """Validate one contract record; returns (question, documents). Context ids default to their position."""
-    if not isinstance(obj, Mapping):
-        raise InputError("expected a JSON object")
-    question = obj.get("question", "")
-    if question is None:
-        question = ""
-    if not isinstance(question, str):
-        raise InputError("'question' must be a string")
-    contexts = obj.get("contexts")
-    if not isinstance(contexts, list):
-        raise InputError("'contexts' must be a list")
-    docs = []
-    for i, ctx in enumerate(contexts):
-        if not isinstance(ctx, Mapping) or not isinstance(ctx.get("text"), str):
-            raise InputError(f"context {i} must be an object with a string 'text'")
-        title = ctx.get("title") or ""
-        if not isinstance(title, str):
-            raise InputError(f"context {i}: 'title' must be a string")
-        docs.append(Document(str(ctx.get("id", i)), ctx["text"], title))
-    if len({d.id for d in docs}) != len(docs):
-        raise InputError("context ids must be unique within a record")
-    return question, docs
-
-
-def compress_record(compressor: SupportsCompress, obj: Mapping[str, Any], budget: Budget | None,
-                    source_line: int | None = None) -> dict[str, Any]:
-    """The output object for one input record (`source_line` lets a rerun resume where it stopped)."""
-    question, docs = parse_record(obj)
-    compressed = compressor.compress(question, docs, budget).to_contract()
-    if source_line is not None:
-        compressed["source_line"] = source_line
-    return {**obj, "compressed": compressed}
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any, str | None]]:
@@ -101,3 +62,21 @@ def truncate_partial_line(path: str | Path) -> None:
         if data.endswith(b"\n"):
             return
         fh.truncate(data.rfind(b"\n") + 1)
+
+
+def read_corpus(path: str | Path) -> list[Document]:
+    """Every document of a corpus JSONL (`{"id"?, "title"?, "text"}` lines, or records whose `contexts` are the
+    documents), for `ragzip index` and `ragzip kv warm`. A bad line is an InputError naming `path:line`."""
+    docs: list[Document] = []
+    for lineno, obj, problem in iter_jsonl(path):
+        try:
+            if problem:
+                raise InputError(problem)
+            docs.extend(documents_of_line(obj, str(lineno)))
+        except InputError as exc:
+            raise InputError(f"{path}:{lineno}: {exc}") from None
+    return docs
+
+
+__all__ = ["MAX_LINE_BYTES", "SupportsCompress", "compress_record", "done_lines", "iter_jsonl", "parse_record",
+           "read_corpus", "truncate_partial_line"]

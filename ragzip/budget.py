@@ -47,6 +47,14 @@ class Budget:
         return cls(threshold=threshold)
 
     @property
+    def kind(self) -> str | None:
+        """"rate", "target_tokens", "threshold", or None for the default budget."""
+        for name in ("rate", "target_tokens", "threshold"):
+            if getattr(self, name) is not None:
+                return name
+        return None
+
+    @property
     def is_unbounded(self) -> bool:
         """No token limit (no field set, or only a threshold)."""
         return self.rate is None and self.target_tokens is None

@@ -12,8 +12,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ragzip.batch import compress_record, done_lines, iter_jsonl, read_corpus, truncate_partial_line
 from ragzip.budget import Budget
 from ragzip.errors import ConfigError, RagzipError
+from ragzip.kernels.errors import KernelError
+from ragzip.kvstore.cli import app as kv_app
+from ragzip.pipeline import build_compressor
+from ragzip.tokens import get_token_counter
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="RAG context compression middleware.")
 err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=160)
@@ -73,10 +78,6 @@ def compress(
     engine: str = typer.Option("local", help="local | ray"),
 ) -> None:
     """Compress every record of a JSONL file (see README: CLI contract)."""
-    from ragzip.batch import compress_record, done_lines, iter_jsonl, truncate_partial_line
-    from ragzip.pipeline import build_compressor
-    from ragzip.tokens import get_token_counter
-
     try:
         if on_error not in ("skip", "fail"):
             raise ConfigError(f"--on-error must be 'skip' or 'fail', got {on_error!r}")
@@ -142,24 +143,11 @@ def index(
     append: bool = typer.Option(False, help="Add to an existing index."),
 ) -> None:
     """Chunk, embed and index documents."""
-    from ragzip.batch import iter_jsonl
     from ragzip.retrieval.index import VectorIndex
     from ragzip.retrieval.retriever import Retriever
-    from ragzip.types import Document
 
     try:
-        docs = []
-        for lineno, obj, problem in iter_jsonl(input_path):
-            if problem or not isinstance(obj, dict):
-                raise RagzipError(f"{input_path}:{lineno}: {problem or 'expected an object'}")
-            if isinstance(obj.get("contexts"), list):
-                items = [(c, f"{obj.get('id', lineno)}/{j}") for j, c in enumerate(obj["contexts"])]
-            else:
-                items = [(obj, str(lineno))]
-            for item, default_id in items:
-                if not isinstance(item, dict) or not isinstance(item.get("text"), str):
-                    raise RagzipError(f"{input_path}:{lineno}: each document needs a string 'text'")
-                docs.append(Document(str(item.get("id", default_id)), item["text"], str(item.get("title") or "")))
+        docs = read_corpus(input_path)
         if append and (output / "meta.json").exists():
             retriever = Retriever(index=VectorIndex.load(output), chunk_tokens=chunk_tokens)
         else:
@@ -190,40 +178,29 @@ def ask(
                                  "caches hit when the chunks are sent as stored, e.g. with --method none."),
 ) -> None:
     """Retrieve, compress and answer with the local LLM (streamed)."""
+    from ragzip.answer import Answerer
     from ragzip.engine import LocalEngine
-    from ragzip.pipeline import build_compressor
     from ragzip.retrieval.retriever import Retriever
-    from ragzip.tokens import get_token_counter
 
     try:
-        retriever = Retriever.load(index_path)
-        hits = retriever.search(question, k)
         compressor = build_compressor(method, counter=get_token_counter(None), options=parse_options(option))
-        result = compressor.compress(question, [d for d, _ in hits], _budget(rate, target_tokens, threshold))
-        engine = LocalEngine(llm)
-    except RagzipError as exc:
+        engine: Any = LocalEngine(llm)
+        if kv_store is not None:
+            from ragzip.kv_engine import KVReuseEngine
+            from ragzip.kvstore.stores.base import open_store
+
+            engine = KVReuseEngine(engine.model, engine.tokenizer, store=open_store(kv_store))
+        answerer = Answerer(engine, compressor, retriever=Retriever.load(index_path), k=k)
+        result = answerer.context(question, budget=_budget(rate, target_tokens, threshold))
+    except (RagzipError, KernelError) as exc:
         _fail(exc)
-    err.print(f"[dim]{len(hits)} chunks, tokens {result.tokens_before} -> {result.tokens_after} "
+    err.print(f"[dim]{len(result.input_tokens)} chunks, tokens {result.tokens_before} -> {result.tokens_after} "
               f"({result.rate:.2f}) by {result.method} in {result.seconds:.2f}s[/dim]")
-    from ragzip.types import Document
-
-    docs = [Document(d.id, d.text, d.title) for d in result.documents if d.text]
-    if kv_store is None:
-        for delta in engine.stream(question, docs, max_new_tokens=max_new_tokens):
-            out.print(delta, end="")
-        out.print()
-        return
-    from ragzip.kv_engine import KVReuseEngine
-    from ragzip.kvstore.stores.base import open_store
-
-    try:
-        kv = KVReuseEngine(engine.model, engine.tokenizer, store=open_store(kv_store))
-    except RagzipError as exc:
-        _fail(exc)
-    for delta in kv.stream(question, docs, max_new_tokens=max_new_tokens):
+    for delta in answerer.stream(question, result, max_new_tokens=max_new_tokens):
         out.print(delta, end="")
     out.print()
-    err.print(f"kv {json.dumps(kv.stats.as_dict())}", markup=False, highlight=False, style="dim")
+    if kv_store is not None:
+        err.print(f"kv {json.dumps(engine.stats.as_dict())}", markup=False, highlight=False, style="dim")
 
 
 @app.command()
@@ -339,8 +316,7 @@ def _report(data: Path | None, out_dir: Path | None, *, quick: bool, seed: int, 
             readme: Path | None, only: list[str] | None, reader: str | None = None) -> None:
     from ragzip.eval.report import run_report, update_readme
 
-    data = data or Path("../shared/data")
-    if not data.is_dir():
+    if data is None or not data.is_dir():
         raise ConfigError(f"report needs --data DIR (a folder of dataset folders); {data} is not a folder")
     if out_dir is None:
         raise ConfigError("report needs --out REPORT_DIR")
@@ -370,15 +346,7 @@ def serve(
     run_server(host=host, port=port, upstream=upstream, config=config)
 
 
-def _mount_kv() -> None:
-    try:
-        from ragzip.kvstore.cli import app as kv_app
-    except ImportError:
-        return
-    app.add_typer(kv_app, name="kv", help="Chunk KV store: warm, stats, evict, verify.")
-
-
-_mount_kv()
+app.add_typer(kv_app, name="kv", help="Chunk KV store: warm, stats, evict, verify.")
 
 
 def _quiet_transformers() -> None:
@@ -394,6 +362,6 @@ def main() -> None:
     _quiet_transformers()
     try:
         app()
-    except RagzipError as exc:
+    except (RagzipError, KernelError) as exc:
         err.print(f"[red]error:[/red] {exc}")
         sys.exit(2)

@@ -40,6 +40,7 @@ def default_demo_llm() -> tuple[str | None, str | None]:
 def run_demo(*, method: str = DEMO_METHOD, rate: float | None = None, llm: str | None = None, k: int = 4,
              log: Callable[[str], Any] = print) -> list[dict[str, Any]]:
     """Rows of the demo table. `rate` None means DEMO_RATE for the default method, else the method's own default."""
+    from ragzip.answer import Answerer
     from ragzip.engine import LocalEngine
     from ragzip.eval.metrics import f1_score
     from ragzip.pipeline import build_compressor
@@ -58,17 +59,16 @@ def run_demo(*, method: str = DEMO_METHOD, rate: float | None = None, llm: str |
     retriever = Retriever(counter=counter, chunk_tokens=128)
     num_chunks = retriever.add(docs)
     log(f"indexed {len(docs)} documents as {num_chunks} chunks in {time.perf_counter() - start:.1f}s")
-    compressor = build_compressor(method, counter=counter)
     engine = LocalEngine(llm)
+    answerer = Answerer(engine, build_compressor(method, counter=counter), retriever=retriever, k=k)
     budget = Budget(rate=rate)
     log(f"local LLM: {llm or 'smollm2-135m-instruct'} ({engine.dtype}); compressor: {method} {budget.describe()}")
     rows = []
     for q in questions:
         hits = [d for d, _ in retriever.search(q["question"], k)]
-        result = compressor.compress(q["question"], hits, budget)
-        kept = [Document(d.id, d.text, d.title) for d in result.documents]
-        full = engine.answer(q["question"], hits)
-        compressed = engine.answer(q["question"], kept)
+        result = answerer.context(q["question"], hits, budget)
+        full = answerer.answer(q["question"], hits, max_new_tokens=32)
+        compressed = answerer.answer(q["question"], result, max_new_tokens=32)
         rows.append({
             "question": q["question"], "tokens_before": result.tokens_before, "tokens_after": result.tokens_after,
             "rate": result.rate, "seconds": result.seconds, "answer_full": full, "answer_compressed": compressed,

@@ -17,20 +17,24 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ragzip.errors import ConfigError
+from ragzip.decoding import clean_answer, eos_ids, greedy_ids, text_deltas
+from ragzip.errors import ConfigError, UnsupportedModelError
+from ragzip.kernels.errors import UnsupportedModelError as KernelUnsupported
+from ragzip.options import parse_enum
+from ragzip.prompt import SYSTEM_PROMPT, PromptBuilder, PromptPieces
 from ragzip.types import Document
+
+__all__ = ["SYSTEM_PROMPT", "EngineStats", "KVReuseEngine", "Prefill", "PromptPieces", "ReuseMode"]
 
 # Prefix caching reuses header + first document only when they are at least this share of the prompt.
 PREFIX_MIN_SHARE = 1 / 3
-SYSTEM_PROMPT = "Answer the question using only the documents. Reply with a short answer (a few words), no explanation."
-_PLACEHOLDER = "\uE000RAGZIP_DOCS\uE000"
 
 
 class ReuseMode(str, Enum):
@@ -40,13 +44,6 @@ class ReuseMode(str, Enum):
     PREFIX = "prefix"  # prefix caching: header + first document reused exactly, the rest prefilled (if it pays)
     REUSE = "reuse"  # every document cache concatenated (positions corrected), no recompute
     BLEND = "blend"  # selective recompute over the reused caches
-
-    @classmethod
-    def parse(cls, value: str | ReuseMode) -> ReuseMode:
-        try:
-            return cls(value)
-        except ValueError:
-            raise ConfigError(f"unknown reuse mode {value!r}; valid: {[m.value for m in cls]}") from None
 
 
 @dataclass(slots=True)
@@ -71,24 +68,6 @@ class EngineStats:
             out["recomputed_chunks"] = self.recomputed_chunks
             out["decisions"] = list(self.decisions)
         return out
-
-
-@dataclass(frozen=True, slots=True)
-class PromptPieces:
-    """A prompt as stable pieces: ``header`` + one piece per document + ``tail``.
-
-    ``context`` is the fixed header the document caches are computed after (equal to ``header`` unless the
-    client brought its own system prompt or earlier turns); it is part of every document's store key.
-    """
-
-    header: list[int]
-    documents: list[list[int]]
-    tail: list[int]
-    context: list[int] = field(default_factory=list)
-
-    @property
-    def token_ids(self) -> list[int]:
-        return self.header + [t for d in self.documents for t in d] + self.tail
 
 
 @dataclass(slots=True)
@@ -150,55 +129,34 @@ class KVReuseEngine:
 
             store = MemoryStore()
         self.model, self.tokenizer, self.store = model, tokenizer, store
-        self.adapter = HFAdapter(model)
+        self.prompt = PromptBuilder(tokenizer)
+        try:
+            self.adapter = HFAdapter(model)
+            self.self_check = self_check(self.adapter) if run_self_check else None
+        except KernelUnsupported as exc:
+            raise UnsupportedModelError(str(exc)) from exc
         self.blend = blend or BlendConfig()
-        self.mode = ReuseMode.parse(mode)
+        self.mode = parse_enum(ReuseMode, mode, "reuse mode")
         self.controller = controller
         self.fingerprint = model_fingerprint(model)
-        self.self_check = self_check(self.adapter) if run_self_check else None
         self.stats = EngineStats()
         self._total_hits = 0
         self._total_misses = 0
         self._context: list[int] | None = None if sink_context else []
 
     # -- prompt ------------------------------------------------------------------------------------
-    def _header_and_tail(self, system: str | None, history: Sequence[dict[str, str]]) -> tuple[str, str]:
-        messages = [{"role": "system", "content": system or SYSTEM_PROMPT}, *history,
-                    {"role": "user", "content": _PLACEHOLDER}]
-        if getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        else:  # a base model: plain text turns
-            text = "\n\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\n\nassistant:"
-        head, _, tail = text.partition(_PLACEHOLDER)
-        return head, tail
-
     @property
     def context(self) -> list[int]:
         """The fixed header every document cache is computed after (the default chat header)."""
         if self._context is None:
-            head, _ = self._header_and_tail(None, ())
-            self._context = self.tokenizer.encode(head, add_special_tokens=False)
+            self._context = self.prompt.context
         return self._context
 
     def pieces(self, question: str, documents: Sequence[Document], *, system: str | None = None,
                history: Sequence[dict[str, str]] = ()) -> PromptPieces:
-        """Tokenise the answer-from-documents prompt into stable pieces.
-
-        Args:
-            question: the question, placed after the documents.
-            documents: the context documents, one piece each.
-            system: the client's system prompt (default: the engine's `SYSTEM_PROMPT`).
-            history: earlier turns (``{"role", "content"}``), kept between the system prompt and the documents.
-        """
-        head, tail = self._header_and_tail(system, history)
-        enc = self.tokenizer.encode
-        docs = [enc(_doc_text(d), add_special_tokens=False) for d in documents]
-        return PromptPieces(
-            header=enc(head, add_special_tokens=False),
-            documents=[d for d in docs if d],
-            tail=enc(f"Question: {question}{tail}", add_special_tokens=False),
-            context=self.context,
-        )
+        """The answer prompt (`ragzip.prompt`) as stable token pieces; see `PromptBuilder.pieces`."""
+        pieces = self.prompt.pieces(question, documents, system=system, history=history)
+        return replace(pieces, context=self.context)
 
     # -- store -------------------------------------------------------------------------------------
     def chunk_kv(self, token_ids: Sequence[int], context: Sequence[int] = (), *, count: bool = True) -> Any:
@@ -268,7 +226,7 @@ class KVReuseEngine:
         """Prefill the prompt in ``mode`` (default: the engine's); updates `stats` (TTFT includes KV loading)."""
         from ragzip.kernels.blend import BlendConfig, Segment, blended_prefill
 
-        mode = ReuseMode.parse(mode or self.mode)
+        mode = parse_enum(ReuseMode, mode or self.mode, "reuse mode")
         pieces = self.pieces(question, documents, system=system, history=history)
         self.stats = EngineStats(prompt_tokens=len(pieces.token_ids))
         ids = pieces.token_ids
@@ -316,40 +274,33 @@ class KVReuseEngine:
         return Prefill(logits=logits, cache=cache, num_tokens=len(ids))
 
     # -- generation --------------------------------------------------------------------------------
-    @torch.inference_mode()
     def generate_ids(self, prefill: Prefill, *, max_new_tokens: int = 32) -> Iterator[int]:
         """Greedy token ids from a prefilled prompt, stopping at EOS."""
-        eos = _eos_ids(self.model, self.tokenizer)
-        logits, pos = prefill.logits, prefill.num_tokens
-        for _ in range(max_new_tokens):
-            tok = int(logits.argmax())
-            if tok in eos:
-                return
-            yield tok
-            step = torch.tensor([[tok]], device=self.adapter.device)
-            logits = self.adapter.forward_with_cache(step, prefill.cache, pos, logits_to_keep=1)[-1]
+        pos = prefill.num_tokens
+
+        @torch.inference_mode()
+        def step(token: int) -> Tensor:
+            nonlocal pos
+            ids = torch.tensor([[token]], device=self.adapter.device)
+            logits = self.adapter.forward_with_cache(ids, prefill.cache, pos, logits_to_keep=1)[-1]
             pos += 1
+            return logits
+
+        return greedy_ids(prefill.logits, step, eos=eos_ids(self.model, self.tokenizer), max_new_tokens=max_new_tokens)
 
     def stream(self, question: str, documents: Sequence[Document], *, max_new_tokens: int = 32,
                mode: ReuseMode | str | None = None, system: str | None = None,
                history: Sequence[dict[str, str]] = ()) -> Iterator[str]:
         """Yield the answer's text as it is generated (greedy, from the fused cache)."""
         pre = self.prefill(question, documents, mode=mode, system=system, history=history)
-        out: list[int] = []
-        shown = ""
-        for tok in self.generate_ids(pre, max_new_tokens=max_new_tokens):
-            out.append(tok)
-            text = self.tokenizer.decode(out, skip_special_tokens=True)
-            if len(text) > len(shown) and not text.endswith("\ufffd"):
-                yield text[len(shown) :]
-                shown = text
+        return text_deltas(self.tokenizer, self.generate_ids(pre, max_new_tokens=max_new_tokens))
 
     def answer(self, question: str, documents: Sequence[Document], *, max_new_tokens: int = 32,
                mode: ReuseMode | str | None = None, system: str | None = None,
                history: Sequence[dict[str, str]] = ()) -> str:
         """The greedy answer to ``question`` from ``documents``."""
-        return "".join(self.stream(question, documents, max_new_tokens=max_new_tokens, mode=mode, system=system,
-                                   history=history)).strip()
+        return clean_answer("".join(self.stream(question, documents, max_new_tokens=max_new_tokens, mode=mode,
+                                                system=system, history=history)))
 
     @torch.inference_mode()
     def teacher_forced_logits(self, prefill: Prefill, target_ids: Sequence[int]) -> Tensor:
@@ -359,15 +310,3 @@ class KVReuseEngine:
             step = torch.tensor([list(target_ids[:-1])], device=self.adapter.device)
             rows.append(self.adapter.forward_with_cache(step, prefill.cache, prefill.num_tokens))
         return torch.cat(rows, dim=0)
-
-
-def _doc_text(doc: Document) -> str:
-    return (f"{doc.title}\n{doc.text}" if doc.title else doc.text).strip() + "\n\n"
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    ids = model.generation_config.eos_token_id if model.generation_config is not None else None
-    out = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
-    if tokenizer.eos_token_id is not None:
-        out.add(int(tokenizer.eos_token_id))
-    return out

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from langchain_core.callbacks import AsyncCallbackManagerForRetrieverRun, CallbackManagerForRetrieverRun, Callbacks
@@ -25,35 +25,38 @@ from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict, Field, PrivateAttr
 
 from ragzip.budget import Budget
+from ragzip.contract import to_documents
 from ragzip.errors import InputError
 from ragzip.types import CompressionResult, Document
 
 
 def to_ragzip(documents: Sequence[LCDocument]) -> list[Document]:
-    """LangChain documents as ragzip Documents; ids from `doc.id`, `metadata["id"]` or the position."""
-    docs, seen = [], set()
+    """LangChain documents as ragzip Documents; ids from `doc.id`, `metadata["id"]` or the position (a repeated id
+    gets `#<position>`, since LangChain does not promise unique ids)."""
+    items, seen = [], set()
     for i, d in enumerate(documents):
         doc_id = str(d.id or d.metadata.get("id") or i)
         if doc_id in seen:
             doc_id = f"{doc_id}#{i}"
         seen.add(doc_id)
-        docs.append(Document(doc_id, d.page_content, str(d.metadata.get("title") or "")))
-    return docs
+        items.append({"id": doc_id, "text": d.page_content, "title": str(d.metadata.get("title") or "")})
+    return to_documents(items)
 
 
-def _contract_to_lc(compressed: dict[str, Any], documents: Sequence[LCDocument], docs: Sequence[Document],
-                    counts: dict[str, int] | None) -> list[LCDocument]:
-    by_id = {d.id: (lc, d) for lc, d in zip(documents, docs)}
+def contract_to_lc(compressed: Mapping[str, Any], documents: Sequence[LCDocument]) -> list[LCDocument]:
+    """The contract's `compressed` object (local or from a server) as LangChain documents, each keeping the
+    metadata of the input it came from plus `metadata["ragzip"]`."""
+    by_id = {d.id: lc for lc, d in zip(documents, to_ragzip(documents))}
     out = []
     for ctx in compressed["contexts"]:
         members = ctx.get("members") or [ctx["id"]]
-        lc, source = by_id.get(ctx["id"]) or by_id.get(members[0], (None, None))
+        lc = by_id.get(ctx["id"]) or by_id.get(members[0])
         meta = dict(lc.metadata) if lc is not None else {}
         scores = ctx.get("scores") or []
         meta["ragzip"] = {
-            "method": compressed["method"], "spans": ctx["spans"], "scores": scores,
-            "members": members, "tokens_before": (counts or {}).get(ctx["id"], ctx.get("tokens_before")),
-            "tokens_after": ctx.get("tokens_after"), "query_rate": compressed["rate"],
+            "method": compressed["method"], "spans": ctx["spans"], "scores": scores, "members": members,
+            "tokens_before": ctx.get("tokens_before"), "tokens_after": ctx.get("tokens_after"),
+            "query_rate": compressed["rate"],
         }
         if scores:
             meta["relevance_score"] = max(scores)
@@ -109,16 +112,8 @@ class RagzipCompressor(BaseDocumentCompressor):
     def _local(self, documents: Sequence[LCDocument], query: str) -> list[LCDocument]:
         docs = to_ragzip(documents)
         with self._lock:  # tokenizers and embedders are not safe to share between threads
-            pipe = self._compressor()
-            result: CompressionResult = pipe.compress(query, docs, self.budget)
-            kept = pipe.counter.count_batch([d.text for d in result.documents])
-            after = {d.id: n for d, n in zip(result.documents, kept)}
-            before = dict(zip([d.id for d in docs], pipe.counter.count_batch([d.text for d in docs])))
-        contract = result.to_contract()
-        for ctx, d in zip(contract["contexts"], result.documents):
-            ctx["scores"] = [round(float(s), 6) for s in d.scores]
-            ctx["tokens_after"] = after.get(d.id, 0)
-        return self._finish(_contract_to_lc(contract, documents, docs, before), documents)
+            result: CompressionResult = self._compressor().compress(query, docs, self.budget)
+        return self._finish(contract_to_lc(result.to_contract(), documents), documents)
 
     def _request(self, documents: Sequence[LCDocument], query: str) -> tuple[dict[str, Any], dict[str, str]]:
         budget = {k: v for k, v in (("rate", self.rate), ("target_tokens", self.target_tokens),
@@ -130,7 +125,7 @@ class RagzipCompressor(BaseDocumentCompressor):
         return body, headers
 
     def _remote_result(self, data: dict[str, Any], documents: Sequence[LCDocument]) -> list[LCDocument]:
-        return self._finish(_contract_to_lc(data["compressed"], documents, to_ragzip(documents), None), documents)
+        return self._finish(contract_to_lc(data["compressed"], documents), documents)
 
     @staticmethod
     def _finish(out: list[LCDocument], documents: Sequence[LCDocument]) -> list[LCDocument]:
@@ -214,4 +209,4 @@ class RagzipEmbeddings(Embeddings):
         return self.embed_documents([text])[0]
 
 
-__all__ = ["RagzipCompressor", "RagzipEmbeddings", "RagzipRetriever", "to_ragzip"]
+__all__ = ["RagzipCompressor", "RagzipEmbeddings", "RagzipRetriever", "contract_to_lc", "to_ragzip"]

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ragzip.budget import Budget
+from ragzip.compressors.registry import get_compressor
 from ragzip.errors import ConfigError
-from ragzip.spans import as_document, assemble, compose
+from ragzip.spans import assemble, compose
+from ragzip.text import split_sentences
 from ragzip.tokens import TokenCounter, get_token_counter
 from ragzip.types import CompressedDocument, CompressionResult, Document, StageStats
 
@@ -52,8 +54,6 @@ def load_pipeline_config(path: str | Path) -> tuple[list[StageSpec], Budget | No
 
 def _min_keep(documents: Sequence[Document]) -> list[CompressedDocument]:
     """The smallest non-empty context: the first sentence of the first non-empty document."""
-    from ragzip.retrieval.sentences import split_sentences
-
     for doc in documents:
         spans = split_sentences(doc.text)
         if spans:
@@ -66,7 +66,7 @@ class Pipeline:
     the overall token limit, computed from the ORIGINAL token count, so the cap holds for the whole pipeline.
 
     Example:
-        >>> pipe = Pipeline.from_method("exit+lingua2")
+        >>> pipe = build_compressor("exit+lingua2")
         >>> result = pipe.compress("who wrote Hamlet?", docs, Budget.ratio(0.3))
     """
 
@@ -79,52 +79,47 @@ class Pipeline:
             raise ConfigError("one budget (or None) per stage")
         self.counter = counter
         self.name = "+".join(s.name for s in self.stages)
-        self.is_query_agnostic = all(s.is_query_agnostic for s in self.stages)
 
     @classmethod
     def from_specs(cls, specs: Sequence[StageSpec], *, counter: TokenCounter | None = None) -> Pipeline:
-        from ragzip.compressors.registry import get_compressor
-
         counter = counter or get_token_counter(None)
         stages = [get_compressor(s.method, counter=counter, **dict(s.options)) for s in specs]
         return cls(stages, counter=counter, stage_budgets=[s.budget for s in specs])
 
-    @classmethod
-    def from_method(cls, method: str, *, counter: TokenCounter | None = None,
-                    options: Mapping[str, Mapping[str, Any]] | None = None) -> Pipeline:
-        """`method` is one name or names joined by '+'; `options` maps a stage name to its options."""
-        names = [m.strip() for m in method.split("+")]
-        if any(not n for n in names):
-            raise ConfigError(f"malformed method {method!r}; expected names joined by '+'")
-        options = options or {}
-        return cls.from_specs([StageSpec(n, dict(options.get(n, {}))) for n in names], counter=counter)
-
-    def compress(self, query: str, documents: Sequence[Document], budget: Budget | None = None) -> CompressionResult:
+    def compress(self, query: str, documents: Sequence[Document], budget: Budget | None = None, *,
+                 input_tokens: Sequence[int] | None = None) -> CompressionResult:
         budget = budget or Budget()
         start = time.perf_counter()
-        tokens_before = sum(self.counter.count_batch([d.text for d in documents]))
+        documents = list(documents)
+        # Counted once here; every stage then counts only its output, which is the next stage's input.
+        counts = list(input_tokens) if input_tokens is not None else self.counter.count_batch(
+            [d.text for d in documents])
+        tokens_before = sum(counts)
         limit = budget.token_limit(tokens_before)
-        current = [assemble(d, [(0, len(d.text))]) for d in documents]
+        current = [replace(assemble(d, [(0, len(d.text))]), tokens=n) for d, n in zip(documents, counts)]
         stats: list[StageStats] = []
         for i, (stage, own) in enumerate(zip(self.stages, self.stage_budgets)):
             is_last = i == len(self.stages) - 1
             stage_budget = own or (Budget.tokens(limit) if (is_last and limit) else (budget if is_last else Budget()))
             if limit == 0:
                 stage_budget = Budget()
-            inputs = [as_document(c) for c in current if c.text]
-            result = stage.compress(query, inputs, stage_budget)
+            live = [c for c in current if c.text]
+            inputs = [c.as_document() for c in live]
+            result = stage.compress(query, inputs, stage_budget, input_tokens=[c.tokens or 0 for c in live])
             kept = list(result.documents)
             info = dict(result.stages[0].info) if len(result.stages) == 1 else {}
             if not kept and inputs:
                 kept = _min_keep(inputs)
+                kept = [replace(k, tokens=n) for k, n in zip(kept, self.counter.count_batch([k.text for k in kept]))]
                 info["fallback"] = "min_keep"
             by_id = {c.id: c for c in current}
-            current = [compose(by_id[k.id], k) if k.id in by_id else k for k in kept]
-            stats.append(StageStats(stage.name, result.tokens_before,
-                                    sum(self.counter.count_batch([c.text for c in current])), result.seconds, info))
-        tokens_after = sum(self.counter.count_batch([c.text for c in current]))
+            current = [replace(compose(by_id[k.id], k), tokens=k.tokens) if k.id in by_id else k for k in kept]
+            stats.append(StageStats(stage.name, result.tokens_before, sum(c.tokens or 0 for c in current),
+                                    result.seconds, info))
+        tokens_after = sum(c.tokens or 0 for c in current)
         return CompressionResult(self.name, tuple(current), tokens_before, tokens_after,
-                                 time.perf_counter() - start, tuple(stats))
+                                 time.perf_counter() - start, tuple(stats),
+                                 {d.id: n for d, n in zip(documents, counts)})
 
     def compress_batch(self, queries: Sequence[str], documents: Sequence[Sequence[Document]],
                        budget: Budget | None = None) -> list[CompressionResult]:

@@ -21,7 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from ragzip.errors import ModelNotFoundError
+from ragzip.errors import ConfigError, ModelNotFoundError
 
 DEFAULT_LLM = "smollm2-135m-instruct"
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
@@ -204,6 +204,32 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
         del model.config.quantization_config
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+
+
+@lru_cache(maxsize=1)
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bf16 instructions (AVX512-BF16 or AMX), where bf16 is ~2.5x faster."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str) -> Any:
+    """A torch dtype for "auto" (bf16 on a GPU or a CPU with native bf16, else fp32), "bfloat16" or "float32"."""
+    import torch
+
+    choices = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype == "auto":
+        if torch.cuda.is_available():
+            return torch.bfloat16
+        return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+    try:
+        return choices[dtype]
+    except KeyError:
+        raise ConfigError(f"unknown dtype {dtype!r}; valid: ['auto', {', '.join(map(repr, choices))}]") from None
 
 
 def _wrap_hub_error(name: str, exc: Exception) -> ModelNotFoundError:

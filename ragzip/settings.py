@@ -19,7 +19,6 @@ class Settings(BaseSettings):
 
     cache_dir: Path = Field(default_factory=_default_cache_dir, description="Converted models, KV store, caches")
     llm: str = Field(default="smollm2-135m-instruct", description="Local LLM (alias, local path or HF name)")
-    embedder: str = Field(default="all-MiniLM-L6-v2", description="Sentence embedder (alias, path or HF name)")
     tokenizer: str | None = Field(default=None, description="Tokenizer that counts budgets (default: the LLM's)")
     dtype: str = Field(default="auto", description="auto | bfloat16 | float32 for the local LLM")
     num_threads: int | None = Field(default=None, description="torch intra-op threads (default: torch's)")

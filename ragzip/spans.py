@@ -67,8 +67,3 @@ def compose(previous: CompressedDocument, current: CompressedDocument) -> Compre
             offsets.append((shift, shift + (hi - lo)))
     return CompressedDocument(current.id, current.text, current.title or previous.title, tuple(spans), tuple(offsets),
                               current.members or previous.members, current.scores)
-
-
-def as_document(compressed: CompressedDocument) -> Document:
-    """The input of the next pipeline stage."""
-    return Document(compressed.id, compressed.text, compressed.title)

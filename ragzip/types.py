@@ -54,10 +54,15 @@ class CompressedDocument:
     offsets: tuple[tuple[int, int], ...] = ()
     members: tuple[str, ...] = ()
     scores: tuple[float, ...] = ()
+    tokens: int | None = None  # the text's token count, set once by the stage that produced it
 
     def __post_init__(self) -> None:
         if len(self.spans) != len(self.offsets):
             raise ValueError("spans and offsets must have the same length")
+
+    def as_document(self) -> Document:
+        """This piece as the input of the next stage or of a reader."""
+        return Document(self.id, self.text, self.title)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +86,7 @@ class CompressionResult:
     tokens_after: int
     seconds: float
     stages: tuple[StageStats, ...] = ()
+    input_tokens: Mapping[str, int] = field(default_factory=dict)  # per input document id
 
     @property
     def rate(self) -> float:
@@ -96,14 +102,24 @@ class CompressionResult:
     def spans(self) -> list[Span]:
         return [s for d in self.documents for s in d.spans]
 
+    def as_documents(self) -> list[Document]:
+        """The kept context as Documents (empty pieces dropped): what a reader is given."""
+        return [d.as_document() for d in self.documents if d.text]
+
     def to_contract(self) -> dict[str, Any]:
-        """The `compressed` object of the CLI/HTTP contract."""
+        """The `compressed` object of the CLI/HTTP contract (`ragzip.contract` documents every key)."""
         contexts = []
         for d in self.documents:
             spans = [[s.start, s.end] for s in d.spans]
-            ctx: dict[str, Any] = {"id": d.id, "title": d.title, "text": d.text, "spans": spans}
+            ctx: dict[str, Any] = {"id": d.id, "title": d.title, "text": d.text, "spans": spans,
+                                   "scores": [round(float(x), 6) for x in d.scores]}
             if d.members:
                 ctx["members"] = list(d.members)
+            sources = d.members or (d.id,)
+            if all(m in self.input_tokens for m in sources):
+                ctx["tokens_before"] = sum(self.input_tokens[m] for m in sources)
+            if d.tokens is not None:
+                ctx["tokens_after"] = d.tokens
             contexts.append(ctx)
         return {
             "method": self.method,

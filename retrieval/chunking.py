@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 
 from ragzip.errors import ConfigError
-from ragzip.retrieval.sentences import split_sentences
+from ragzip.text import split_sentences
 from ragzip.tokens import TokenCounter
 from ragzip.types import Document
 
@@ -23,15 +23,13 @@ class Chunk:
     num_tokens: int
 
 
-def chunk_text(text: str, counter: TokenCounter, *, max_tokens: int = 256, overlap_sentences: int = 0) -> list[Chunk]:
+def chunk_text(text: str, counter: TokenCounter, *, max_tokens: int = 256) -> list[Chunk]:
     """Pack whole sentences into chunks of at most `max_tokens`; a longer sentence is cut at word boundaries.
 
     Token counts are per-piece sums, an upper-bound-ish estimate of the joined count (joining may merge tokens).
     """
     if max_tokens <= 0:
         raise ConfigError(f"max_tokens must be positive, got {max_tokens}")
-    if overlap_sentences < 0:
-        raise ConfigError("overlap_sentences must be >= 0")
     pieces: list[tuple[int, int]] = []
     sentences = split_sentences(text)
     sent_costs = counter.count_batch([text[a:b] for a, b in sentences])
@@ -50,9 +48,7 @@ def chunk_text(text: str, counter: TokenCounter, *, max_tokens: int = 256, overl
             j += 1
         start, end = pieces[i][0], pieces[j - 1][1]
         chunks.append(Chunk(start, end, text[start:end], total))
-        if j >= len(pieces):
-            break
-        i = max(j - overlap_sentences, i + 1)
+        i = j
     return chunks
 
 
@@ -70,11 +66,10 @@ def _split_long(text: str, start: int, end: int, counter: TokenCounter, max_toke
     return out
 
 
-def chunk_document(doc: Document, counter: TokenCounter, *, max_tokens: int = 256,
-                   overlap_sentences: int = 0) -> list[Document]:
+def chunk_document(doc: Document, counter: TokenCounter, *, max_tokens: int = 256) -> list[Document]:
     """Chunks of `doc` as Documents with ids `<doc id>#<n>` and their source offsets in metadata."""
     return [
         Document(f"{doc.id}#{n}", c.text, doc.title,
                  {**doc.metadata, "source_id": doc.id, "start": c.start, "end": c.end})
-        for n, c in enumerate(chunk_text(doc.text, counter, max_tokens=max_tokens, overlap_sentences=overlap_sentences))
+        for n, c in enumerate(chunk_text(doc.text, counter, max_tokens=max_tokens))
     ]

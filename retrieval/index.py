@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ragzip.errors import ConfigError, InputError
+from ragzip.options import parse_enum
 from ragzip.types import Document
 
 FORMAT_VERSION = 1
@@ -22,13 +23,6 @@ FORMAT_VERSION = 1
 class IndexKind(str, Enum):
     FLAT = "flat"  # exact inner product
     HNSW = "hnsw"  # approximate, incremental, no training
-
-    @classmethod
-    def parse(cls, value: str | IndexKind) -> IndexKind:
-        try:
-            return cls(value)
-        except ValueError:
-            raise ConfigError(f"unknown index kind {value!r}; valid: {[k.value for k in cls]}") from None
 
 
 def _new_faiss_index(kind: IndexKind, dim: int, hnsw_m: int) -> Any:
@@ -49,7 +43,7 @@ class VectorIndex:
         if dim <= 0:
             raise ConfigError(f"dim must be positive, got {dim}")
         self.dim = dim
-        self.kind = IndexKind.parse(kind)
+        self.kind = parse_enum(IndexKind, kind, "index kind")
         self.embedder = embedder
         self.hnsw_m = hnsw_m
         self.index = _new_faiss_index(self.kind, dim, hnsw_m)

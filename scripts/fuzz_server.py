@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from server_harness import ProxyProcess, StubUpstream
+
+from ragzip.eval.harness import ProxyProcess, StubUpstream
 
 
 def main() -> None:

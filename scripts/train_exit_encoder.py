@@ -49,7 +49,7 @@ from ragzip.compressors.exit_encoder import (
     slot_map,
 )
 from ragzip.eval.datasets import sentence_spans
-from ragzip.retrieval.sentences import split_sentences
+from ragzip.text import split_sentences
 from ragzip.types import Document
 
 REPO = Path(__file__).resolve().parent.parent

@@ -33,7 +33,7 @@ from ragzip.compressors.lingua2_query import (  # noqa: E402
     query_mean,
     save_answer_head,
 )
-from ragzip.retrieval.sentences import split_sentences  # noqa: E402
+from ragzip.text import split_sentences  # noqa: E402
 
 
 def answer_chars(text: str, answers: list[str]) -> list[tuple[int, int]]:

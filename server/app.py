@@ -20,6 +20,7 @@ from typing import Annotated, Any
 from fastapi import FastAPI, Header
 from fastapi.responses import JSONResponse, Response
 
+from ragzip.contract import parse_record, to_documents
 from ragzip.server import errors
 from ragzip.server.chat import chat_completion
 from ragzip.server.compression import CompressionService
@@ -38,7 +39,6 @@ from ragzip.server.schemas import (
     Health,
 )
 from ragzip.settings import Settings
-from ragzip.types import Document
 
 log = logging.getLogger("ragzip.server")
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -135,13 +135,11 @@ def create_app(config: ServerConfig | None = None, *, settings: Settings | None 
     @app.post("/v1/compress", response_model=CompressResponse, responses=_ERRORS,
               summary="Compress one CLI-contract record; returns it with `compressed` added")
     async def compress(req: CompressRequest) -> Any:
-        from ragzip.batch import parse_record
-
         if len(req.contexts) > config.max_documents:
             raise errors.APIError(400, f"{len(req.contexts)} contexts; this server accepts at most "
                                        f"{config.max_documents}", code="too_many_documents", param="contexts")
         record = req.model_dump(exclude_unset=True, exclude={"ragzip"})
-        record["contexts"] = [c.model_dump(exclude_none=True) for c in req.contexts]
+        record["contexts"] = [c if isinstance(c, str) else c.model_dump(exclude_none=True) for c in req.contexts]
         question, docs = parse_record(record)
         plan = state.compression.plan(req.ragzip)
         result = await state.compression.compress(plan, question, docs)
@@ -153,9 +151,8 @@ def create_app(config: ServerConfig | None = None, *, settings: Settings | None 
         if len(req.documents) > config.max_documents:
             raise errors.APIError(400, f"{len(req.documents)} documents; at most {config.max_documents} per call",
                                   code="too_many_documents", param="documents")
-        ids = state.index.next_ids(len(req.documents))
-        docs = [Document(str(d.id) if d.id is not None else ids[i], d.text, d.title or "")
-                for i, d in enumerate(req.documents)]
+        docs = to_documents([d.model_dump(exclude_none=True) for d in req.documents],
+                            default_ids=state.index.next_ids(len(req.documents)))
         added = await state.index.add(docs)
         return AddDocumentsResponse(added_documents=len(docs), added_chunks=added, total_chunks=state.index.size)
 

@@ -10,13 +10,13 @@ from typing import Any
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from ragzip.api import to_documents
+from ragzip.contract import to_documents
 from ragzip.server.compression import Outcome
 from ragzip.server.context import ChatContext, extract, inject
 from ragzip.server.errors import APIError, UpstreamError, error_body
-from ragzip.server.local import GenerationDone, engine_messages
+from ragzip.server.local import GenerationDone
 from ragzip.server.schemas import ChatCompletionRequest
-from ragzip.types import CompressedDocument, Document
+from ragzip.types import Document
 
 
 def _sse(obj: Any) -> str:
@@ -39,10 +39,6 @@ def ragzip_headers(info: dict[str, Any]) -> dict[str, str]:
     return headers
 
 
-def _as_documents(docs: tuple[CompressedDocument, ...]) -> list[Document]:
-    return [Document(d.id, d.text, d.title) for d in docs if d.text]
-
-
 async def prepare(state: Any, req: ChatCompletionRequest) -> tuple[ChatContext, Outcome, list[Document]]:
     """Context from `documents`, a `<documents>` block, or the proxy index; then compression (with fallback)."""
     cfg = state.config
@@ -62,7 +58,7 @@ async def prepare(state: Any, req: ChatCompletionRequest) -> tuple[ChatContext, 
         ctx.documents = await state.index.search(ctx.query, k)
         ctx.source = "index" if ctx.documents else "none"
     outcome = await state.compression.compress_or_fallback(plan, ctx.query, ctx.documents)
-    return ctx, outcome, _as_documents(outcome.result.documents)
+    return ctx, outcome, outcome.result.as_documents()
 
 
 async def chat_completion(state: Any, req: ChatCompletionRequest, authorization: str | None) -> Any:
@@ -122,7 +118,7 @@ def _max_new_tokens(state: Any, req: ChatCompletionRequest) -> int:
 async def _via_local(state: Any, req: ChatCompletionRequest, ctx: ChatContext, kept: list[Document],
                      info: dict[str, Any], headers: dict[str, str]) -> Any:
     backend = state.backend
-    messages = engine_messages(ctx.messages, ctx.query, kept)
+    messages = ctx.messages
     max_new = _max_new_tokens(state, req)
     cid, created, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), backend.model_name
     if not req.stream:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ragzip.errors import InputError
+from ragzip.contract import to_documents
 from ragzip.types import CompressedDocument, Document
 
 _BLOCK = re.compile(r"<documents>(.*?)</documents>", re.DOTALL | re.IGNORECASE)
@@ -40,18 +40,14 @@ def content_text(content: Any) -> str:
 def parse_block(inner: str) -> list[Document]:
     """Documents of one `<documents>` block (ids default to `block-<i>`)."""
     found = list(_DOC.finditer(inner))
-    docs = []
-    if found:
-        for i, m in enumerate(found):
-            attrs = {k.lower(): html.unescape(v) for k, v in _ATTR.findall(m.group(1))}
-            text = m.group(2).strip()
-            docs.append(Document(attrs.get("id") or f"block-{i}", text, attrs.get("title", "")))
-    else:
-        paragraphs = [p.strip() for p in _PARAGRAPHS.split(inner) if p.strip()]
-        docs = [Document(f"block-{i}", p) for i, p in enumerate(paragraphs)]
-    if len({d.id for d in docs}) != len(docs):
-        raise InputError("document ids in the <documents> block must be unique")
-    return docs
+    items: list[dict[str, str] | str] = []
+    for m in found:
+        attrs = {k.lower(): html.unescape(v) for k, v in _ATTR.findall(m.group(1))}
+        items.append({"text": m.group(2).strip(), "title": attrs.get("title", ""),
+                      **({"id": attrs["id"]} if attrs.get("id") else {})})
+    if not found:
+        items = [p.strip() for p in _PARAGRAPHS.split(inner) if p.strip()]
+    return to_documents(items, where="the <documents> block", default_ids=[f"block-{i}" for i in range(len(items))])
 
 
 def render_block(documents: Sequence[Document | CompressedDocument]) -> str:

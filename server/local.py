@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ragzip.engine import SYSTEM_PROMPT, answer_messages
 from ragzip.server.context import content_text, last_user_index
 from ragzip.server.metrics import Metrics
 from ragzip.types import Document
@@ -24,32 +23,27 @@ class GenerationDone:
     kv: dict[str, Any] | None = None  # what the KV backend reused (`EngineStats.as_dict()`), when it answered
 
 
-def conversation(messages: Sequence[dict[str, str]]) -> tuple[str | None, list[dict[str, str]]]:
-    """The client's system prompt (None when `engine_messages` filled in the default) and the earlier turns
-    of an `engine_messages` list, for the KV engine's header."""
-    if not messages:
-        return None, []
-    system = messages[0]["content"] if messages[0]["role"] == "system" else None
-    history = [m for m in messages[1:-1] if m["role"] in ("user", "assistant")]
-    return (None if system == SYSTEM_PROMPT else system), history
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    """A chat request as the local engines take it: the client's system prompt (None: the default), the turns
+    before the last user message, and every turn as plain text (for a chat without documents)."""
+
+    system: str | None
+    history: list[dict[str, str]]
+    turns: list[dict[str, str]]
 
 
-def engine_messages(messages: Sequence[dict[str, Any]], query: str,
-                    documents: Sequence[Document]) -> list[dict[str, str]]:
-    """Plain-text chat for the local model. With context, the last user turn becomes the engine's
-    answer-from-documents prompt (documents between two copies of the question, tuned for small models)."""
-    plain = []
+def conversation(messages: Sequence[dict[str, Any]]) -> Conversation:
+    """Plain-text turns of the client's messages (the `<documents>` block's placeholder removed)."""
+    turns = []
     for m in messages:
         role = _ROLES.get(str(m.get("role")), "user")
-        text = content_text(m.get("content")).replace("\x00RAGZIP\x00", " ").strip()
-        plain.append({"role": role, "content": text})
-    if not documents:
-        return [m for m in plain if m["content"] or m["role"] == "user"]
-    user = last_user_index(plain)
-    history = [m for i, m in enumerate(plain) if m["role"] != "system" and (user is None or i < user)]
-    systems = [m for m in plain if m["role"] == "system" and m["content"]]
-    system = systems[0] if systems else {"role": "system", "content": SYSTEM_PROMPT}
-    return [system, *history, answer_messages(query, documents)[-1]]
+        turns.append({"role": role, "content": content_text(m.get("content")).replace("\x00RAGZIP\x00", " ").strip()})
+    user = last_user_index(turns)
+    systems = [m["content"] for m in turns if m["role"] == "system" and m["content"]]
+    history = [m for i, m in enumerate(turns) if m["role"] in ("user", "assistant") and (user is None or i < user)]
+    return Conversation(systems[0] if systems else None, history,
+                        [m for m in turns if m["content"] or m["role"] == "user"])
 
 
 class LocalBackend:
@@ -69,18 +63,18 @@ class LocalBackend:
         self.metrics = metrics
         self.lock = threading.Lock()
 
-    def _work(self, messages: list[dict[str, str]], query: str, documents: Sequence[Document], max_new_tokens: int,
+    def _work(self, chat: Conversation, query: str, documents: Sequence[Document], max_new_tokens: int,
               emit: Any, cancel: threading.Event) -> None:
         with self.lock:
             if cancel.is_set():
                 return
             use_kv = self.kv_engine is not None and bool(documents)
-            if use_kv:
-                system, history = conversation(messages)
-                deltas = self.kv_engine.stream(query, list(documents), max_new_tokens=max_new_tokens, system=system,
-                                               history=history)
+            if documents:  # the one answer prompt, on either engine, with the client's system prompt and turns
+                engine = self.kv_engine if use_kv else self.engine
+                deltas = engine.stream(query, list(documents), max_new_tokens=max_new_tokens, system=chat.system,
+                                       history=chat.history)
             else:
-                deltas = self.engine.stream_chat(messages, max_new_tokens=max_new_tokens)
+                deltas = self.engine.stream_chat(chat.turns, max_new_tokens=max_new_tokens)
             texts = []
             for delta in deltas:
                 texts.append(delta)
@@ -102,8 +96,9 @@ class LocalBackend:
             reason = "length" if count >= max_new_tokens else "stop"
             emit(GenerationDone(prompt_tokens, count, reason, kv))
 
-    async def stream(self, messages: list[dict[str, str]], *, query: str = "", documents: Sequence[Document] = (),
-                     max_new_tokens: int = 64) -> AsyncIterator[str | GenerationDone]:
+    async def stream(self, messages: Sequence[dict[str, Any]], *, query: str = "",
+                     documents: Sequence[Document] = (), max_new_tokens: int = 64
+                     ) -> AsyncIterator[str | GenerationDone]:
         """Text deltas, then one GenerationDone. Abandoning the iterator stops generation at the next token."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -117,7 +112,7 @@ class LocalBackend:
 
         def run() -> None:
             try:
-                self._work(messages, query, documents, max_new_tokens, emit, cancel)
+                self._work(conversation(messages), query, documents, max_new_tokens, emit, cancel)
             except BaseException as exc:  # hand every failure to the request that caused it
                 emit(exc)
             finally:
@@ -135,8 +130,8 @@ class LocalBackend:
         finally:
             cancel.set()
 
-    async def complete(self, messages: list[dict[str, str]], *, query: str = "", documents: Sequence[Document] = (),
-                       max_new_tokens: int = 64) -> tuple[str, GenerationDone]:
+    async def complete(self, messages: Sequence[dict[str, Any]], *, query: str = "",
+                       documents: Sequence[Document] = (), max_new_tokens: int = 64) -> tuple[str, GenerationDone]:
         parts: list[str] = []
         done = GenerationDone(0, 0, "stop")
         async for item in self.stream(messages, query=query, documents=documents, max_new_tokens=max_new_tokens):

@@ -75,7 +75,7 @@ class CompressRequest(BaseModel):
 
     id: str | int | None = None
     question: str | None = None
-    contexts: list[DocumentIn]
+    contexts: list[DocumentIn | str]
     ragzip: RagzipOptions | None = None
 
 
@@ -84,7 +84,10 @@ class CompressedContext(BaseModel):
     title: str
     text: str
     spans: list[list[int]]
+    scores: list[float] = Field(default_factory=list, description="Score of each kept unit (may be empty)")
     members: list[str] | None = None
+    tokens_before: int | None = Field(default=None, description="Tokens of the input(s) this context replaces")
+    tokens_after: int | None = None
 
 
 class CompressedOut(BaseModel):

@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from ragzip.engine import LocalEngine, answer_messages
+from ragzip.engine import LocalEngine
 from ragzip.errors import ConfigError
+from ragzip.kv_engine import KVReuseEngine
 from ragzip.types import Document
 
 
@@ -12,10 +13,22 @@ def engine() -> LocalEngine:
     return LocalEngine()
 
 
-def test_prompt_holds_documents_and_question() -> None:
-    msgs = answer_messages("Where?", [Document("1", "Paris text", "Paris")])
-    assert "Paris text" in msgs[-1]["content"] and msgs[-1]["content"].rstrip().endswith("Give a short answer.")
-    assert msgs[-1]["content"].count("Where?") == 2
+def test_prompt_holds_documents_then_question_and_the_clients_turns(engine: LocalEngine) -> None:
+    docs = [Document("1", "Paris text", "Paris"), Document("2", "Rome text")]
+    text = engine.tokenizer.decode(engine.prompt_ids("Where?", docs))
+    assert text.index("Paris\nParis text") < text.index("Rome text") < text.index("Question: Where?")
+    own = engine.tokenizer.decode(engine.prompt_ids("Where?", docs, system="Be terse.",
+                                                    history=[{"role": "user", "content": "Hi there"}]))
+    assert "Be terse." in own and own.index("Hi there") < own.index("Paris text")
+
+
+def test_both_engines_build_the_same_prompt(engine: LocalEngine) -> None:
+    kv = KVReuseEngine(engine.model, engine.tokenizer, run_self_check=False)
+    docs = [Document("1", "Paris is in France.", "Paris"), Document("2", "Rome is in Italy.")]
+    for system, history in ((None, []), ("Be terse.", [{"role": "user", "content": "Hi"},
+                                                       {"role": "assistant", "content": "Hello"}])):
+        assert kv.pieces("Where is Paris?", docs, system=system, history=history).token_ids == engine.prompt_ids(
+            "Where is Paris?", docs, system=system, history=history)
 
 
 def test_generates_a_real_answer_on_the_embedded_model(engine: LocalEngine) -> None:
@@ -27,9 +40,8 @@ def test_generates_a_real_answer_on_the_embedded_model(engine: LocalEngine) -> N
 
 def test_stream_matches_answer(engine: LocalEngine) -> None:
     doc = Document("d", "Oxygen has the atomic number 8.", "Oxygen")
-    streamed = "".join(engine.stream("What is the atomic number of oxygen?", [doc], max_new_tokens=12))
-    assert streamed.strip() == engine.chat(answer_messages("What is the atomic number of oxygen?", [doc]),
-                                           max_new_tokens=12)
+    streamed = "".join(engine.stream("What is the atomic number of oxygen?", [doc], max_new_tokens=16))
+    assert streamed.strip() == engine.answer("What is the atomic number of oxygen?", [doc], max_new_tokens=16)
     assert "8" in streamed
 
 

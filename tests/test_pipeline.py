@@ -19,7 +19,7 @@ DOCS = [
 
 def test_pipeline_keeps_stats_and_meets_overall_cap() -> None:
     counter = WhitespaceCounter()
-    pipe = Pipeline.from_method("embed-topk+truncate", counter=counter)
+    pipe = build_compressor("embed-topk+truncate", counter=counter)
     result = pipe.compress("Where does the Rhine end?", DOCS, Budget.tokens(6))
     assert [s.name for s in result.stages] == ["embed-topk", "truncate"]
     assert result.tokens_after <= 6 and result.tokens_before == 33
@@ -31,9 +31,8 @@ def test_pipeline_keeps_stats_and_meets_overall_cap() -> None:
 
 class _DropAll:
     name = "drop-all"
-    is_query_agnostic = True
 
-    def compress(self, query, documents, budget):  # type: ignore[no-untyped-def]
+    def compress(self, query, documents, budget, *, input_tokens=None):  # type: ignore[no-untyped-def]
         from ragzip.types import CompressionResult
 
         return CompressionResult(self.name, (), 10, 0, 0.0)

@@ -64,7 +64,7 @@ def test_result_contract_and_rate() -> None:
     doc = CompressedDocument("a", "kept", "Title", (Span("a", 3, 7),), ((0, 4),))
     result = CompressionResult("exit", (doc,), 10, 4, 0.01)
     contract = result.to_contract()
-    assert contract["contexts"] == [{"id": "a", "title": "Title", "text": "kept", "spans": [[3, 7]]}]
+    assert contract["contexts"] == [{"id": "a", "title": "Title", "text": "kept", "spans": [[3, 7]], "scores": []}]
     assert contract["rate"] == pytest.approx(0.4)
     assert result.text == "kept"
     assert CompressionResult("none", (), 0, 0, 0.0).rate == 1.0

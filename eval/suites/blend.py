@@ -61,7 +61,6 @@ def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) ->
     """
     import torch
 
-    from ragzip.engine import resolve_dtype
     from ragzip.errors import ConfigError
     from ragzip.eval.datasets import load_examples
     from ragzip.eval.metrics import f1_score
@@ -69,7 +68,7 @@ def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) ->
     from ragzip.kv_engine import KVReuseEngine, ReuseMode
     from ragzip.kvstore.stores.disk import DiskStore
     from ragzip.kvstore.stores.memory import MemoryStore
-    from ragzip.registry import load_causal_lm
+    from ragzip.registry import load_causal_lm, resolve_dtype
 
     known = {"model", "dtype", "ratios", "deviation", "query_weight", "check_layer", "gradual_layers",
              "chunk_head_tokens", "store", "strategies", "strategy_ratios", "previous", "skip", "max_new_tokens",

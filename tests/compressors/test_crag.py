@@ -166,7 +166,6 @@ def test_query_relevance_picks_the_item_that_matches(items: list[Document]) -> N
     target = battery[2]
     result = crag(k=1, alpha=0.0).compress("how many days do I get out of one charge", battery)
     assert [d.id for d in result.documents] == [target.id]
-    assert crag(k=1, alpha=1.0).is_query_agnostic and not crag(k=1, alpha=0.5).is_query_agnostic
 
 
 def test_per_cluster_keeps_more_and_splits_members(items: list[Document]) -> None:
@@ -212,14 +211,14 @@ def test_bad_options_raise_config_errors(options: dict[str, str]) -> None:
 
 
 def test_pipeline_contract_carries_spans_and_members(items: list[Document]) -> None:
-    from ragzip.pipeline import Pipeline, build_compressor
+    from ragzip.pipeline import build_compressor
 
     single = build_compressor("crag", counter=WS, options={"k": "3", "embedder": ENCODER}).compress("", items)
     for ctx in single.to_contract()["contexts"]:
         assert ctx["spans"] and ctx["members"]
     assert_provenance(single, items)
 
-    staged = Pipeline.from_method("crag+truncate", counter=WS, options={"crag": {"k": "3", "embedder": ENCODER}})
+    staged = build_compressor("crag+truncate", counter=WS, options={"crag": {"k": "3", "embedder": ENCODER}})
     result = staged.compress("", items, Budget.tokens(20))
     assert 0 < result.tokens_after <= 20 and [s.name for s in result.stages] == ["crag", "truncate"]
     assert_provenance(result, items, complete=False)  # a later stage may drop a whole piece

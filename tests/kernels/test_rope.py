@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ragzip.errors import UnsupportedModelError
+from ragzip.kernels.errors import UnsupportedModelError
 from ragzip.kernels.hf_adapter import HFAdapter
 from ragzip.kernels.rope import apply_rotation, rerotate_keys, rope_cos_sin
 

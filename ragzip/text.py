@@ -1,4 +1,5 @@
-"""Rule-based sentence splitting with character offsets (sentencex: maintained, no runtime downloads)."""
+"""Text utilities every layer shares: rule-based sentence splitting with character offsets (sentencex: maintained,
+no runtime downloads; English rules, the language of the shipped models)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import re
 _NONSPACE = re.compile(r"\S")
 
 
-def split_sentences(text: str, language: str = "en") -> list[tuple[int, int]]:
+def split_sentences(text: str) -> list[tuple[int, int]]:
     """Character spans [start, end) of the sentences of `text`, whitespace trimmed, in order.
 
     Blank-line breaks always end a sentence. Spans never overlap and `text[start:end]` is the sentence.
@@ -21,7 +22,7 @@ def split_sentences(text: str, language: str = "en") -> list[tuple[int, int]]:
 
     spans: list[tuple[int, int]] = []
     pos = 0
-    for piece in segment(language, text):
+    for piece in segment("en", text):
         start = text.find(piece, pos)
         if start < 0:  # the splitter normalised something; fall back to the running position
             start = pos

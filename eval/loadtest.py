@@ -4,7 +4,7 @@ Starts a fast stub upstream and `ragzip serve` (subprocess), then runs `--concur
 `--seconds` over a mix of requests (chat, streamed chat, /v1/compress), and prints throughput, latency
 percentiles, status counts and the server's RSS. Usage:
 
-    .venv/bin/python scripts/loadtest_server.py --seconds 30 --concurrency 8 --method truncate --json /tmp/load.json
+    .venv/bin/python -m ragzip.eval.loadtest --seconds 30 --concurrency 8 --method truncate --json /tmp/load.json
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from collections import Counter
 from typing import Any
 
 import httpx
-from server_harness import ProxyProcess, StubUpstream
+
+from ragzip.eval.harness import ProxyProcess, StubUpstream
 
 WORDS = ("paris tower iron bread flour oxygen element museum river city built year design metres "
          "history people world known famous capital north south light water").split()

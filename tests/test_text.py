@@ -3,7 +3,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ragzip.retrieval.sentences import split_sentences
+from ragzip.text import split_sentences
 
 
 def test_splits_tricky_text_with_offsets() -> None:

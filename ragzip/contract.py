@@ -1,0 +1,122 @@
+"""The wire contract in one place: how documents, questions and records arrive, and what goes back.
+
+Every surface (Python `RagZip`, the CLI, `/v1/compress`, the chat proxy, LangChain, `ragzip index`, `ragzip kv warm`)
+turns its input into `Document`s here, so they accept and refuse the same things:
+
+* a document is a `Document`, a plain string, or an object `{"id"?, "title"?, "text", "metadata"?}`; ids are strings
+  or integers (kept as strings) and default to the position; ids must be unique within one request;
+* a question is a string, or missing / null (no question); anything else is an InputError;
+* a record is `{"id"?, "question"?, "contexts": [document, ...], ...}` (other keys pass through).
+
+The answer is the record plus `"compressed"`: `CompressionResult.to_contract()`, whose contexts carry `id`, `title`,
+`text`, `spans` (char offsets into the original text), `scores` (per kept unit, may be empty), `members` (the input
+ids a merged piece stands for), `tokens_before` (of the input it replaces) and `tokens_after`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol
+
+from ragzip.budget import Budget
+from ragzip.errors import InputError
+from ragzip.types import CompressionResult, Document
+
+DocumentLike = Document | str | Mapping[str, Any]
+
+
+class SupportsCompress(Protocol):
+    def compress(self, query: str, documents: list[Document], budget: Budget | None = None) -> CompressionResult: ...
+
+
+def to_document(item: DocumentLike, default_id: str, *, where: str = "document") -> Document:
+    """One document from a `Document`, a string or a `{"id"?, "title"?, "text", "metadata"?}` mapping."""
+    if isinstance(item, Document):
+        return item
+    if isinstance(item, str):
+        return Document(default_id, item)
+    if not isinstance(item, Mapping):
+        raise InputError(f"{where}: expected a string or an object with a string 'text', got {type(item).__name__}")
+    text = item.get("text")
+    if not isinstance(text, str):
+        raise InputError(f"{where}: 'text' must be a string")
+    doc_id = item.get("id")
+    if doc_id is None:
+        doc_id = default_id
+    elif isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
+        raise InputError(f"{where}: 'id' must be a string or an integer")
+    title = item.get("title")
+    if title is None:
+        title = ""
+    elif not isinstance(title, str):
+        raise InputError(f"{where}: 'title' must be a string")
+    meta = item.get("metadata")
+    if meta is not None and not isinstance(meta, Mapping):
+        raise InputError(f"{where}: 'metadata' must be an object")
+    return Document(str(doc_id), text, title, dict(meta or {}))
+
+
+def to_documents(items: Iterable[DocumentLike], *, where: str = "documents",
+                 default_ids: Sequence[str] | None = None) -> list[Document]:
+    """Documents from any mix of the accepted forms; ids default to `default_ids[i]` or the position `i`.
+
+    Raises:
+        InputError: a single string instead of a list, a malformed item, or duplicate ids.
+    """
+    if isinstance(items, (str, bytes, Mapping)):
+        raise InputError(f"{where} must be a list, not a single {type(items).__name__}")
+    docs = []
+    for i, item in enumerate(items):
+        default = default_ids[i] if default_ids is not None else str(i)
+        docs.append(to_document(item, default, where=f"{where}[{i}]"))
+    seen: set[str] = set()
+    for d in docs:
+        if d.id in seen:
+            raise InputError(f"{where}: document id {d.id!r} appears twice; ids must be unique")
+        seen.add(d.id)
+    return docs
+
+
+def to_question(value: Any) -> str:
+    """The question: a string, or "" when missing / null."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InputError(f"'question' must be a string, got {type(value).__name__}")
+    return value
+
+
+def parse_record(obj: Any) -> tuple[str, list[Document]]:
+    """Validate one contract record; returns (question, documents)."""
+    if not isinstance(obj, Mapping):
+        raise InputError("expected a JSON object")
+    contexts = obj.get("contexts")
+    if not isinstance(contexts, list):
+        raise InputError("'contexts' must be a list")
+    return to_question(obj.get("question")), to_documents(contexts, where="contexts")
+
+
+def compress_record(compressor: SupportsCompress, obj: Mapping[str, Any], budget: Budget | None,
+                    source_line: int | None = None) -> dict[str, Any]:
+    """The output object for one input record (`source_line` lets a rerun resume where it stopped)."""
+    question, docs = parse_record(obj)
+    compressed = compressor.compress(question, docs, budget).to_contract()
+    if source_line is not None:
+        compressed["source_line"] = source_line
+    return {**obj, "compressed": compressed}
+
+
+def documents_of_line(obj: Any, line_id: str) -> list[Document]:
+    """The documents of one corpus line: a record's `contexts` (ids `<record id>/<j>` by default) or one document
+    (id `line_id` by default). What `ragzip index` and `ragzip kv warm` read."""
+    if isinstance(obj, Mapping) and isinstance(obj.get("contexts"), list):
+        base = str(obj.get("id", line_id))
+        contexts = obj["contexts"]
+        return to_documents(contexts, where="contexts", default_ids=[f"{base}/{j}" for j in range(len(contexts))])
+    if isinstance(obj, Mapping) and "text" in obj:
+        return [to_document(obj, line_id)]
+    raise InputError("expected an object with a string 'text' or a 'contexts' list")
+
+
+__all__ = ["DocumentLike", "SupportsCompress", "compress_record", "documents_of_line", "parse_record",
+           "to_document", "to_documents", "to_question"]
