@@ -92,8 +92,10 @@ class PromptBuilder:
         """
         head, tail = self._header_and_tail(system, history)
         docs = [self._encode(document_text(d)) for d in documents]
+        # "Give a short answer." after the question: 0.59 vs 0.53 compressed-context F1 on the demo (Qwen 0.5B).
         return PromptPieces(header=self._encode(head), documents=[d for d in docs if d],
-                            tail=self._encode(f"Question: {question}{tail}"), context=self.context)
+                            tail=self._encode(f"Question: {question}\nGive a short answer.{tail}"),
+                            context=self.context)
 
     def chat_ids(self, messages: Sequence[Message]) -> list[int]:
         """Token ids of a plain chat (no documents) with the chat template."""
