@@ -159,3 +159,17 @@ def test_documents_are_cached_after_the_header_and_the_client_conversation_is_ke
     engine.prefill("who wrote the novel ?", DOCS)
     record = engine.chunk_kv(plain.documents[0], plain.context)
     assert record.context == tuple(plain.context) and record.start == len(plain.context)
+
+
+def test_default_engine_loads_the_embedded_model_passes_its_self_check_and_answers_from_reused_caches() -> None:
+    from ragzip.engine import LocalEngine
+
+    engine = KVReuseEngine()  # the embedded SmolLM2, an in-memory store, the self-check run
+    assert engine.self_check is not None and engine.self_check.full_vs_reference < 5e-2
+    docs = [Document("t", "The Eiffel Tower is a wrought-iron lattice tower in Paris, France.", "Eiffel Tower")]
+    first = engine.answer("In which city is the Eiffel Tower?", docs, max_new_tokens=16)
+    assert engine.stats.misses == 1 and "Paris" in first
+    again = engine.answer("In which city is the Eiffel Tower?", docs, max_new_tokens=16)
+    assert engine.stats.hits == 1 and engine.stats.misses == 0 and again == first
+    plain = LocalEngine(dtype="float32")  # the same prompt on the plain engine
+    assert engine.pieces("Where?", docs).token_ids == plain.prompt_ids("Where?", docs)
