@@ -110,8 +110,8 @@ class Pipeline:
             info = dict(result.stages[0].info) if len(result.stages) == 1 else {}
             if not kept and inputs:
                 kept = _min_keep(inputs)
-                kept = [replace(k, tokens=n) for k, n in zip(kept, self.counter.count_batch([k.text for k in kept]))]
                 info["fallback"] = "min_keep"
+            kept = self._counted(kept)
             by_id = {c.id: c for c in current}
             current = [replace(compose(by_id[k.id], k), tokens=k.tokens) if k.id in by_id else k for k in kept]
             stats.append(StageStats(stage.name, result.tokens_before, sum(c.tokens or 0 for c in current),
@@ -120,6 +120,14 @@ class Pipeline:
         return CompressionResult(self.name, tuple(current), tokens_before, tokens_after,
                                  time.perf_counter() - start, tuple(stats),
                                  {d.id: n for d, n in zip(documents, counts)})
+
+    def _counted(self, docs: list[CompressedDocument]) -> list[CompressedDocument]:
+        """`docs` with token counts; only pieces a stage left uncounted (a plug-in compressor, the fallback) are
+        counted here."""
+        missing = [i for i, d in enumerate(docs) if d.tokens is None]
+        for i, n in zip(missing, self.counter.count_batch([docs[i].text for i in missing])):
+            docs[i] = replace(docs[i], tokens=n)
+        return docs
 
     def compress_batch(self, queries: Sequence[str], documents: Sequence[Sequence[Document]],
                        budget: Budget | None = None) -> list[CompressionResult]:

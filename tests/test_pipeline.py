@@ -43,6 +43,7 @@ def test_a_stage_that_leaves_nothing_falls_back_to_min_keep() -> None:
     result = pipe.compress("q", DOCS, Budget())
     assert result.text == "The Rhine rises in the Swiss Alps."
     assert result.stages[0].info["fallback"] == "min_keep"
+    assert result.tokens_after == 7 and result.stages[0].tokens_after == 7  # counted, though the stage did not
 
 
 def test_config_file_pipelines(tmp_path: Path) -> None:
