@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, runtime_checkable
 
-from ragzip.budget import Budget
+from ragzip.budget import Budget, BudgetLike, to_budget
+from ragzip.contract import DocumentLike, to_documents, to_question
 from ragzip.errors import BudgetError, ConfigError
 from ragzip.options import parse_options
+from ragzip.spans import assemble, compose
 from ragzip.tokens import TokenCounter
-from ragzip.types import CompressedDocument, CompressionResult, Document, StageStats
+from ragzip.types import CONTEXT_SEPARATOR, CompressedDocument, CompressionResult, Document, StageStats
+
+_WORD = re.compile(r"\S+")
 
 
 @runtime_checkable
@@ -57,6 +62,14 @@ class BaseCompressor:
     name = "base"
     budget_kinds: frozenset[str] = frozenset({"rate", "target_tokens", "threshold"})
     Options: type = NoOptions  # the compressor's options: a frozen dataclass, parsed by `ragzip.options`
+    # What the final exact fit drops when the joined output is over the cap: whole kept pieces ("span": sentences,
+    # items) or single words ("word": token pruners); see `fit_to_limit`.
+    fit_unit = "span"
+    # True when `_compress` counts the joined output itself (separators included) and can take the exact limit;
+    # otherwise it gets the limit less one separator per extra document.
+    counts_separators = False
+    # The uncompressed baseline: keeps every document whatever the budget (no fit, no cap).
+    keeps_everything = False
 
     def __init__(self, counter: TokenCounter, options: Any = None, **values: Any) -> None:
         """`options` is an `Options` instance or a mapping; keyword `values` (strings from the CLI are fine)
@@ -69,24 +82,51 @@ class BaseCompressor:
     ) -> tuple[list[CompressedDocument], dict[str, object]]:
         raise NotImplementedError
 
-    def compress(self, query: str, documents: Sequence[Document], budget: Budget | None = None, *,
-                 input_tokens: Sequence[int] | None = None) -> CompressionResult:
-        budget = budget or Budget()
+    def compress(self, query: str | None, documents: Sequence[DocumentLike], budget: BudgetLike = None, *,
+                 input_tokens: Sequence[int] | None = None, rate: float | None = None,
+                 target_tokens: int | None = None, threshold: float | None = None) -> CompressionResult:
+        """Compress `documents` (as `RagZip.compress` takes them) for `query` under the budget.
+
+        `count(result.text) <= limit` holds exactly (separators included) for a rate or target_tokens budget, where
+        the limit is computed from the count of the joined input text.
+        """
+        budget = to_budget(budget, rate=rate, target_tokens=target_tokens, threshold=threshold) or Budget()
         check_budget_kind(self.name, budget, self.budget_kinds)
-        documents = list(documents)
+        query, documents = to_question(query), to_documents(documents)
         start = time.perf_counter()
         tokens = list(input_tokens) if input_tokens is not None else self.counter.count_batch(
             [d.text for d in documents])
         if len(tokens) != len(documents):
             raise ValueError(f"{len(tokens)} token counts for {len(documents)} documents")
-        kept, info = self._compress(query, documents, budget, tokens)
+        before = joined_tokens(self.counter, [d.text for d in documents], tokens)
+        limit = budget.token_limit(before)
+        kept, info = self._compress(query, documents, self._inner_budget(budget, limit, documents), tokens)
+        kept, dropped = fit_to_limit([d for d in kept if d.text.strip()], None if self.keeps_everything else limit,
+                                     self.counter, unit=self.fit_unit)
+        if dropped:
+            info = {**info, "fit_dropped": dropped}
         seconds = time.perf_counter() - start
-        counts = self.counter.count_batch([d.text for d in kept])
-        kept = [replace(d, tokens=n) for d, n in zip(kept, counts)]
-        before, after = sum(tokens), sum(counts)
+        known = {d.id: (d.text, n) for d, n in zip(documents, tokens)}  # a piece kept whole needs no recount
+        kept = [replace(d, tokens=known[d.id][1]) if d.tokens is None and known.get(d.id, ("", 0))[0] == d.text
+                else d for d in kept]
+        missing = [i for i, d in enumerate(kept) if d.tokens is None]
+        for i, n in zip(missing, self.counter.count_batch([kept[i].text for i in missing]) if missing else []):
+            kept[i] = replace(kept[i], tokens=n)
+        counts = [d.tokens or 0 for d in kept]
+        after = joined_tokens(self.counter, [d.text for d in kept], counts)
         stage = StageStats(self.name, before, after, seconds, info)
         return CompressionResult(self.name, tuple(kept), before, after, seconds, (stage,),
                                  {d.id: n for d, n in zip(documents, tokens)})
+
+    def _inner_budget(self, budget: Budget, limit: int | None, documents: Sequence[Document]) -> Budget:
+        """The budget `_compress` selects under: the exact limit as a token cap, less room for the separators
+        between documents unless the compressor counts them itself."""
+        if limit is None:
+            return budget
+        if not self.counts_separators:
+            pieces = sum(1 for d in documents if d.text.strip())
+            limit -= separator_tokens(self.counter) * max(0, pieces - 1)
+        return Budget.tokens(max(1, limit))
 
     def compress_batch(
         self, queries: Sequence[str], documents: Sequence[Sequence[Document]], budget: Budget | None = None
@@ -103,19 +143,103 @@ def check_budget_kind(name: str, budget: Budget, kinds: frozenset[str]) -> None:
         raise BudgetError(f"{name!r} does not take a {kind} budget; use one of {sorted(kinds)}")
 
 
-def select_within_limit(scores: Sequence[float], costs: Sequence[int], limit: int | None) -> list[int]:
+def select_within_limit(scores: Sequence[float], costs: Sequence[int], limit: int | None, *,
+                        docs: Sequence[int] | None = None, separator: int = 0) -> list[int]:
     """Indices of the highest-scoring units whose total cost fits `limit`, in original order.
 
     Greedy by score; a unit that does not fit is skipped and smaller ones are still tried, so the cap is never
-    exceeded. With no limit every unit is returned.
+    exceeded. With `docs` (the document of each unit), the first unit kept from each document after the first
+    also pays `separator` tokens, the join `CompressionResult.text` puts between documents. With no limit every
+    unit is returned.
     """
     if limit is None:
         return list(range(len(scores)))
     order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
     chosen: list[int] = []
-    total = 0
+    used: set[int] = set()
+    total = -separator if docs is not None else 0  # the first document needs no separator before it
     for i in order:
-        if total + costs[i] <= limit:
+        joins = separator if docs is not None and docs[i] not in used else 0
+        if total + costs[i] + joins <= limit:
             chosen.append(i)
-            total += costs[i]
+            total += costs[i] + joins
+            if docs is not None:
+                used.add(docs[i])
     return sorted(chosen)
+
+
+def separator_tokens(counter: TokenCounter) -> int:
+    """Tokens one context separator adds between two pieces (1 for BPE tokenizers, 0 for word counts)."""
+    return max(0, counter.count(f"a{CONTEXT_SEPARATOR}b") - counter.count("a") - counter.count("b"))
+
+
+def joined_tokens(counter: TokenCounter, texts: Sequence[str], counts: Sequence[int] | None = None) -> int:
+    """Tokens of the texts as one context (`CompressionResult.text`: non-blank texts joined by the separator).
+    One text needs no joining, so its own count is reused when given."""
+    live = [(t, counts[i] if counts is not None else None) for i, t in enumerate(texts) if t.strip()]
+    if not live:
+        return 0
+    if len(live) == 1 and live[0][1] is not None:
+        return int(live[0][1])
+    return counter.count(CONTEXT_SEPARATOR.join(t for t, _ in live))
+
+
+def fit_to_limit(kept: Sequence[CompressedDocument], limit: int | None, counter: TokenCounter, *,
+                 unit: str = "span") -> tuple[list[CompressedDocument], int]:
+    """`kept` trimmed until the joined text counts at most `limit` tokens; also returns how many units it dropped.
+
+    Selection counts pieces one by one; joining them (and BPE merges across the joins) can add a few tokens, and a
+    "keep at least one" rule can overshoot. The units dropped are kept pieces (`unit="span"`) or words
+    (`unit="word"`), lowest score first, later first on ties; the fewest that make it fit (binary search). When a
+    single unit is still too long it is cut to its leading words that fit; what remains is always source text.
+    """
+    kept = list(kept)
+    if limit is None or joined_tokens(counter, [d.text for d in kept]) <= limit:
+        return kept, 0
+    units: list[tuple[int, int, int, int]] = []  # (piece index, range index, start, end) in the piece's text
+    priority: list[tuple[float, int]] = []
+    for i, d in enumerate(kept):
+        ranges = list(d.offsets) or [(0, len(d.text))]
+        for j, (a, b) in enumerate(ranges):
+            score = float(d.scores[j]) if len(d.scores) == len(ranges) else 0.0
+            parts = [(a + m.start(), a + m.end()) for m in _WORD.finditer(d.text[a:b])] if unit == "word" else [(a, b)]
+            for a2, b2 in parts:
+                priority.append((score, -len(units)))
+                units.append((i, j, a2, b2))
+    order = sorted(range(len(units)), key=lambda u: priority[u])  # the first to drop come first
+
+    def piece(d: CompressedDocument, ranges: list[tuple[int, int]], scores: tuple[float, ...]) -> CompressedDocument:
+        return replace(compose(d, assemble(d.as_document(), ranges, keep_line_breaks=True)), scores=scores, tokens=None)
+
+    def render(alive: set[int]) -> list[CompressedDocument]:
+        out = []
+        for i, d in enumerate(kept):
+            mine = [(j, a, b) for u, (k, j, a, b) in enumerate(units) if k == i and u in alive]
+            if mine:
+                whole = unit == "span" and len(d.scores) == len(d.offsets or [0])
+                out.append(piece(d, [(a, b) for _, a, b in mine], tuple(d.scores[j] for j, _, _ in mine) if whole
+                                 else ()))
+        return out
+
+    def fits(drop: int) -> bool:
+        return joined_tokens(counter, [d.text for d in render(set(order[drop:]))]) <= limit
+
+    lo, hi = 1, len(units)  # the fewest dropped units that fit; all dropped (empty) always fits
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid + 1, hi)
+    if lo < len(units):
+        return render(set(order[lo:])), lo
+    # Nothing whole fits: the best unit's leading words that do (the most, by binary search), or nothing at all.
+    i, _, a, b = units[order[-1]]
+    words = [(a + m.start(), a + m.end()) for m in _WORD.finditer(kept[i].text[a:b])]
+    best: list[CompressedDocument] = []
+    lo, hi = 0, len(words)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        cut = piece(kept[i], [(words[0][0], words[mid - 1][1])], ())
+        if counter.count(cut.text) <= limit:
+            lo, best = mid, [cut]
+        else:
+            hi = mid - 1
+    return best, len(units)

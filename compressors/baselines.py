@@ -11,7 +11,7 @@ from enum import Enum
 from typing import Any
 
 from ragzip.budget import Budget
-from ragzip.compressors.base import BaseCompressor, select_within_limit
+from ragzip.compressors.base import BaseCompressor, joined_tokens, select_within_limit, separator_tokens
 from ragzip.options import bounds
 from ragzip.spans import assemble
 from ragzip.text import split_sentences
@@ -53,9 +53,10 @@ def _build(documents: Sequence[Document], units: list[tuple[int, int, int]], cho
 
 
 class IdentityCompressor(BaseCompressor):
-    """Keeps everything (the uncompressed baseline)."""
+    """Keeps everything (the uncompressed baseline), whatever the budget."""
 
     name = "none"
+    keeps_everything = True
 
     def _compress(self, query: str, documents: Sequence[Document], budget: Budget,  # type: ignore[no-untyped-def]
                   tokens: Sequence[int]):
@@ -67,14 +68,16 @@ class TruncateCompressor(BaseCompressor):
 
     name = "truncate"
     budget_kinds = frozenset({"rate", "target_tokens"})
+    fit_unit = "word"
+    counts_separators = True
 
     def _compress(self, query: str, documents: Sequence[Document], budget: Budget,  # type: ignore[no-untyped-def]
                   tokens: Sequence[int]):
         units = _units(documents, "word")
         limit = _limit(budget, sum(tokens))
 
-        def cost(n: int) -> int:  # exact count of the output the first n words would give
-            return sum(self.counter.count_batch([d.text for d in _build(documents, units, range(n))]))
+        def cost(n: int) -> int:  # exact count of the context the first n words would give, separators included
+            return joined_tokens(self.counter, [d.text for d in _build(documents, units, range(n))])
 
         lo, hi = 0, len(units)  # largest n with cost(n) <= limit (cost grows with n)
         while lo < hi:
@@ -102,6 +105,11 @@ class RandomCompressor(BaseCompressor):
     budget_kinds = frozenset({"rate", "target_tokens"})
     Options = RandomOptions
     options: RandomOptions
+    counts_separators = True
+
+    @property
+    def fit_unit(self) -> str:  # type: ignore[override]
+        return "word" if self.options.unit is Unit.WORD else "span"
 
     def _compress(self, query: str, documents: Sequence[Document], budget: Budget,  # type: ignore[no-untyped-def]
                   tokens: Sequence[int]):
@@ -112,7 +120,8 @@ class RandomCompressor(BaseCompressor):
         digest = hashlib.blake2b(f"{self.options.seed}:{query}".encode(), digest_size=8).digest()
         rng = random.Random(int.from_bytes(digest, "little"))
         scores = [rng.random() for _ in units]
-        chosen = select_within_limit(scores, costs, limit) or ([0] if units else [])
+        chosen = select_within_limit(scores, costs, limit, docs=[i for i, _, _ in units],
+                                     separator=separator_tokens(self.counter)) or ([0] if units else [])
         return _build(documents, units, chosen), {"limit": limit, "unit": unit}
 
 
@@ -131,6 +140,7 @@ class EmbedTopKCompressor(BaseCompressor):
     name = "embed-topk"
     Options = EmbedTopKOptions
     options: EmbedTopKOptions
+    counts_separators = True
 
     def _compress(self, query: str, documents: Sequence[Document], budget: Budget,  # type: ignore[no-untyped-def]
                   tokens: Sequence[int]):
@@ -147,7 +157,8 @@ class EmbedTopKCompressor(BaseCompressor):
             chosen = [k for k, s in enumerate(scores) if s >= budget.threshold]
         else:
             costs = self.counter.count_batch(texts)
-            chosen = select_within_limit(scores, costs, _limit(budget, sum(costs)))
+            chosen = select_within_limit(scores, costs, _limit(budget, sum(costs)), docs=[i for i, _, _ in units],
+                                         separator=separator_tokens(self.counter))
         if len(chosen) < self.options.min_keep:
             best = sorted(range(len(scores)), key=lambda k: -scores[k])[: self.options.min_keep]
             chosen = sorted(set(chosen) | set(best))

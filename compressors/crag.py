@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ragzip.budget import Budget
-from ragzip.compressors.base import BaseCompressor, select_within_limit
+from ragzip.compressors.base import BaseCompressor, select_within_limit, separator_tokens
 from ragzip.compressors.summarize import Summarizer, SummaryCache, cached_summary, make_summarizer
 from ragzip.errors import ConfigError
 from ragzip.options import bounds, parse_int
@@ -41,6 +41,9 @@ _WORD = re.compile(r"\S+")
 class Mode(str, Enum):
     EXTRACTIVE = "extractive"
     ABSTRACTIVE = "abstractive"
+
+
+_MAX_FILL_TRIES = 8  # items tried to fill the room a budget leaves after the cluster pieces
 
 
 @dataclass(slots=True)
@@ -148,6 +151,7 @@ class CragCompressor(BaseCompressor):
     Options = CragOptions
     options: CragOptions
     budget_kinds = frozenset({"rate", "target_tokens"})
+    counts_separators = True  # `_fit` prices the separator between kept pieces
 
     def __init__(self, counter: TokenCounter, options: CragOptions | Mapping[str, Any] | None = None, *,
                  embedder: Any = None, summarizer: Summarizer | None = None, **values: Any) -> None:
@@ -227,7 +231,7 @@ class CragCompressor(BaseCompressor):
             pieces, cached = self._extractive(documents, emb, clusters, scores, costs), 0
         else:
             pieces, cached = self._abstractive(query, documents, clusters, scores, k, limit)
-        kept = self._fit(documents, emb, pieces, limit)
+        kept = self._fit(documents, emb, pieces, limit, scores, costs)
         info: dict[str, object] = {
             "k": len(clusters), "k_source": k_source, "mode": opts.mode.value, "kept": len(kept),
             "clusters": [[documents[i].id for i in c] for c in clusters],
@@ -292,38 +296,65 @@ class CragCompressor(BaseCompressor):
                                  member_idx))
         return pieces, cached
 
-    def _fit(self, documents: Sequence[Document], emb: np.ndarray, pieces: list[_Piece],
-             limit: int | None) -> list[CompressedDocument]:
-        """Pieces within the token limit (biggest clusters first), in input order, never empty.
+    def _fit(self, documents: Sequence[Document], emb: np.ndarray, pieces: list[_Piece], limit: int | None,
+             scores: np.ndarray, costs: Sequence[int]) -> list[CompressedDocument]:
+        """Pieces within the token limit (biggest clusters first), in input order, never empty; the room left is
+        filled with the leading sentences of the best item not kept yet (a dropped piece's, or a second item of a
+        kept cluster), so a budget is used.
 
         Items of a dropped piece join the kept piece whose anchor item is most similar, so `members` of the output
         still cover every input item exactly once.
         """
-        chosen = select_within_limit([p.priority for p in pieces], [p.cost for p in pieces], limit)
+        sep = separator_tokens(self.counter)
+        chosen = select_within_limit([p.priority for p in pieces], [p.cost for p in pieces], limit,
+                                     docs=list(range(len(pieces))), separator=sep)
         if not chosen:
             best = max(range(len(pieces)), key=lambda j: (pieces[j].priority, -j))
             return [self._truncated(documents, pieces[best], list(range(len(documents))), limit or 1)]
         kept = [pieces[j] for j in chosen]
+        shown = [p.doc for p in kept]
+        fillers: set[int] = set()
+        if limit is not None:
+            room = limit - sum(p.cost for p in kept) - sep * len(kept)
+            # A kept summary stands for its members; a kept item only for itself.
+            covered = {i for p in kept for i in (p.member_idx if not p.doc.spans else [p.anchor])}
+            rest = sorted((i for i in range(len(documents)) if i not in covered and documents[i].text.strip()),
+                          key=lambda i: (-scores[i], i))
+            for i in rest[:_MAX_FILL_TRIES]:
+                if room <= 0:
+                    break
+                item = _Piece(self._whole(documents[i], [i], documents, float(scores[i])), costs[i], 0.0, i, [i])
+                head = self._truncated(documents, item, [i], room, sentences_only=True)
+                if head.text.strip():
+                    kept.append(item)
+                    shown.append(head)
+                    fillers.add(i)
+                    room -= self.counter.count(head.text) + sep
         extra: dict[int, list[int]] = {j: [] for j in range(len(kept))}
         anchors = emb[[p.anchor for p in kept]]
         for j in sorted(set(range(len(pieces))) - set(chosen)):
             for i in pieces[j].member_idx:
-                extra[int(np.argmax(anchors @ emb[i]))].append(i)
+                if i not in fillers:
+                    extra[int(np.argmax(anchors @ emb[i]))].append(i)
         out = []
         for j, p in sorted(enumerate(kept), key=lambda jp: jp[1].anchor):
-            members = tuple(documents[i].id for i in sorted(p.member_idx + extra[j]))
-            d = p.doc
-            out.append(CompressedDocument(d.id, d.text, d.title, d.spans, d.offsets, members, d.scores))
+            own = [i for i in p.member_idx + extra[j] if i not in fillers or p.anchor == i]
+            d = shown[j]
+            out.append(CompressedDocument(d.id, d.text, d.title, d.spans, d.offsets,
+                                          tuple(documents[i].id for i in sorted(own)), d.scores))
         return out
 
     def _truncated(self, documents: Sequence[Document], piece: _Piece, member_idx: list[int],
-                   limit: int) -> CompressedDocument:
+                   limit: int, *, sentences_only: bool = False) -> CompressedDocument:
         """The longest leading part of `piece` within `limit` tokens, cut at a sentence end if one fits, else at a
-        word end (at least one word): the minimum keep, so the output is never empty."""
+        word end (at least one word): the minimum keep, so the output is never empty. With `sentences_only`, whole
+        sentences or nothing (an empty text)."""
         from ragzip.text import split_sentences
 
         text = piece.doc.text
         cut = self._longest_prefix(text, [e for _, e in split_sentences(text)], limit)
+        if cut == 0 and sentences_only:
+            return CompressedDocument(piece.doc.id, "", piece.doc.title)
         if cut == 0:
             word_ends = [m.end() for m in _WORD.finditer(text)]
             cut = self._longest_prefix(text, word_ends, limit) or (word_ends[0] if word_ends else len(text))

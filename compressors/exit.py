@@ -27,7 +27,7 @@ from enum import Enum
 from typing import Any
 
 from ragzip.budget import Budget
-from ragzip.compressors.base import BaseCompressor
+from ragzip.compressors.base import BaseCompressor, joined_tokens, separator_tokens
 from ragzip.compressors.exit_scorers import CausalLMScorer, EncoderScorer, SentenceScorer, fuse_scores
 from ragzip.errors import ConfigError
 from ragzip.options import bounds
@@ -143,6 +143,7 @@ class ExitCompressor(BaseCompressor):
     name = "exit"
     Options = ExitOptions
     options: ExitOptions
+    counts_separators = True  # `_fill_budget` prices the separator a new document adds
 
     def __init__(self, counter: TokenCounter | None = None, options: ExitOptions | Mapping[str, Any] | None = None,
                  *, scorer: str | SentenceScorer | None = None, **values: Any) -> None:
@@ -257,20 +258,25 @@ class ExitCompressor(BaseCompressor):
         costs = dict(zip(((c.doc, c.index) for c in flat),
                          self.counter.count_batch([documents[c.doc].text[c.start:c.end] for c in flat])))
         keys: set[tuple[int, int]] = set()
-        total = 0
+        sep = separator_tokens(self.counter)
+        docs_used: set[int] = set()
+        total = -sep  # the first document needs no separator before it
         for c in sorted(flat, key=lambda x: (-x.score, x.doc, x.index)):
             if (c.doc, c.index) in keys:
                 continue
             group = [(c.doc, c.index)]
             if self.options.keep_antecedents:
                 group += self._antecedents(documents, per_doc, c, keys)
-            cost = sum(costs[k] for k in group)
+            joins = 0 if c.doc in docs_used else sep  # a new document adds a separator
+            cost = sum(costs[k] for k in group) + joins
             if total + cost <= limit:
                 keys.update(group)
                 total += cost
-            elif total + costs[group[0]] <= limit:  # no room for the antecedent: the sentence alone
+                docs_used.add(c.doc)
+            elif total + costs[group[0]] + joins <= limit:  # no room for the antecedent: the sentence alone
                 keys.add(group[0])
-                total += costs[group[0]]
+                total += costs[group[0]] + joins
+                docs_used.add(c.doc)
         chosen = [c for c in flat if (c.doc, c.index) in keys]
         # Joined sentences can tokenize differently from the sum of their parts: drop the weakest until it fits.
         while keys and self._count(documents, flat, keys) > limit:
@@ -279,12 +285,13 @@ class ExitCompressor(BaseCompressor):
         return keys
 
     def _count(self, documents: Sequence[Document], flat: list[Candidate], keys: set[tuple[int, int]]) -> int:
-        """Tokens of the kept sentences as they will be assembled (joined by a space per document)."""
+        """Tokens of the kept sentences as they will be assembled (a space within a document, the context
+        separator between documents)."""
         pieces: dict[int, list[str]] = {}
         for c in flat:
             if (c.doc, c.index) in keys:
                 pieces.setdefault(c.doc, []).append(documents[c.doc].text[c.start:c.end])
-        return sum(self.counter.count_batch([" ".join(p) for p in pieces.values()]))
+        return joined_tokens(self.counter, [" ".join(p) for p in pieces.values()])
 
 
 def _build(documents: Sequence[Document], per_doc: list[list[Candidate]],

@@ -203,6 +203,8 @@ class Lingua2Compressor(BaseCompressor):
     name = "lingua2"
     Options = Lingua2Options
     options: Lingua2Options
+    fit_unit = "word"
+    counts_separators = True  # exact mode's selection counts the joined context (lingua2_select)
 
     def __init__(self, counter: TokenCounter, options: Lingua2Options | Mapping[str, Any] | None = None,
                  **values: Any) -> None:
@@ -212,6 +214,11 @@ class Lingua2Compressor(BaseCompressor):
         self.classifier: TokenClassifier = load_token_classifier(str(o.model), self.dtype)
         self.rule = detect_rule(self.classifier.tokenizer)
         self.tables = build_tables(self.classifier.tokenizer, self.rule, o.force_tokens)
+
+    def _inner_budget(self, budget: Budget, limit: int | None, documents: Sequence[Document]) -> Budget:
+        if self.options.mode is Mode.REFERENCE:  # the reference's own rate semantics (parity with llmlingua)
+            return budget
+        return super()._inner_budget(budget, limit, documents)
 
     # ------------------------------------------------------------------ dispatch
     def _compress(self, query: str, documents: Sequence[Document], budget: Budget, tokens: Sequence[int]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ragzip.budget import Budget
+from ragzip.compressors.base import joined_tokens, separator_tokens
 from ragzip.spans import piece_separator
 from ragzip.tokens import TokenCounter
 
@@ -113,7 +114,7 @@ def select_units(texts: Sequence[str], scores: Sequence[UnitScores], budget: Bud
         keep = g_forced | (g_score >= budget.threshold)
         keep[requires[keep & (requires >= 0)]] = True
         return finish(keep)
-    before = sum(counter.count_batch(list(texts)))
+    before = joined_tokens(counter, list(texts))
     limit = (budget if not budget.is_unbounded else Budget.ratio(default_rate)).token_limit(before) or 0
     if limit >= before:
         return masks(np.ones(n, dtype=bool))
@@ -129,8 +130,8 @@ def select_units(texts: Sequence[str], scores: Sequence[UnitScores], budget: Bud
     def outputs(flat_keep: np.ndarray) -> list[str]:
         return [render(t, s.units, m) for t, s, m in zip(texts, scores, masks(flat_keep))]
 
-    def fits(k: int) -> bool:
-        return sum(counter.count_batch(outputs(unit_rank < k))) <= limit
+    def fits(k: int) -> bool:  # the exact count of the rendered context, separators included
+        return joined_tokens(counter, outputs(unit_rank < k)) <= limit
 
     doc_of_group = np.zeros(n_groups, dtype=np.int64)
     doc_of_group[group] = np.repeat(np.arange(len(scores)), sizes)
@@ -175,7 +176,12 @@ def _fill_gaps(keep_groups: np.ndarray, rest: np.ndarray, requires: np.ndarray, 
         return render(texts[d], scores[d].units, keep[group[offsets[d]:offsets[d + 1]]])
 
     per_doc = counter.count_batch([doc_text(d, keep_groups) for d in range(len(texts))])
-    total = sum(per_doc)
+    sep = separator_tokens(counter)
+
+    def joined(counts: Sequence[int]) -> int:  # estimated; the compressor's final exact fit trims any excess
+        return sum(counts) + sep * max(0, sum(1 for c in counts if c) - 1)
+
+    total = joined(per_doc)
     for g in rest[:_MAX_GAP_TRIES]:
         if total >= limit:
             break
@@ -186,10 +192,11 @@ def _fill_gaps(keep_groups: np.ndarray, rest: np.ndarray, requires: np.ndarray, 
         trial = keep_groups.copy()
         trial[add] = True
         cost = counter.count(doc_text(d, trial))
-        if total - per_doc[d] + cost <= limit:
+        counts = [*per_doc[:d], cost, *per_doc[d + 1:]]
+        if joined(counts) <= limit:
             keep_groups[add] = True
-            total += cost - per_doc[d]
             per_doc[d] = cost
+            total = joined(per_doc)
 
 
 def _with_requirements(order: np.ndarray, requires: np.ndarray) -> np.ndarray:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ragzip.budget import Budget
-from ragzip.contract import DocumentLike, to_documents, to_question
+from ragzip.budget import BudgetLike
+from ragzip.contract import DocumentLike, to_documents
 from ragzip.pipeline import build_compressor
 from ragzip.tokens import TokenCounter, get_token_counter
 from ragzip.types import CompressionResult
@@ -34,15 +34,26 @@ class RagZip:
         self.compressor = build_compressor(method, counter=self.counter, options=options)
         self.method = method
 
-    def compress(self, query: str | None, documents: Sequence[DocumentLike],
-                 budget: Budget | None = None) -> CompressionResult:
-        """Compress `documents` (Documents, strings or `{"id"?, "title"?, "text"}` dicts) for `query`."""
-        return self.compressor.compress(to_question(query), to_documents(documents), budget)
+    def compress(self, query: str | None, documents: Sequence[DocumentLike], budget: BudgetLike = None, *,
+                 rate: float | None = None, target_tokens: int | None = None,
+                 threshold: float | None = None) -> CompressionResult:
+        """Compress `documents` (Documents, strings or `{"id"?, "title"?, "text"}` dicts) for `query` (a string, or
+        None for no question).
+
+        The budget is a `Budget`, a bare rate (`0.3`), a bare token cap (`512`), or one of the `rate=`,
+        `target_tokens=`, `threshold=` keywords; none means the method's default (a pipeline file's own budget).
+        With a rate or token cap, `count(result.text) <= limit` holds, separators included.
+
+        Raises:
+            InputError: a malformed document or question. BudgetError: a malformed budget, or a budget kind the
+            method does not take.
+        """
+        return self.compressor.compress(query, documents, budget, rate=rate, target_tokens=target_tokens,
+                                        threshold=threshold)
 
     def compress_batch(self, queries: Sequence[str | None], documents: Sequence[Sequence[DocumentLike]],
-                       budget: Budget | None = None) -> list[CompressionResult]:
-        return self.compressor.compress_batch([to_question(q) for q in queries],
-                                              [to_documents(d) for d in documents], budget)
+                       budget: BudgetLike = None) -> list[CompressionResult]:
+        return self.compressor.compress_batch(queries, documents, budget)
 
 
 __all__ = ["RagZip", "to_documents"]

@@ -1,67 +1,255 @@
-"""JSONL files of the compression contract (`ragzip.contract`): reading, resuming, repairing a partial line.
+"""JSONL files of the compression contract (`ragzip.contract`): streamed reading and writing, resuming.
 
 Input line: `{"id", "question"?, "contexts": [{"id"?, "title"?, "text"}]}` (the common data schema is valid).
-Output: the input object plus `"compressed": {"method", "contexts": [{"id", "title", "text", "spans"}], "text",
-"tokens_before", "tokens_after", "rate", "seconds", "stages"}` with spans as char offsets into the original text.
+Output: the input object plus `"compressed": {"method", "budget", "contexts": [...], "text", "tokens_before",
+"tokens_after", "rate", "seconds", "stages", "source_line"}` with spans as char offsets into the original text.
+
+Files are read and written one line at a time (memory does not grow with the file); `-` is stdin / stdout and a
+gzip file (by its magic bytes when reading, a `.gz` name when writing) is (de)compressed on the fly. A line that is
+not valid UTF-8, not valid JSON or not a valid record is reported with its line number and never stops the reader.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gzip
+import hashlib
+import io
 import json
-from collections.abc import Iterator
+import os
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+from ragzip.budget import Budget
 from ragzip.contract import SupportsCompress, compress_record, documents_of_line, parse_record
-from ragzip.errors import InputError
+from ragzip.errors import ConfigError, InputError
 from ragzip.types import Document
 
 MAX_LINE_BYTES = 64 * 1024 * 1024
+STDIO = "-"
+_BOM = b"\xef\xbb\xbf"
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+@contextlib.contextmanager
+def open_input(path: str | Path) -> Iterator[IO[bytes]]:
+    """The bytes of `path` (`-`: stdin), decompressed when the file is gzip."""
+    if str(path) == STDIO:
+        raw: Any = getattr(sys.stdin, "buffer", None)
+        if raw is None:  # a text-only stdin (an embedding app's): its text, as UTF-8
+            raw = io.BytesIO(sys.stdin.read().encode())
+        elif not hasattr(raw, "peek"):  # wrapped once for peek; never a BufferedReader over a BufferedReader,
+            raw = io.BufferedReader(raw)  # which would block on a pipe until its buffer fills
+        close = False
+    else:
+        try:
+            raw = open(path, "rb")  # noqa: SIM115 - closed below
+        except OSError as exc:
+            raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
+        close = True
+    try:
+        peek = raw.peek(2)[:2] if hasattr(raw, "peek") else b""
+        yield gzip.GzipFile(fileobj=raw) if peek == _GZIP_MAGIC else raw  # type: ignore[misc]
+    finally:
+        if close:
+            raw.close()
+
+
+def _lines(fh: IO[bytes]) -> Iterator[tuple[bytes | None, bool]]:
+    """(line, too long) pairs; a line over MAX_LINE_BYTES is skipped without holding it in memory."""
+    while True:
+        line = fh.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return
+        if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+            while line and not line.endswith(b"\n"):  # drain the rest of this line in bounded reads
+                line = fh.readline(MAX_LINE_BYTES)
+            yield None, True
+            continue
+        yield line, False
+
+
+def json_error(exc: json.JSONDecodeError, text: str) -> str:
+    """`invalid JSON at column C: <why>`, saying so when the line stops where the parser needed more."""
+    where = f"invalid JSON at column {exc.colno}: {exc.msg}"
+    if exc.pos >= len(text.rstrip()) or exc.msg.startswith("Unterminated"):
+        where += f" (the line ends at column {len(text.rstrip())}: is it cut off?)"
+    return where
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any, str | None]]:
-    """(line number, parsed object or None, error or None) for each non-blank line."""
-    with open(path, encoding="utf-8", errors="strict") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            if len(line) > MAX_LINE_BYTES:
-                yield lineno, None, f"line is larger than {MAX_LINE_BYTES} bytes"
-                continue
-            try:
-                yield lineno, json.loads(line), None
-            except json.JSONDecodeError as exc:
-                yield lineno, None, f"invalid JSON: {exc.msg} (column {exc.colno})"
+    """(line number, parsed object or None, problem or None) for each non-blank line, streamed.
+
+    Problems are reported, never raised: invalid UTF-8 (with its byte column), invalid JSON (with its column),
+    a line over MAX_LINE_BYTES. A UTF-8 byte order mark at the start of the file is skipped. A gzip file that is
+    corrupt or cut off raises InputError (nothing after that point can be read).
+    """
+    with open_input(path) as fh:
+        try:
+            for lineno, (raw, too_long) in enumerate(_lines(fh), 1):
+                if too_long or raw is None:
+                    yield lineno, None, f"line is larger than {MAX_LINE_BYTES} bytes"
+                    continue
+                if lineno == 1 and raw.startswith(_BOM):
+                    raw = raw[len(_BOM):]
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    yield lineno, None, f"invalid UTF-8 at byte column {exc.start + 1}"
+                    continue
+                if not text.strip():
+                    continue
+                try:
+                    yield lineno, json.loads(text), None
+                except json.JSONDecodeError as exc:
+                    yield lineno, None, json_error(exc, text)
+        except (OSError, EOFError, gzip.BadGzipFile) as exc:
+            raise InputError(f"{path}: cannot read past this point: {exc}") from None
 
 
-def done_lines(output: str | Path) -> set[int]:
-    """Input line numbers already written to `output` (for --resume); a partial last line does not count."""
-    lines: set[int] = set()
+@contextlib.contextmanager
+def open_output(path: str | Path, *, append: bool = False) -> Iterator[IO[str]]:
+    """A text stream for the output (`-`: stdout; a `.gz` name: gzip). Errors are ConfigErrors naming the path."""
+    if str(path) == STDIO:
+        yield sys.stdout
+        sys.stdout.flush()
+        return
+    try:
+        if str(path).endswith(".gz"):
+            fh: IO[str] = gzip.open(path, "at" if append else "wt", encoding="utf-8")
+        else:
+            fh = open(path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from None
+    try:
+        yield fh
+    finally:
+        fh.close()
+
+
+def check_paths(input_path: str | Path, output: str | Path, *, resume: bool) -> None:
+    """Refuse what would lose data: writing over the input, resuming onto stdout or a gzip file."""
+    if str(input_path) != STDIO:
+        src = Path(input_path)
+        if not src.exists():
+            raise ConfigError(f"input {src} does not exist")
+        if src.is_dir():
+            raise ConfigError(f"input {src} is a directory, not a JSONL file")
+    if str(output) == STDIO:
+        if resume:
+            raise ConfigError("--resume needs an output file, not stdout")
+        return
+    out = Path(output)
+    if out.is_dir():
+        raise ConfigError(f"output {out} is a directory")
+    if str(input_path) != STDIO and out.exists() and os.path.samefile(input_path, out):
+        raise ConfigError(f"output {out} is the input file; write to another path")
+    if resume and str(output).endswith(".gz"):
+        raise ConfigError("--resume needs a plain (not .gz) output file")
+
+
+def record_digest(obj: Any) -> str:
+    """A digest of an input record as parsed (less any `compressed` key, which the output replaces), to check that
+    a resumed output came from the same input."""
+    if isinstance(obj, dict):
+        obj = {k: v for k, v in obj.items() if k != "compressed"}
+    return hashlib.blake2b(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode(), digest_size=12).hexdigest()
+
+
+@dataclass
+class ResumePlan:
+    """What an existing output holds: input line number -> digest of the input record written for it."""
+
+    done: dict[int, str] = field(default_factory=dict)
+
+    def __contains__(self, lineno: int) -> bool:
+        return lineno in self.done
+
+    def __len__(self) -> int:
+        return len(self.done)
+
+
+def plan_resume(input_path: str | Path, output: str | Path, *, method: str, budget: Budget) -> ResumePlan:
+    """Read `output` and check that resuming onto it is safe: every row was written by `ragzip compress` with this
+    method and budget, from these very input records. Raises ConfigError naming the first mismatch.
+
+    Drops a partial last line left by an interrupted run, so appends start on a fresh line.
+    """
+    plan = ResumePlan()
     path = Path(output)
     if not path.exists():
-        return lines
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
+        return plan
+    truncate_partial_line(path)
+    want_budget = budget.as_dict()
+    with open(path, "rb") as fh:
+        for n, raw in enumerate(fh, 1):
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            source_line = obj.get("compressed", {}).get("source_line") if isinstance(obj, dict) else None
-            if isinstance(source_line, int):
-                lines.add(source_line)
-    return lines
+                row = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise ConfigError(f"cannot resume: {path}:{n} is not a JSON line written by ragzip compress") from None
+            comp = row.get("compressed") if isinstance(row, dict) else None
+            line = comp.get("source_line") if isinstance(comp, dict) else None
+            if not isinstance(line, int):
+                raise ConfigError(f"cannot resume: {path}:{n} has no compressed.source_line "
+                                  "(not written by ragzip compress)")
+            if comp.get("method") != method:
+                raise ConfigError(f"cannot resume: {path} was written with method {comp.get('method')!r}, this run "
+                                  f"uses {method!r}; use the same method or another output file")
+            if "budget" in comp and comp["budget"] != want_budget:
+                raise ConfigError(f"cannot resume: {path} was written with budget {comp['budget']}, this run uses "
+                                  f"{want_budget or 'the default'}; use the same budget or another output file")
+            plan.done[line] = record_digest(row)
+    if plan.done and str(input_path) != STDIO:
+        _check_same_input(input_path, output, plan)
+    return plan
+
+
+def _check_same_input(input_path: str | Path, output: str | Path, plan: ResumePlan) -> None:
+    seen: set[int] = set()
+    for lineno, obj, _ in iter_jsonl(input_path):
+        if lineno in plan.done:
+            seen.add(lineno)
+            if obj is None or record_digest(obj) != plan.done[lineno]:
+                rid = obj.get("id") if isinstance(obj, dict) else None
+                raise ConfigError(f"cannot resume: {input_path}:{lineno} (id {rid!r}) is not the record {output} "
+                                  "holds for that line; the output was written from another input")
+    missing = sorted(set(plan.done) - seen)
+    if missing:
+        raise ConfigError(f"cannot resume: {output} holds line {missing[0]}, which {input_path} does not have")
 
 
 def truncate_partial_line(path: str | Path) -> None:
-    """Drop a partial last line left by an interrupted run so that appends start on a fresh line."""
+    """Drop a partial last line left by an interrupted run (reads only the file's tail)."""
     path = Path(path)
-    if not path.exists() or path.stat().st_size == 0:
+    size = path.stat().st_size if path.exists() else 0
+    if size == 0:
         return
     with open(path, "rb+") as fh:
-        data = fh.read()
-        if data.endswith(b"\n"):
+        fh.seek(size - 1)
+        if fh.read(1) == b"\n":
             return
-        fh.truncate(data.rfind(b"\n") + 1)
+        pos = size
+        while pos > 0:  # back to the last newline, 64 KiB at a time
+            start = max(0, pos - 65536)
+            fh.seek(start)
+            chunk = fh.read(pos - start)
+            cut = chunk.rfind(b"\n")
+            if cut >= 0:
+                fh.truncate(start + cut + 1)
+                return
+            pos = start
+        fh.truncate(0)
+
+
+def output_row(compressor: SupportsCompress, obj: Mapping[str, Any], budget: Budget, source_line: int
+               ) -> dict[str, Any]:
+    """One output row: the record, compressed, with the budget and source line recorded for `--resume`."""
+    row = compress_record(compressor, obj, budget, source_line=source_line)
+    row["compressed"]["budget"] = budget.as_dict()
+    return row
 
 
 def read_corpus(path: str | Path) -> list[Document]:
@@ -78,5 +266,6 @@ def read_corpus(path: str | Path) -> list[Document]:
     return docs
 
 
-__all__ = ["MAX_LINE_BYTES", "SupportsCompress", "compress_record", "done_lines", "iter_jsonl", "parse_record",
-           "read_corpus", "truncate_partial_line"]
+__all__ = ["MAX_LINE_BYTES", "ResumePlan", "SupportsCompress", "check_paths", "compress_record",
+           "iter_jsonl", "open_input", "open_output", "output_row", "parse_record", "plan_resume", "read_corpus",
+           "truncate_partial_line"]

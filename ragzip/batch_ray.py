@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
-from ragzip.batch import compress_record, done_lines, iter_jsonl, truncate_partial_line
+from ragzip.batch import iter_jsonl, output_row, plan_resume
 from ragzip.budget import Budget
 from ragzip.errors import ConfigError, InputError, RagzipError
 
@@ -40,7 +40,7 @@ class _Worker:
                 out.append((lineno, None, problem or "unreadable line"))
                 continue
             try:
-                row = compress_record(self.compressor, json.loads(text), self.budget, source_line=lineno)
+                row = output_row(self.compressor, json.loads(text), self.budget, source_line=lineno)
             except RagzipError as exc:
                 out.append((lineno, None, str(exc)))
                 continue
@@ -48,10 +48,15 @@ class _Worker:
         return out
 
 
-def _batches(records: list[tuple[int, Any, str | None]], size: int) -> Iterator[Batch]:
-    for i in range(0, len(records), size):
-        yield [(n, None if problem else json.dumps(obj, ensure_ascii=False), problem)
-               for n, obj, problem in records[i:i + size]]
+def _batches(records: Iterable[tuple[int, Any, str | None]], size: int) -> Iterator[Batch]:
+    batch: Batch = []
+    for n, obj, problem in records:
+        batch.append((n, None if problem else json.dumps(obj, ensure_ascii=False), problem))
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def run_ray(input_path: str | Path, output: str | Path, *, method: str, budget: Budget,
@@ -84,15 +89,14 @@ def run_ray(input_path: str | Path, output: str | Path, *, method: str, budget: 
     except ImportError as exc:
         raise ConfigError(f"--engine ray needs Ray: pip install 'ragzip[ray]' ({exc})") from None
     log = log or sys.stderr
-    budget_args = {"rate": budget.rate, "target_tokens": budget.target_tokens, "threshold": budget.threshold}
     # Build once here so that a bad method or option fails fast, before any cluster work.
-    _Worker(method, budget_args, dict(options or {}), tokenizer)
-
-    skip = done_lines(output) if resume else set()
-    if resume:
-        truncate_partial_line(output)
+    probe = _Worker(method, budget.as_dict(), dict(options or {}), tokenizer)
+    if not budget.kind and probe.compressor.budget is not None:  # a pipeline file's own budget
+        budget = probe.compressor.budget
+    budget_args = budget.as_dict()
+    skip = plan_resume(input_path, output, method=probe.compressor.name, budget=budget) if resume else set()
     counts = {"ok": 0, "bad": 0, "skipped": len(skip), "tokens_before": 0, "tokens_after": 0}
-    todo = [(lineno, obj, problem) for lineno, obj, problem in iter_jsonl(input_path) if lineno not in skip]
+    todo = ((lineno, obj, problem) for lineno, obj, problem in iter_jsonl(input_path) if lineno not in skip)
 
     started_here = not ray.is_initialized()
     if started_here:

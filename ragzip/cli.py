@@ -12,9 +12,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ragzip.batch import compress_record, done_lines, iter_jsonl, read_corpus, truncate_partial_line
+from ragzip.batch import ResumePlan, check_paths, iter_jsonl, open_output, output_row, plan_resume, read_corpus
 from ragzip.budget import Budget
-from ragzip.errors import ConfigError, RagzipError
+from ragzip.errors import ConfigError, InputError, RagzipError
 from ragzip.kernels.errors import KernelError
 from ragzip.kvstore.cli import app as kv_app
 from ragzip.pipeline import build_compressor
@@ -36,8 +36,11 @@ EVAL_SUITES: dict[str, str] = {
 }
 
 
-def _budget(rate: float | None, target_tokens: int | None, threshold: float | None) -> Budget:
-    return Budget(rate=rate, target_tokens=target_tokens, threshold=threshold)
+def _budget(rate: float | None, target_tokens: int | None, threshold: float | None, *,
+            default: Budget | None = None) -> Budget:
+    """The flags' budget; with none given, `default` (a pipeline file's own budget) or the default budget."""
+    given = Budget(rate=rate, target_tokens=target_tokens, threshold=threshold)
+    return given if given.kind or default is None else default
 
 
 def parse_options(pairs: list[str] | None) -> dict[str, Any]:
@@ -56,14 +59,14 @@ def parse_options(pairs: list[str] | None) -> dict[str, Any]:
 
 
 def _fail(exc: Exception) -> None:
-    err.print(f"[red]error:[/red] {exc}")
+    err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
 @app.command()
 def compress(
-    input_path: Path = typer.Argument(..., exists=True, dir_okay=False, help="Input JSONL (the CLI contract)."),
-    output: Path = typer.Option(..., "-o", "--output", help="Output JSONL."),
+    input_path: str = typer.Argument(..., metavar="INPUT", help="Input JSONL (the CLI contract); .gz or - (stdin)."),
+    output: str = typer.Option(..., "-o", "--output", help="Output JSONL; a .gz name is gzipped, - is stdout."),
     method: str = typer.Option("exit", "--method", "-m", help="Compressor, 'a+b' pipeline, or pipeline JSON file."),
     rate: float = typer.Option(None, help="Fraction of tokens to keep (0, 1]."),
     target_tokens: int = typer.Option(None, "--target-tokens", help="Hard cap on kept tokens per record."),
@@ -74,14 +77,15 @@ def compress(
                                      help="LLMLingua-2 query-aware mode (default: on when the record has a question)."),
     tokenizer: str = typer.Option(None, help="Tokenizer that counts budgets (default: the local LLM's)."),
     on_error: str = typer.Option("skip", help="Bad input lines: 'skip' (report and go on) or 'fail'."),
-    resume: bool = typer.Option(False, help="Append to OUTPUT, skipping lines it already holds."),
+    resume: bool = typer.Option(False, help="Append to OUTPUT, skipping the input lines it already holds (checked: "
+                                            "same input records, method and budget)."),
     engine: str = typer.Option("local", help="local | ray"),
 ) -> None:
-    """Compress every record of a JSONL file (see README: CLI contract)."""
+    """Compress every record of a JSONL file, one record at a time (see README: CLI contract)."""
     try:
         if on_error not in ("skip", "fail"):
             raise ConfigError(f"--on-error must be 'skip' or 'fail', got {on_error!r}")
-        budget = _budget(rate, target_tokens, threshold)
+        check_paths(input_path, output, resume=resume)
         options = parse_options(option)
         if scorer is not None:
             options["scorer"] = scorer
@@ -90,46 +94,45 @@ def compress(
         if engine == "ray":
             from ragzip.batch_ray import run_ray  # type: ignore[import-not-found]
 
-            run_ray(input_path, output, method=method, budget=budget, options=options, tokenizer=tokenizer,
-                    on_error=on_error, resume=resume)
+            run_ray(input_path, output, method=method, budget=_budget(rate, target_tokens, threshold),
+                    options=options, tokenizer=tokenizer, on_error=on_error, resume=resume)
             return
         if engine != "local":
             raise ConfigError(f"--engine must be 'local' or 'ray', got {engine!r}")
         compressor = build_compressor(method, counter=get_token_counter(tokenizer), options=options)
+        budget = _budget(rate, target_tokens, threshold, default=compressor.budget)
+        skip = plan_resume(input_path, output, method=compressor.name, budget=budget) if resume else ResumePlan()
+        num_ok = num_bad = tokens_in = tokens_out = 0
+        from rich.progress import Progress
+
+        with open_output(output, append=resume) as fh, \
+                Progress(console=err, transient=True, disable=not err.is_terminal) as bar:
+            task = bar.add_task("compressing", total=None)  # streamed: the number of records is not known
+            for lineno, obj, problem in iter_jsonl(input_path):
+                bar.advance(task)
+                if lineno in skip:
+                    continue
+                try:
+                    if problem:
+                        raise InputError(problem)
+                    row = output_row(compressor, obj, budget, source_line=lineno)
+                except RagzipError as exc:
+                    num_bad += 1
+                    err.print(f"[yellow]{input_path}:{lineno}:[/yellow] {exc}", highlight=False, soft_wrap=True)
+                    if on_error == "fail":
+                        raise typer.Exit(1) from None
+                    continue
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                fh.flush()
+                num_ok += 1
+                tokens_in += row["compressed"]["tokens_before"]
+                tokens_out += row["compressed"]["tokens_after"]
     except RagzipError as exc:
         _fail(exc)
-    skip = done_lines(output) if resume else set()
-    if resume:
-        truncate_partial_line(output)
-    num_ok = num_bad = tokens_in = tokens_out = 0
-    records = list(iter_jsonl(input_path))
-    from rich.progress import Progress
-
-    with open(output, "a" if resume else "w", encoding="utf-8") as fh, Progress(console=err, transient=True) as bar:
-        task = bar.add_task("compressing", total=len(records))
-        for lineno, obj, problem in records:
-            bar.advance(task)
-            if lineno in skip:
-                continue
-            try:
-                if problem:
-                    raise RagzipError(problem)
-                row = compress_record(compressor, obj, budget, source_line=lineno)
-            except RagzipError as exc:
-                num_bad += 1
-                err.print(f"[yellow]{input_path}:{lineno}:[/yellow] {exc}")
-                if on_error == "fail":
-                    raise typer.Exit(1) from None
-                continue
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-            fh.flush()
-            num_ok += 1
-            tokens_in += row["compressed"]["tokens_before"]
-            tokens_out += row["compressed"]["tokens_after"]
     rate_txt = f"{tokens_out / tokens_in:.3f}" if tokens_in else "n/a"
     err.print(f"{num_ok} compressed, {num_bad} bad lines skipped, {len(skip)} already done; "
-              f"tokens {tokens_in} -> {tokens_out} (rate {rate_txt})")
-    if num_bad and num_ok == 0 and not skip:
+              f"tokens {tokens_in} -> {tokens_out} (rate {rate_txt})", highlight=False, soft_wrap=True)
+    if num_bad and num_ok == 0 and not len(skip):
         raise typer.Exit(1)
 
 
@@ -194,8 +197,9 @@ def ask(
         result = answerer.context(question, budget=_budget(rate, target_tokens, threshold))
     except (RagzipError, KernelError) as exc:
         _fail(exc)
+    rate_txt = "n/a" if result.rate is None else f"{result.rate:.2f}"
     err.print(f"[dim]{len(result.input_tokens)} chunks, tokens {result.tokens_before} -> {result.tokens_after} "
-              f"({result.rate:.2f}) by {result.method} in {result.seconds:.2f}s[/dim]")
+              f"({rate_txt}) by {result.method} in {result.seconds:.2f}s[/dim]")
     for delta in answerer.stream(question, result, max_new_tokens=max_new_tokens):
         out.print(delta, end="")
     out.print()

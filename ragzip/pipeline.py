@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ragzip.budget import Budget
+from ragzip.budget import Budget, BudgetLike, to_budget
+from ragzip.compressors.base import fit_to_limit, joined_tokens
 from ragzip.compressors.registry import get_compressor
-from ragzip.errors import ConfigError
+from ragzip.contract import DocumentLike, to_documents, to_question
+from ragzip.errors import BudgetError, ConfigError
 from ragzip.spans import assemble, compose
 from ragzip.text import split_sentences
 from ragzip.tokens import TokenCounter, get_token_counter
 from ragzip.types import CompressedDocument, CompressionResult, Document, StageStats
+
+# An earlier stage keeps this many times what the next one may keep (the last keeps the final limit): room for
+# the finer stages to choose, as LLMLingua's coarse-to-fine control does.
+DEFAULT_STAGE_SLACK = 1.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,17 +34,20 @@ class StageSpec:
     budget: Budget | None = None
 
 
-def parse_budget(obj: Mapping[str, Any] | None) -> Budget | None:
+def parse_budget(obj: Mapping[str, Any] | None, where: str = "budget") -> Budget | None:
     if not obj:
         return None
-    unknown = set(obj) - {"rate", "target_tokens", "threshold"}
-    if unknown:
-        raise ConfigError(f"unknown budget keys {sorted(unknown)}; valid: ['rate', 'target_tokens', 'threshold']")
-    return Budget(**dict(obj))
+    if not isinstance(obj, Mapping):
+        raise ConfigError(f"{where} must be an object like {{\"rate\": 0.3}}, got {type(obj).__name__}")
+    try:
+        return to_budget(obj)
+    except BudgetError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
-def load_pipeline_config(path: str | Path) -> tuple[list[StageSpec], Budget | None]:
-    """Read a pipeline file: `{"stages": [{"method", "options"?, "budget"?}, ...], "budget"?: {...}}` (JSON)."""
+def load_pipeline_config(path: str | Path) -> tuple[list[StageSpec], Budget | None, float]:
+    """Read a pipeline file: `{"stages": [{"method", "options"?, "budget"?}, ...], "budget"?: {...},
+    "stage_slack"?: 1.5}` (JSON). Returns the stages, the overall budget and the stage slack."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
@@ -48,8 +58,18 @@ def load_pipeline_config(path: str | Path) -> tuple[list[StageSpec], Budget | No
     for i, st in enumerate(data["stages"]):
         if not isinstance(st, dict) or not isinstance(st.get("method"), str):
             raise ConfigError(f"{path}: stage {i} needs a string 'method'")
-        specs.append(StageSpec(st["method"], dict(st.get("options") or {}), parse_budget(st.get("budget"))))
-    return specs, parse_budget(data.get("budget"))
+        unknown = set(st) - {"method", "options", "budget"}
+        if unknown:
+            raise ConfigError(f"{path}: stage {i} has unknown keys {sorted(unknown)}; valid: budget, method, options")
+        specs.append(StageSpec(st["method"], dict(st.get("options") or {}),
+                               parse_budget(st.get("budget"), f"{path}: stage {i} budget")))
+    unknown = set(data) - {"stages", "budget", "stage_slack"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys {sorted(unknown)}; valid: budget, stage_slack, stages")
+    slack = data.get("stage_slack", DEFAULT_STAGE_SLACK)
+    if isinstance(slack, bool) or not isinstance(slack, (int, float)) or not 1.0 <= slack <= 100.0:
+        raise ConfigError(f"{path}: stage_slack must be a number in [1, 100], got {slack!r}")
+    return specs, parse_budget(data.get("budget"), f"{path}: budget"), float(slack)
 
 
 def _min_keep(documents: Sequence[Document]) -> list[CompressedDocument]:
@@ -62,61 +82,99 @@ def _min_keep(documents: Sequence[Document]) -> list[CompressedDocument]:
 
 
 class Pipeline:
-    """Runs compressors in order. Earlier stages use their own defaults (or their own budget); the last stage gets
-    the overall token limit, computed from the ORIGINAL token count, so the cap holds for the whole pipeline.
+    """Runs compressors in order under one budget.
+
+    The limit is computed from the token count of the ORIGINAL context (joined as `CompressionResult.text` is),
+    and `count(result.text) <= limit` holds for the whole pipeline. With a token limit, stage i of n (unless it has
+    a budget of its own) may keep `limit * stage_slack ** (n - 1 - i)` tokens: the last stage the limit itself, each
+    earlier one a little more, so the later, finer stages have something to choose from and the pipeline fills its
+    budget. Each stage's budget and where it came from are in its stats (`budget`, `budget_source`).
+    With a threshold (or no) budget, earlier stages use their defaults and the last stage gets the budget.
 
     Example:
         >>> pipe = build_compressor("exit+lingua2")
         >>> result = pipe.compress("who wrote Hamlet?", docs, Budget.ratio(0.3))
     """
 
-    def __init__(self, stages: Sequence[Any], *, counter: TokenCounter, stage_budgets: Sequence[Budget | None] = ()):
+    def __init__(self, stages: Sequence[Any], *, counter: TokenCounter, stage_budgets: Sequence[Budget | None] = (),
+                 budget: Budget | None = None, stage_slack: float = DEFAULT_STAGE_SLACK):
         if not stages:
             raise ConfigError("a pipeline needs at least one stage")
         self.stages = list(stages)
         self.stage_budgets = list(stage_budgets) or [None] * len(self.stages)
         if len(self.stage_budgets) != len(self.stages):
             raise ConfigError("one budget (or None) per stage")
+        if not 1.0 <= stage_slack <= 100.0:
+            raise ConfigError(f"stage_slack must be in [1, 100], got {stage_slack}")
         self.counter = counter
+        self.budget = budget  # used when compress() is given none (a pipeline file's own budget)
+        self.stage_slack = stage_slack
         self.name = "+".join(s.name for s in self.stages)
 
     @classmethod
-    def from_specs(cls, specs: Sequence[StageSpec], *, counter: TokenCounter | None = None) -> Pipeline:
+    def from_specs(cls, specs: Sequence[StageSpec], *, counter: TokenCounter | None = None,
+                   budget: Budget | None = None, stage_slack: float = DEFAULT_STAGE_SLACK) -> Pipeline:
         counter = counter or get_token_counter(None)
         stages = [get_compressor(s.method, counter=counter, **dict(s.options)) for s in specs]
-        return cls(stages, counter=counter, stage_budgets=[s.budget for s in specs])
+        return cls(stages, counter=counter, stage_budgets=[s.budget for s in specs], budget=budget,
+                   stage_slack=stage_slack)
 
-    def compress(self, query: str, documents: Sequence[Document], budget: Budget | None = None, *,
-                 input_tokens: Sequence[int] | None = None) -> CompressionResult:
-        budget = budget or Budget()
+    def _stage_budget(self, i: int, budget: Budget, limit: int | None, tokens_before: int) -> tuple[Budget, str]:
+        own, last = self.stage_budgets[i], len(self.stages) - 1
+        if own is not None:
+            return own, "own"
+        if getattr(self.stages[i], "keeps_everything", False):
+            return Budget(), "keeps everything"
+        if limit is None:
+            return (budget, "final") if i == last else (Budget(), "default")
+        if limit == 0:
+            return Budget(), "empty input"
+        if i == last:
+            return Budget.tokens(limit), "final"
+        derived = min(tokens_before, math.ceil(limit * self.stage_slack ** (last - i)))
+        return Budget.tokens(max(1, derived)), "derived"
+
+    def compress(self, query: str | None, documents: Sequence[DocumentLike], budget: BudgetLike = None, *,
+                 input_tokens: Sequence[int] | None = None, rate: float | None = None,
+                 target_tokens: int | None = None, threshold: float | None = None) -> CompressionResult:
+        """Compress `documents` (as `RagZip.compress` takes them); the budget as `ragzip.budget.to_budget` takes
+        it, else this pipeline's own budget, else the default."""
+        given = to_budget(budget, rate=rate, target_tokens=target_tokens, threshold=threshold)
+        budget = given if given is not None and given.kind else (self.budget or Budget())
+        query, documents = to_question(query), to_documents(documents)
         start = time.perf_counter()
-        documents = list(documents)
         # Counted once here; every stage then counts only its output, which is the next stage's input.
         counts = list(input_tokens) if input_tokens is not None else self.counter.count_batch(
             [d.text for d in documents])
-        tokens_before = sum(counts)
+        tokens_before = joined_tokens(self.counter, [d.text for d in documents], counts)
         limit = budget.token_limit(tokens_before)
         current = [replace(assemble(d, [(0, len(d.text))]), tokens=n) for d, n in zip(documents, counts)]
         stats: list[StageStats] = []
-        for i, (stage, own) in enumerate(zip(self.stages, self.stage_budgets)):
-            is_last = i == len(self.stages) - 1
-            stage_budget = own or (Budget.tokens(limit) if (is_last and limit) else (budget if is_last else Budget()))
-            if limit == 0:
-                stage_budget = Budget()
-            live = [c for c in current if c.text]
+        for i, stage in enumerate(self.stages):
+            stage_budget, source = self._stage_budget(i, budget, limit, tokens_before)
+            live = [c for c in current if c.text.strip()]
             inputs = [c.as_document() for c in live]
             result = stage.compress(query, inputs, stage_budget, input_tokens=[c.tokens or 0 for c in live])
             kept = list(result.documents)
             info = dict(result.stages[0].info) if len(result.stages) == 1 else {}
+            info.update(budget=stage_budget.describe(), budget_source=source)
             if not kept and inputs:
                 kept = _min_keep(inputs)
                 info["fallback"] = "min_keep"
             kept = self._counted(kept)
             by_id = {c.id: c for c in current}
             current = [replace(compose(by_id[k.id], k), tokens=k.tokens) if k.id in by_id else k for k in kept]
-            stats.append(StageStats(stage.name, result.tokens_before, sum(c.tokens or 0 for c in current),
-                                    result.seconds, info))
-        tokens_after = sum(c.tokens or 0 for c in current)
+            stats.append(StageStats(stage.name, result.tokens_before,
+                                    joined_tokens(self.counter, [c.text for c in current],
+                                                  [c.tokens or 0 for c in current]), result.seconds, info))
+        # The cap holds whatever a stage did (a plug-in stage, the min_keep fallback).
+        everything = all(getattr(s, "keeps_everything", False) for s in self.stages)
+        current, dropped = fit_to_limit([c for c in current if c.text.strip()], None if everything else limit,
+                                        self.counter)
+        if dropped:
+            stats[-1] = replace(stats[-1], info={**stats[-1].info, "fit_dropped": dropped})
+        current = self._counted(current)
+        tokens_after = joined_tokens(self.counter, [c.text for c in current], [c.tokens or 0 for c in current])
         return CompressionResult(self.name, tuple(current), tokens_before, tokens_after,
                                  time.perf_counter() - start, tuple(stats),
                                  {d.id: n for d, n in zip(documents, counts)})
@@ -125,12 +183,14 @@ class Pipeline:
         """`docs` with token counts; only pieces a stage left uncounted (a plug-in compressor, the fallback) are
         counted here."""
         missing = [i for i, d in enumerate(docs) if d.tokens is None]
+        if not missing:
+            return docs
         for i, n in zip(missing, self.counter.count_batch([docs[i].text for i in missing])):
             docs[i] = replace(docs[i], tokens=n)
         return docs
 
-    def compress_batch(self, queries: Sequence[str], documents: Sequence[Sequence[Document]],
-                       budget: Budget | None = None) -> list[CompressionResult]:
+    def compress_batch(self, queries: Sequence[str | None], documents: Sequence[Sequence[DocumentLike]],
+                       budget: BudgetLike = None) -> list[CompressionResult]:
         if len(queries) != len(documents):
             raise ConfigError(f"{len(queries)} queries but {len(documents)} document lists")
         return [self.compress(q, d, budget) for q, d in zip(queries, documents)]
@@ -142,8 +202,10 @@ def build_compressor(method: str, *, counter: TokenCounter | None = None,
     stage that is a single method; for '+'-joined methods use `{stage_name: {...}}` or a config file."""
     options = dict(options or {})
     if method.endswith(".json") or Path(method).is_file():
-        specs, _ = load_pipeline_config(method)
-        return Pipeline.from_specs(specs, counter=counter)
+        if options:
+            raise ConfigError("options for a pipeline config file go in the file's stages")
+        specs, budget, slack = load_pipeline_config(method)
+        return Pipeline.from_specs(specs, counter=counter, budget=budget, stage_slack=slack)
     names = method.split("+")
     if len(names) == 1:
         return Pipeline.from_specs([StageSpec(method, options)], counter=counter)

@@ -44,10 +44,14 @@ class HFTokenCounter:
         return self.count_batch([text])[0]
 
     def count_batch(self, texts: Sequence[str]) -> list[int]:
-        if not texts:
-            return []
-        enc = self.tokenizer(list(texts), add_special_tokens=False, return_attention_mask=False)
-        return [len(ids) for ids in enc["input_ids"]]
+        # Blank text counts 0: it never reaches the LLM (`CompressionResult.text` drops blank pieces).
+        live = [i for i, t in enumerate(texts) if t.strip()]
+        counts = [0] * len(texts)
+        if live:
+            enc = self.tokenizer([texts[i] for i in live], add_special_tokens=False, return_attention_mask=False)
+            for i, ids in zip(live, enc["input_ids"]):
+                counts[i] = len(ids)
+        return counts
 
 
 @lru_cache(maxsize=8)

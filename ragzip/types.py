@@ -9,6 +9,7 @@ from typing import Any
 from ragzip.errors import InputError
 
 TokenIds = Sequence[int]
+CONTEXT_SEPARATOR = "\n\n"  # between documents in `CompressionResult.text`, counted in every budget
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +61,11 @@ class CompressedDocument:
         if len(self.spans) != len(self.offsets):
             raise ValueError("spans and offsets must have the same length")
 
+    @property
+    def span_pairs(self) -> list[tuple[int, int]]:
+        """The source spans as plain `(start, end)` character offsets into the original document's text."""
+        return [(s.start, s.end) for s in self.spans]
+
     def as_document(self) -> Document:
         """This piece as the input of the next stage or of a reader."""
         return Document(self.id, self.text, self.title)
@@ -89,14 +95,15 @@ class CompressionResult:
     input_tokens: Mapping[str, int] = field(default_factory=dict)  # per input document id
 
     @property
-    def rate(self) -> float:
-        """Achieved rate: tokens kept / tokens in (1.0 for an empty input)."""
-        return self.tokens_after / self.tokens_before if self.tokens_before else 1.0
+    def rate(self) -> float | None:
+        """Achieved rate: tokens of `text` / tokens of the input joined the same way; None when the input had no
+        tokens (an empty list, blank documents): there was nothing to keep."""
+        return self.tokens_after / self.tokens_before if self.tokens_before else None
 
     @property
     def text(self) -> str:
-        """The compressed context: documents joined by a blank line."""
-        return "\n\n".join(d.text for d in self.documents if d.text)
+        """The compressed context: non-blank pieces joined by a blank line; what every budget counts."""
+        return CONTEXT_SEPARATOR.join(d.text for d in self.documents if d.text.strip())
 
     @property
     def spans(self) -> list[Span]:
@@ -104,7 +111,7 @@ class CompressionResult:
 
     def as_documents(self) -> list[Document]:
         """The kept context as Documents (empty pieces dropped): what a reader is given."""
-        return [d.as_document() for d in self.documents if d.text]
+        return [d.as_document() for d in self.documents if d.text.strip()]
 
     def to_contract(self) -> dict[str, Any]:
         """The `compressed` object of the CLI/HTTP contract (`ragzip.contract` documents every key)."""
@@ -127,7 +134,7 @@ class CompressionResult:
             "text": self.text,
             "tokens_before": self.tokens_before,
             "tokens_after": self.tokens_after,
-            "rate": round(self.rate, 6),
+            "rate": None if self.rate is None else round(self.rate, 6),
             "seconds": round(self.seconds, 6),
             "stages": [
                 {"name": s.name, "tokens_before": s.tokens_before, "tokens_after": s.tokens_after,

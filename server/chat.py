@@ -26,7 +26,7 @@ def _sse(obj: Any) -> str:
 def ragzip_info(ctx: ChatContext, outcome: Outcome) -> dict[str, Any]:
     r = outcome.result
     return {"method": r.method, "tokens_before": r.tokens_before, "tokens_after": r.tokens_after,
-            "rate": round(r.rate, 6), "seconds": round(r.seconds, 6), "source": ctx.source,
+            "rate": None if r.rate is None else round(r.rate, 6), "seconds": round(r.seconds, 6), "source": ctx.source,
             "num_documents": len(ctx.documents), "fallback": outcome.fallback}
 
 

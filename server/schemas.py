@@ -98,7 +98,7 @@ class CompressedOut(BaseModel):
     text: str
     tokens_before: int
     tokens_after: int
-    rate: float
+    rate: float | None = Field(description="tokens_after / tokens_before; null when the input had no tokens")
     seconds: float
     stages: list[dict[str, Any]]
 
@@ -139,7 +139,7 @@ class RagzipInfo(BaseModel):
     method: str
     tokens_before: int
     tokens_after: int
-    rate: float
+    rate: float | None = Field(description="tokens_after / tokens_before; null when the input had no tokens")
     seconds: float
     source: Literal["documents", "messages", "index", "none"]
     num_documents: int

@@ -50,7 +50,8 @@ def test_each_stage_counts_only_its_output() -> None:
             return super().count_batch(texts)
 
     result = RagZip("none+truncate", counter=Counting()).compress("q", DOCS, Budget.ratio(0.5))
-    # the input once, each stage's output once; truncate's own search for the cut counts more
-    assert calls[:2] == [2, 2] and result.stages[1].tokens_before == result.stages[0].tokens_after
+    # the input's documents once; 'none' keeps them whole (no recount); truncate counts only its new piece (its
+    # search for the cut and the joined totals go through `count`)
+    assert calls == [2, 1] and result.stages[1].tokens_before == result.stages[0].tokens_after
     per_context = {c["id"]: (c["tokens_before"], c["tokens_after"]) for c in result.to_contract()["contexts"]}
     assert per_context["0"][0] == 12 and sum(a for _, a in per_context.values()) == result.tokens_after

@@ -67,7 +67,7 @@ def test_result_contract_and_rate() -> None:
     assert contract["contexts"] == [{"id": "a", "title": "Title", "text": "kept", "spans": [[3, 7]], "scores": []}]
     assert contract["rate"] == pytest.approx(0.4)
     assert result.text == "kept"
-    assert CompressionResult("none", (), 0, 0, 0.0).rate == 1.0
+    assert CompressionResult("none", (), 0, 0, 0.0).rate is None  # nothing to keep: no rate
 
 
 def test_document_text_must_be_string() -> None:
