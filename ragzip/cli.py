@@ -32,6 +32,7 @@ EVAL_SUITES: dict[str, str] = {
     "kvcodec": "ragzip.eval.suites.kvcodec:run",
     "blend": "ragzip.eval.suites.blend:run",
     "baselines": "ragzip.eval.suites.baselines:run",
+    "budgets": "ragzip.eval.suites.budgets:run",
     "fidelity": "ragzip.eval.suites.fidelity:run",
 }
 
@@ -291,7 +292,7 @@ def eval_cmd(
         _fail(exc)
     if isinstance(results.get("rows"), list):
         out.print(_rows_table(f"ragzip eval {suite}: reader {results.get('reader')}, n={results.get('n')}",
-                              results["rows"]))
+                              results["rows"], suite))
     table = Table(title=f"ragzip eval {suite}")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -305,14 +306,16 @@ def eval_cmd(
         err.print(f"wrote {json_out}")
 
 
-def _rows_table(title: str, rows: list[dict[str, Any]]) -> Table:
+def _rows_table(title: str, rows: list[dict[str, Any]], suite: str = "fidelity") -> Table:
     from ragzip.eval.suites.fidelity import ROW_COLUMNS, row_cells
 
+    columns = ROW_COLUMNS if suite == "fidelity" else list(rows[0]) if rows else []
     table = Table(title=title)
-    for col in ROW_COLUMNS:
-        table.add_column(col, justify="left" if col == "label" else "right", no_wrap=col == "label")
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("label", "method") else "right",
+                         no_wrap=col in ("label", "method"))
     for r in rows:
-        table.add_row(*row_cells(r))
+        table.add_row(*(row_cells(r) if suite == "fidelity" else [str(r[c]) for c in columns]))
     return table
 
 

@@ -20,7 +20,7 @@ import math
 import os
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from enum import Enum
 from functools import cache
 from typing import Any, TypeVar
@@ -141,9 +141,7 @@ def parse_options(cls: type[T], values: Mapping[str, Any] | T | None = None, *, 
         return values
     values = dict(values or {})  # type: ignore[arg-type]
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown option(s) {unknown} for {owner}; valid: {sorted(fields)}")
+    refuse_unknown(values, fields, owner)
     hints = _hints(cls)
     parsed = {}
     for key, value in values.items():
@@ -157,3 +155,10 @@ def parse_options(cls: type[T], values: Mapping[str, Any] | T | None = None, *, 
 
 
 __all__ = ["bounds", "parse_bool", "parse_enum", "parse_float", "parse_int", "parse_options"]
+
+
+def refuse_unknown(values: Iterable[str], known: Iterable[str], owner: str) -> None:
+    """ConfigError listing the valid keys when `values` has a key outside `known` (never silently ignored)."""
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown option(s) {unknown} for {owner}; valid: {sorted(set(known))}")

@@ -14,12 +14,14 @@ from ragzip.budget import Budget
 from ragzip.errors import ConfigError
 from ragzip.eval.datasets import load_examples
 from ragzip.eval.metrics import answer_survival, exact_match, f1_score
+from ragzip.options import refuse_unknown
 
 
 def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) -> dict[str, Any]:
     from ragzip.pipeline import build_compressor
     from ragzip.tokens import get_token_counter
 
+    refuse_unknown(options, ("methods", "rate", "reader", "tokenizer", "llm"), "eval suite 'baselines'")
     methods = str(options.get("methods", "truncate,random,embed-topk")).split(",")
     rate = float(options.get("rate", 0.5))
     use_reader = str(options.get("reader", "0")).lower() in ("1", "true", "yes")

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ragzip.options import parse_bool
+from ragzip.options import parse_bool, refuse_unknown
 
 DEFAULT_RATIOS = (0.05, 0.15, 0.30)
 MAIN_RATIO = 0.15
@@ -73,9 +73,7 @@ def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) ->
     known = {"model", "dtype", "ratios", "deviation", "query_weight", "check_layer", "gradual_layers",
              "chunk_head_tokens", "store", "strategies", "strategy_ratios", "previous", "skip", "max_new_tokens",
              "threads", "warmup"}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ConfigError(f"unknown blend suite options {unknown}; valid: {sorted(known)}")
+    refuse_unknown(options, known, "eval suite 'blend'")
     if "threads" in options:
         torch.set_num_threads(int(options["threads"]))
     ratios = _floats(options.get("ratios"), DEFAULT_RATIOS)

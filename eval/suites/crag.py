@@ -32,7 +32,7 @@ from ragzip.compressors.summarize import LocalSummarizer, SummaryCache, cached_s
 from ragzip.errors import ConfigError
 from ragzip.eval.loaders_extra import detect_format, load_summary_examples
 from ragzip.eval.metrics import rouge_l
-from ragzip.options import parse_bool
+from ragzip.options import parse_bool, refuse_unknown
 from ragzip.tokens import TokenCounter, get_token_counter
 
 _COMPRESSOR_KEYS = ("k", "mode", "per_cluster", "alpha", "llm", "max_k", "embedder")
@@ -97,10 +97,7 @@ def _growth(compressor: CragCompressor, examples: Sequence[Any], budget: Budget)
 
 def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) -> dict:
     """Run the suite on a FewSum or multi_news file/folder; returns the JSON-able figures."""
-    unknown = set(options) - set(_COMPRESSOR_KEYS) - set(_SUITE_KEYS)
-    if unknown:
-        valid = sorted(_COMPRESSOR_KEYS + _SUITE_KEYS)
-        raise ConfigError(f"crag suite: unknown options {sorted(unknown)}; valid: {valid}")
+    refuse_unknown(options, _COMPRESSOR_KEYS + _SUITE_KEYS, "eval suite 'crag'")
     data = Path(data)
     fmt = detect_format(data)
     examples = [ex for ex in load_summary_examples(data, limit, unit=options.get("unit", "paragraph")) if ex.items]

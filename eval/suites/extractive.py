@@ -39,9 +39,10 @@ from pathlib import Path
 from typing import Any
 
 from ragzip.budget import Budget
-from ragzip.errors import ConfigError, InputError
+from ragzip.errors import InputError
 from ragzip.eval.datasets import Example, load_examples, sentence_spans
 from ragzip.eval.metrics import answer_survival, exact_match, f1_score, ratio_bootstrap_ci
+from ragzip.options import refuse_unknown
 from ragzip.types import CompressionResult, Document
 
 _KEYS = ("threshold", "rates", "scorers", "causal_model", "causal_limit", "reader", "reader_model", "reader_limit",
@@ -145,9 +146,7 @@ def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) ->
     """Run the suite on a common-schema file or folder; returns the figures as a flat JSON-able dict."""
     from ragzip.compressors.exit import ExitCompressor
 
-    unknown = sorted(set(options) - set(_KEYS))
-    if unknown:
-        raise ConfigError(f"unknown options {unknown} for suite 'extractive'; valid: {sorted(_KEYS)}")
+    refuse_unknown(options, _KEYS, "eval suite 'extractive'")
     threshold = float(options.get("threshold", "0.5"))
     rates = [float(r) for r in options.get("rates", "0.3333,0.2").split(",") if r]
     scorers = [s.strip() for s in options.get("scorers", "encoder,causal-lm").split(",") if s.strip()]

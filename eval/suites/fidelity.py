@@ -33,7 +33,7 @@ from ragzip.errors import BudgetError, ConfigError, InputError
 from ragzip.eval.datasets import load_examples
 from ragzip.eval.metrics import answer_survival, exact_match, f1_score, paired_bootstrap_ci
 from ragzip.eval.suites.extractive import support_counts, trained_ids
-from ragzip.options import parse_bool
+from ragzip.options import parse_bool, refuse_unknown
 from ragzip.types import Document
 
 DEFAULT_METHODS = "none,exit@0.33,embed-topk@0.33,random@0.33,lingua2@0.5,exit+lingua2@0.33"
@@ -195,9 +195,7 @@ def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) ->
     from ragzip.pipeline import build_compressor
     from ragzip.tokens import get_token_counter
 
-    unknown = sorted(set(options) - set(_KEYS))
-    if unknown:
-        raise ConfigError(f"unknown options {unknown} for suite 'fidelity'; valid: {sorted(_KEYS)}")
+    refuse_unknown(options, _KEYS, "eval suite 'fidelity'")
     with_refs = parse_bool(options.get("references", "1"), "references")
     specs = _with_references(parse_methods(options.get("methods") or DEFAULT_METHODS), enabled=with_refs)
     skip = trained_ids() if parse_bool(options.get("exclude_trained", "1"), "exclude_trained") else set()

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ragzip.errors import ConfigError
+from ragzip.options import refuse_unknown
 
 DEFAULT_LEVEL = 3  # cachegen's
 DEFAULT_CODEC = "kvtc:2"
@@ -86,8 +87,7 @@ def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) ->
     dtype = getattr(torch, options.get("dtype", "bfloat16"))
     known = {"model", "dtype", "prefix", "cont", "calib", "profile", "save_profile", "threads", "kvtc_profile", "blend",
              "skip"}
-    if sorted(set(options) - known):
-        raise ConfigError(f"unknown kvcodec options {sorted(set(options) - known)}; valid: {sorted(known)}")
+    refuse_unknown(options, known, "eval suite 'kvcodec'")
     model_name = options.get("model", "smollm2-135m-instruct")
     model, tok = load_causal_lm(options.get("model"), dtype=dtype)
     skip = int(options.get("skip", "0"))

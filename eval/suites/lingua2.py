@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ragzip.budget import Budget
+from ragzip.options import refuse_unknown
 from ragzip.types import Document
 
 WORD_SEP, LABEL_SEP = "\x1e", "\x1f"
@@ -210,6 +211,9 @@ def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) ->
 
     from ragzip.compressors.lingua2 import Lingua2Compressor
     from ragzip.tokens import get_token_counter
+
+    refuse_unknown(options, ("model", "rates", "reader", "reader_model", "repeats", "query_aware", "counter",
+                             "parity", "workdir"), "eval suite 'lingua2'")
 
     rng = random.Random(seed)
     rates = [float(r) for r in options.get("rates", "0.5,0.33").split(",")]
