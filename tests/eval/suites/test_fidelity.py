@@ -108,7 +108,7 @@ def test_suite_rows_keys_references_and_cache(tiny_reader: str, tmp_path: Path) 
 def test_suite_rejects_unknown_options_and_bad_data(tiny_reader: str, tmp_path: Path) -> None:
     from ragzip.errors import InputError
 
-    with pytest.raises(ConfigError, match="unknown options"):
+    with pytest.raises(ConfigError, match=r"unknown option\(s\)"):
         run(HOTPOT, limit=1, seed=0, options={"reder": tiny_reader})
     empty = tmp_path / "normalized.jsonl"
     empty.write_text('{"id": "x", "question": "q?", "answers": ["a"], "contexts": []}\n')
