@@ -138,6 +138,8 @@ def check_paths(input_path: str | Path, output: str | Path, *, resume: bool) -> 
             raise ConfigError(f"input {src} does not exist")
         if src.is_dir():
             raise ConfigError(f"input {src} is a directory, not a JSONL file")
+    if resume and str(input_path) == STDIO:
+        raise ConfigError("--resume needs an input file, not stdin (the records must be checked before appending)")
     if str(output) == STDIO:
         if resume:
             raise ConfigError("--resume needs an output file, not stdout")
@@ -202,7 +204,7 @@ def plan_resume(input_path: str | Path, output: str | Path, *, method: str, budg
                 raise ConfigError(f"cannot resume: {path} was written with budget {comp['budget']}, this run uses "
                                   f"{want_budget or 'the default'}; use the same budget or another output file")
             plan.done[line] = record_digest(row)
-    if plan.done and str(input_path) != STDIO:
+    if plan.done:
         _check_same_input(input_path, output, plan)
     return plan
 

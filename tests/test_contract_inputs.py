@@ -129,6 +129,8 @@ def test_resume_refuses_another_input_method_or_budget(tmp_path: Path) -> None:
     assert code == 0 and "2 already done" in output and out.read_bytes() == before
     code, output = run(str(src), "-o", "-", "-m", "truncate", "--resume")
     assert code == 2 and "not stdout" in output
+    code, output = run("-", "-o", str(out), "-m", "truncate", "--rate", "0.5", "--resume", stdin=line(GOOD))
+    assert code == 2 and "not stdin" in output and out.read_bytes() == before
 
 
 # ---------------------------------------------------------------- budgets: exact, filled, a pipeline file's own
