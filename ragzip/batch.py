@@ -174,9 +174,11 @@ class ResumePlan:
         return len(self.done)
 
 
-def plan_resume(input_path: str | Path, output: str | Path, *, method: str, budget: Budget) -> ResumePlan:
+def plan_resume(input_path: str | Path, output: str | Path, *, method: str, budget: Budget,
+                tokenizer: str | None = None, options: Mapping[str, Any] | None = None) -> ResumePlan:
     """Read `output` and check that resuming onto it is safe: every row was written by `ragzip compress` with this
-    method and budget, from these very input records. Raises ConfigError naming the first mismatch.
+    method, budget, tokenizer and options, from these very input records. Raises ConfigError naming the first
+    mismatch (a row without a recorded tokenizer or budget, from an older version, is not checked for it).
 
     Drops a partial last line left by an interrupted run, so appends start on a fresh line.
     """
@@ -203,6 +205,12 @@ def plan_resume(input_path: str | Path, output: str | Path, *, method: str, budg
             if "budget" in comp and comp["budget"] != want_budget:
                 raise ConfigError(f"cannot resume: {path} was written with budget {comp['budget']}, this run uses "
                                   f"{want_budget or 'the default'}; use the same budget or another output file")
+            if tokenizer is not None and "tokenizer" in comp and comp["tokenizer"] != tokenizer:
+                raise ConfigError(f"cannot resume: {path} was written with tokenizer {comp['tokenizer']!r}, this run "
+                                  f"uses {tokenizer!r}; use the same --tokenizer or another output file")
+            if "tokenizer" in comp and comp.get("options", {}) != dict(options or {}):
+                raise ConfigError(f"cannot resume: {path} was written with options {comp.get('options', {})}, this "
+                                  f"run uses {dict(options or {})}; use the same options or another output file")
             plan.done[line] = record_digest(row)
     if plan.done:
         _check_same_input(input_path, output, plan)
@@ -246,12 +254,21 @@ def truncate_partial_line(path: str | Path) -> None:
         fh.truncate(0)
 
 
-def output_row(compressor: SupportsCompress, obj: Mapping[str, Any], budget: Budget, source_line: int
-               ) -> dict[str, Any]:
-    """One output row: the record, compressed, with the budget and source line recorded for `--resume`."""
+def output_row(compressor: SupportsCompress, obj: Mapping[str, Any], budget: Budget, source_line: int,
+               options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """One output row: the record, compressed, with what `--resume` checks recorded: the source line, the budget,
+    the tokenizer that counted it and the options given (when any)."""
     row = compress_record(compressor, obj, budget, source_line=source_line)
     row["compressed"]["budget"] = budget.as_dict()
+    row["compressed"]["tokenizer"] = counter_name(compressor)
+    if options:
+        row["compressed"]["options"] = dict(options)
     return row
+
+
+def counter_name(compressor: Any) -> str | None:
+    """The name of the tokenizer that counts a compressor's budgets (None for a plug-in without one)."""
+    return getattr(getattr(compressor, "counter", None), "name", None)
 
 
 def read_corpus(path: str | Path) -> list[Document]:
@@ -268,6 +285,6 @@ def read_corpus(path: str | Path) -> list[Document]:
     return docs
 
 
-__all__ = ["MAX_LINE_BYTES", "ResumePlan", "SupportsCompress", "check_paths", "compress_record",
+__all__ = ["MAX_LINE_BYTES", "ResumePlan", "SupportsCompress", "check_paths", "compress_record", "counter_name",
            "iter_jsonl", "open_input", "open_output", "output_row", "parse_record", "plan_resume", "read_corpus",
            "truncate_partial_line"]

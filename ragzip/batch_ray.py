@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
-from ragzip.batch import iter_jsonl, output_row, plan_resume
+from ragzip.batch import counter_name, iter_jsonl, output_row, plan_resume
 from ragzip.budget import Budget
 from ragzip.errors import ConfigError, InputError, RagzipError
 
@@ -31,6 +31,7 @@ class _Worker:
         from ragzip.tokens import get_token_counter
 
         self.budget = Budget(**budget)
+        self.options = options
         self.compressor = build_compressor(method, counter=get_token_counter(tokenizer), options=options)
 
     def compress(self, batch: Batch) -> list[Result]:
@@ -40,7 +41,8 @@ class _Worker:
                 out.append((lineno, None, problem or "unreadable line"))
                 continue
             try:
-                row = output_row(self.compressor, json.loads(text), self.budget, source_line=lineno)
+                row = output_row(self.compressor, json.loads(text), self.budget, source_line=lineno,
+                                 options=self.options)
             except RagzipError as exc:
                 out.append((lineno, None, str(exc)))
                 continue
@@ -94,7 +96,8 @@ def run_ray(input_path: str | Path, output: str | Path, *, method: str, budget: 
     if not budget.kind and probe.compressor.budget is not None:  # a pipeline file's own budget
         budget = probe.compressor.budget
     budget_args = budget.as_dict()
-    skip = plan_resume(input_path, output, method=probe.compressor.name, budget=budget) if resume else set()
+    skip = plan_resume(input_path, output, method=probe.compressor.name, budget=budget,
+                       tokenizer=counter_name(probe.compressor), options=options) if resume else set()
     counts = {"ok": 0, "bad": 0, "skipped": len(skip), "tokens_before": 0, "tokens_after": 0}
     todo = ((lineno, obj, problem) for lineno, obj, problem in iter_jsonl(input_path) if lineno not in skip)
 

@@ -12,7 +12,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ragzip.batch import ResumePlan, check_paths, iter_jsonl, open_output, output_row, plan_resume, read_corpus
+from ragzip.batch import (
+    ResumePlan,
+    check_paths,
+    counter_name,
+    iter_jsonl,
+    open_output,
+    output_row,
+    plan_resume,
+    read_corpus,
+)
 from ragzip.budget import Budget
 from ragzip.errors import ConfigError, InputError, RagzipError
 from ragzip.kernels.errors import KernelError
@@ -102,7 +111,8 @@ def compress(
             raise ConfigError(f"--engine must be 'local' or 'ray', got {engine!r}")
         compressor = build_compressor(method, counter=get_token_counter(tokenizer), options=options)
         budget = _budget(rate, target_tokens, threshold, default=compressor.budget)
-        skip = plan_resume(input_path, output, method=compressor.name, budget=budget) if resume else ResumePlan()
+        skip = plan_resume(input_path, output, method=compressor.name, budget=budget,
+                           tokenizer=counter_name(compressor), options=options) if resume else ResumePlan()
         num_ok = num_bad = tokens_in = tokens_out = 0
         from rich.progress import Progress
 
@@ -116,7 +126,7 @@ def compress(
                 try:
                     if problem:
                         raise InputError(problem)
-                    row = output_row(compressor, obj, budget, source_line=lineno)
+                    row = output_row(compressor, obj, budget, source_line=lineno, options=options)
                 except RagzipError as exc:
                     num_bad += 1
                     err.print(f"[yellow]{input_path}:{lineno}:[/yellow] {exc}", highlight=False, soft_wrap=True)

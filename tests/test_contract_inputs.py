@@ -121,12 +121,18 @@ def test_resume_refuses_another_input_method_or_budget(tmp_path: Path) -> None:
     other.write_bytes(line({**GOOD, "id": "z"}) + line(OTHER))
     for args, why in [((str(other), "-m", "truncate", "--rate", "0.5"), "written from another input"),
                       ((str(src), "-m", "random", "--rate", "0.5"), "written with method 'truncate'"),
-                      ((str(src), "-m", "truncate", "--rate", "0.3"), "written with budget {'rate': 0.5}")]:
+                      ((str(src), "-m", "truncate", "--rate", "0.3"), "written with budget {'rate': 0.5}"),
+                      ((str(src), "-m", "truncate", "--rate", "0.5", "--tokenizer", "whitespace"),
+                       "written with tokenizer 'default-llm'")]:
         code, output = run(args[0], "-o", str(out), *args[1:], "--resume")
         assert code == 2 and why in output, output
         assert out.read_bytes() == before  # untouched
     code, output = run(str(src), "-o", str(out), "-m", "truncate", "--rate", "0.5", "--resume")
     assert code == 0 and "2 already done" in output and out.read_bytes() == before
+    seeded = tmp_path / "seeded.jsonl"
+    assert run(str(src), "-o", str(seeded), "-m", "random", "--rate", "0.5", "-O", "seed=1")[0] == 0
+    code, output = run(str(src), "-o", str(seeded), "-m", "random", "--rate", "0.5", "-O", "seed=2", "--resume")
+    assert code == 2 and "written with options {'seed': '1'}" in output, output
     code, output = run(str(src), "-o", "-", "-m", "truncate", "--resume")
     assert code == 2 and "not stdout" in output
     code, output = run("-", "-o", str(out), "-m", "truncate", "--rate", "0.5", "--resume", stdin=line(GOOD))
