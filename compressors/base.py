@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, runtime_checkable
 
@@ -144,13 +144,16 @@ def check_budget_kind(name: str, budget: Budget, kinds: frozenset[str]) -> None:
 
 
 def select_within_limit(scores: Sequence[float], costs: Sequence[int], limit: int | None, *,
-                        docs: Sequence[int] | None = None, separator: int = 0) -> list[int]:
+                        docs: Sequence[int] | None = None, separator: int = 0,
+                        exact: Callable[[list[int]], int] | None = None) -> list[int]:
     """Indices of the highest-scoring units whose total cost fits `limit`, in original order.
 
     Greedy by score; a unit that does not fit is skipped and smaller ones are still tried, so the cap is never
     exceeded. With `docs` (the document of each unit), the first unit kept from each document after the first
-    also pays `separator` tokens, the join `CompressionResult.text` puts between documents. With no limit every
-    unit is returned.
+    also pays `separator` tokens, the join `CompressionResult.text` puts between documents. That price is an upper
+    bound (a tokenizer may merge the separator with the sentence end before it), so with `exact` (the true token
+    count of the output a set of indices gives) a unit that misses only by its separator is counted exactly
+    instead of dropped. With no limit every unit is returned.
     """
     if limit is None:
         return list(range(len(scores)))
@@ -158,9 +161,17 @@ def select_within_limit(scores: Sequence[float], costs: Sequence[int], limit: in
     chosen: list[int] = []
     used: set[int] = set()
     total = -separator if docs is not None else 0  # the first document needs no separator before it
+    priced = total  # separator tokens `total` holds as estimates (not yet counted exactly)
     for i in order:
         joins = separator if docs is not None and docs[i] not in used else 0
-        if total + costs[i] + joins <= limit:
+        fits = total + costs[i] + joins <= limit
+        if not fits and exact is not None and total - priced + costs[i] <= limit:
+            count = exact(sorted([*chosen, i]))  # only the separators are in doubt: count them
+            if count <= limit:
+                fits, total, priced, joins = True, count - costs[i], 0, 0
+        elif fits:
+            priced += joins
+        if fits:
             chosen.append(i)
             total += costs[i] + joins
             if docs is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -50,6 +50,12 @@ def _build(documents: Sequence[Document], units: list[tuple[int, int, int]], cho
             kept.append(assemble(doc, [(units[k][1], units[k][2]) for k in ks],
                                  scores=[scores[k] for k in ks] if scores is not None else ()))
     return kept
+
+
+def _exact_count(counter: Any, documents: Sequence[Document], units: list[tuple[int, int, int]]
+                 ) -> Callable[[list[int]], int]:
+    """The exact token count of the context the chosen units give (for `select_within_limit`)."""
+    return lambda chosen: joined_tokens(counter, [d.text for d in _build(documents, units, chosen)])
 
 
 class IdentityCompressor(BaseCompressor):
@@ -121,7 +127,8 @@ class RandomCompressor(BaseCompressor):
         rng = random.Random(int.from_bytes(digest, "little"))
         scores = [rng.random() for _ in units]
         chosen = select_within_limit(scores, costs, limit, docs=[i for i, _, _ in units],
-                                     separator=separator_tokens(self.counter)) or ([0] if units else [])
+                                     separator=separator_tokens(self.counter),
+                                     exact=_exact_count(self.counter, documents, units)) or ([0] if units else [])
         return _build(documents, units, chosen), {"limit": limit, "unit": unit}
 
 
@@ -158,7 +165,8 @@ class EmbedTopKCompressor(BaseCompressor):
         else:
             costs = self.counter.count_batch(texts)
             chosen = select_within_limit(scores, costs, _limit(budget, sum(costs)), docs=[i for i, _, _ in units],
-                                         separator=separator_tokens(self.counter))
+                                         separator=separator_tokens(self.counter),
+                                         exact=_exact_count(self.counter, documents, units))
         if len(chosen) < self.options.min_keep:
             best = sorted(range(len(scores)), key=lambda k: -scores[k])[: self.options.min_keep]
             chosen = sorted(set(chosen) | set(best))

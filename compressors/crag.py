@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ragzip.budget import Budget
-from ragzip.compressors.base import BaseCompressor, select_within_limit, separator_tokens
+from ragzip.compressors.base import BaseCompressor, joined_tokens, select_within_limit, separator_tokens
 from ragzip.compressors.summarize import Summarizer, SummaryCache, cached_summary, make_summarizer
 from ragzip.errors import ConfigError
 from ragzip.options import bounds, parse_int
@@ -307,7 +307,8 @@ class CragCompressor(BaseCompressor):
         """
         sep = separator_tokens(self.counter)
         chosen = select_within_limit([p.priority for p in pieces], [p.cost for p in pieces], limit,
-                                     docs=list(range(len(pieces))), separator=sep)
+                                     docs=list(range(len(pieces))), separator=sep,
+                                     exact=lambda idx: joined_tokens(self.counter, [pieces[j].doc.text for j in idx]))
         if not chosen:
             best = max(range(len(pieces)), key=lambda j: (pieces[j].priority, -j))
             return [self._truncated(documents, pieces[best], list(range(len(documents))), limit or 1)]

@@ -261,22 +261,29 @@ class ExitCompressor(BaseCompressor):
         sep = separator_tokens(self.counter)
         docs_used: set[int] = set()
         total = -sep  # the first document needs no separator before it
+        priced = total  # separator tokens `total` holds as estimates (not yet counted exactly)
         for c in sorted(flat, key=lambda x: (-x.score, x.doc, x.index)):
             if (c.doc, c.index) in keys:
                 continue
             group = [(c.doc, c.index)]
             if self.options.keep_antecedents:
                 group += self._antecedents(documents, per_doc, c, keys)
-            joins = 0 if c.doc in docs_used else sep  # a new document adds a separator
-            cost = sum(costs[k] for k in group) + joins
-            if total + cost <= limit:
-                keys.update(group)
-                total += cost
+            joins = 0 if c.doc in docs_used else sep  # a new document adds a separator (at most)
+            for option in (group, group[:1]):  # with its antecedents, else the sentence alone
+                cost = sum(costs[k] for k in option)
+                if total + cost + joins <= limit:
+                    priced += joins
+                elif total - priced + cost <= limit:  # only the separators are in doubt: count them
+                    exact = self._count(documents, flat, keys | set(option))
+                    if exact > limit:
+                        continue
+                    total, priced, cost, joins = exact, 0, 0, 0
+                else:
+                    continue
+                keys.update(option)
+                total += cost + joins
                 docs_used.add(c.doc)
-            elif total + costs[group[0]] + joins <= limit:  # no room for the antecedent: the sentence alone
-                keys.add(group[0])
-                total += costs[group[0]] + joins
-                docs_used.add(c.doc)
+                break
         chosen = [c for c in flat if (c.doc, c.index) in keys]
         # Joined sentences can tokenize differently from the sum of their parts: drop the weakest until it fits.
         while keys and self._count(documents, flat, keys) > limit:
