@@ -82,8 +82,10 @@ class TruncateCompressor(BaseCompressor):
         units = _units(documents, "word")
         limit = _limit(budget, sum(tokens))
 
+        exact = _exact_count(self.counter, documents, units)
+
         def cost(n: int) -> int:  # exact count of the context the first n words would give, separators included
-            return joined_tokens(self.counter, [d.text for d in _build(documents, units, range(n))])
+            return exact(list(range(n)))
 
         lo, hi = 0, len(units)  # largest n with cost(n) <= limit (cost grows with n)
         while lo < hi:
