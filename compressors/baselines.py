@@ -137,6 +137,7 @@ class RandomCompressor(BaseCompressor):
 @dataclass(frozen=True, slots=True)
 class EmbedTopKOptions:
     embedder: str | None = None  # sentence embedder: alias, path or hub name (default: the packaged MiniLM)
+    device: str = "auto"  # where the embedder runs: auto (cuda when available) | cpu | cuda | cuda:N
     min_keep: int = field(default=1, metadata=bounds(low=0))  # best sentences kept even over the budget
 
 
@@ -159,7 +160,7 @@ class EmbedTopKCompressor(BaseCompressor):
         if not units:
             return [], {}
         texts = [documents[i].text[a:b] for i, a, b in units]
-        model: Any = load_embedder(self.options.embedder)
+        model: Any = load_embedder(self.options.embedder, self.options.device)
         emb = model.encode([query, *texts], normalize_embeddings=True, convert_to_numpy=True)
         scores = [float(x) for x in emb[1:] @ emb[0]]
         if budget.threshold is not None:

@@ -79,6 +79,7 @@ class CragOptions:
     max_new_tokens: int = field(default=96, metadata=bounds(low=1))
     llm: str | None = None
     embedder: str | None = None
+    device: str = "auto"  # where the embedder runs: auto (cuda when available) | cpu | cuda | cuda:N
     cache: bool = True
     cache_dir: str | None = None
     api_key: str | None = None
@@ -168,7 +169,7 @@ class CragCompressor(BaseCompressor):
         if self._encoder is None:
             from ragzip.registry import load_embedder
 
-            self._encoder = load_embedder(self.options.embedder)
+            self._encoder = load_embedder(self.options.embedder, self.options.device)
         vecs = self._encoder.encode(list(texts), batch_size=32, normalize_embeddings=True, convert_to_numpy=True,
                                     show_progress_bar=False)
         return np.asarray(vecs, dtype=np.float32)

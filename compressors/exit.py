@@ -106,6 +106,7 @@ class ExitOptions:
     batch_size: int | None = field(default=None, metadata=bounds(low=1))
     max_length: int | None = field(default=None, metadata=bounds(low=16))
     dtype: str = "auto"
+    device: str = "auto"
 
 
 class ExitCompressor(BaseCompressor):
@@ -134,7 +135,8 @@ class ExitCompressor(BaseCompressor):
             (within the budget; default off: it lost recall on the tuning questions).
         batch_size: encoder windows or judge prompts per forward.
         max_length: the causal-LM prompt window in tokens.
-        dtype: model dtype ("auto": bf16 where the CPU has native bf16, else fp32; "bfloat16", "float32").
+        dtype: model dtype ("auto": bf16 on a GPU or a CPU with native bf16, else fp32; "bfloat16", "float32").
+        device: "auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:N".
 
     Raises:
         ConfigError: an unknown scorer or an invalid number.
@@ -158,12 +160,12 @@ class ExitCompressor(BaseCompressor):
         if o.scorer is ScorerKind.ENCODER:
             if o.model or o.adapter:
                 raise ConfigError("model/adapter apply to scorer='causal-lm'; the encoder scorer takes 'weights'")
-            self.scorer = EncoderScorer(o.weights, batch_size=o.batch_size or 16, dtype=o.dtype)
+            self.scorer = EncoderScorer(o.weights, batch_size=o.batch_size or 16, dtype=o.dtype, device=o.device)
         else:
             if o.weights:
                 raise ConfigError("'weights' applies to scorer='encoder'")
             self.scorer = CausalLMScorer(o.model, adapter=o.adapter, batch_size=o.batch_size or 8,
-                                         max_length=o.max_length, dtype=o.dtype)
+                                         max_length=o.max_length, dtype=o.dtype, device=o.device)
 
     def score(self, query: str, documents: Sequence[Document]) -> list[list[Candidate]]:
         """Every candidate sentence of every document with its final score (passes, document blend, neighbours)."""

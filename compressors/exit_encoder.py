@@ -278,13 +278,15 @@ def save_scorer(model: SentenceSpanScorer, folder: Path, *, meta: dict[str, Any]
     return folder / _WEIGHTS_FILE
 
 
-def load_scorer(folder: str | Path | None = None, *, dtype: str = "float32") -> tuple[SentenceSpanScorer, Any]:
+def load_scorer(folder: str | Path | None = None, *, dtype: str = "float32",
+                device: str | None = None) -> tuple[SentenceSpanScorer, Any]:
     """Load the shipped (or a given) head over the packaged encoder, in eval mode.
 
     Args:
         folder: weights folder (default: the weights shipped in the package).
         dtype: "float32", "bfloat16", or "auto" (bf16 where the CPU has native bf16, else fp32). The whole model
             is converted once here, never per call.
+        device: where the model runs (None: cpu; "auto": cuda when available).
 
     Raises:
         ModelNotFoundError: missing or malformed weights, or a base encoder that does not match.
@@ -310,11 +312,14 @@ def load_scorer(folder: str | Path | None = None, *, dtype: str = "float32") -> 
                                  f"{sorted(expected - set(state))[:3]}, extra {sorted(set(state) - expected)[:3]}")
     model.load_state_dict(state, strict=False)
     model.eval()
-    from ragzip.registry import resolve_dtype
+    from ragzip.registry import resolve_device, resolve_dtype
 
-    torch_dtype = resolve_dtype(dtype)
+    target = resolve_device(device) if device is not None else "cpu"
+    torch_dtype = resolve_dtype(dtype, target)
     if torch_dtype != torch.float32:
         model.to(torch_dtype)
+    if target != "cpu":
+        model.to(target)
     return model, tokenizer
 
 
@@ -330,13 +335,14 @@ def score_documents(model: SentenceSpanScorer, tokenizer: Any, query: str,
     nearly unpadded forwards.
     """
     rows = build_rows(tokenizer, query, documents, model.config)
+    device = next(model.parameters()).device
     scores = [[0.0] * len(spans) for _, _, spans in documents]
     doc_scores: list[float] | None = [0.0] * len(documents) if model.doc_head is not None else None
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))
     with torch.inference_mode():
         for batch_ids in length_batches([len(rows[i].input_ids) for i in order], batch_size, max_padding):
             chunk = [rows[order[i]] for i in batch_ids]
-            batch = collate(chunk, int(tokenizer.pad_token_id or 0))
+            batch = {k: v.to(device) for k, v in collate(chunk, int(tokenizer.pad_token_id or 0)).items()}
             logits, counts, doc_logits = model(**batch, num_slots=max(1, num_slots(chunk)))
             probs = torch.sigmoid(logits.float()).tolist()
             for b, slots in enumerate(slot_map(chunk)):

@@ -44,14 +44,16 @@ class EncoderScorer:
         weights: folder with ``config.json`` and ``model.safetensors`` (default: the weights shipped in the package).
         batch_size: windows per forward (at most; batches are also cut to keep padding low).
         dtype: "auto" (bf16 where the CPU has native bf16, about 2x faster; else fp32), "bfloat16" or "float32".
+        device: "auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:N".
     """
 
     name = "encoder"
 
-    def __init__(self, weights: str | None = None, *, batch_size: int = 16, dtype: str = "auto") -> None:
+    def __init__(self, weights: str | None = None, *, batch_size: int = 16, dtype: str = "auto",
+                 device: str | None = "auto") -> None:
         from ragzip.compressors.exit_encoder import load_scorer
 
-        self.model, self.tokenizer = load_scorer(weights, dtype=dtype)
+        self.model, self.tokenizer = load_scorer(weights, dtype=dtype, device=device)
         self.batch_size = batch_size
 
     @classmethod
@@ -178,17 +180,19 @@ class CausalLMScorer:
         batch_size: prompts per forward.
         max_length: prompt window in tokens (default: min(model positions, 4096)).
         dtype: "auto", "bfloat16" or "float32".
+        device: "auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:N".
     """
 
     name = "causal-lm"
 
     def __init__(self, model: str | None = None, *, adapter: str | None = None, batch_size: int = 8,
-                 max_length: int | None = None, dtype: str = "auto") -> None:
-        from ragzip.registry import load_causal_lm, resolve_dtype
+                 max_length: int | None = None, dtype: str = "auto", device: str | None = "auto") -> None:
+        from ragzip.registry import load_causal_lm, resolve_device, resolve_dtype
 
         if model is not None and model.lower() in EXIT_ALIASES:
             model, adapter = EXIT_BASE_MODEL, adapter or EXIT_ADAPTER
-        self.model, self.tokenizer = load_causal_lm(model, dtype=resolve_dtype(dtype))
+        device = resolve_device(device)
+        self.model, self.tokenizer = load_causal_lm(model, dtype=resolve_dtype(dtype, device), device=device)
         if adapter:
             self.model = _apply_adapter(self.model, adapter)
         self.yes_id, self.no_id = label_token_ids(self.tokenizer)
@@ -223,6 +227,8 @@ class CausalLMScorer:
             input_ids[i, width - len(ids):] = torch.tensor(list(ids), dtype=torch.long)
             mask[i, width - len(ids):] = 1
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # padding must not shift the real tokens' positions
+        device = next(self.model.parameters()).device
+        input_ids, mask, position_ids = input_ids.to(device), mask.to(device), position_ids.to(device)
         with torch.inference_mode():
             logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                                 logits_to_keep=1).logits[:, -1]  # [B, V]

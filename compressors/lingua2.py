@@ -136,6 +136,7 @@ class Lingua2Options:
     batch_size: int = field(default=4, metadata=bounds(low=1))
     window_tokens: int = field(default=DEFAULT_WINDOW_TOKENS, metadata=bounds(low=16))
     dtype: str = "auto"
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         reference = self.mode is Mode.REFERENCE
@@ -211,7 +212,7 @@ class Lingua2Compressor(BaseCompressor):
         super().__init__(counter, options, **values)
         o: Lingua2Options = self.options
         self.dtype = "float32" if o.mode is Mode.REFERENCE else o.dtype
-        self.classifier: TokenClassifier = load_token_classifier(str(o.model), self.dtype)
+        self.classifier: TokenClassifier = load_token_classifier(str(o.model), self.dtype, o.device)
         self.rule = detect_rule(self.classifier.tokenizer)
         self.tables = build_tables(self.classifier.tokenizer, self.rule, o.force_tokens)
 

@@ -68,15 +68,18 @@ class TokenClassifier:
                 for row, i in enumerate(idx):
                     ids[row, : len(seqs[i])] = torch.from_numpy(seqs[i])
                     mask[row, : len(seqs[i])] = 1
-                logits = self.model(input_ids=ids, attention_mask=mask).logits  # [B, S, 2]
-                probs = torch.softmax(logits.float(), dim=-1)[..., 1].numpy()  # [B, S]
+                device = next(self.model.parameters()).device
+                logits = self.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # [B, S, 2]
+                probs = torch.softmax(logits.float(), dim=-1)[..., 1].cpu().numpy()  # [B, S]
                 for row, i in enumerate(idx):
                     out[i] = probs[row, 1: 1 + len(windows[i])].astype(np.float32)
         return out
 
 
-def load_token_classifier(name: str | None = None, dtype: str = "float32") -> TokenClassifier:
-    """Load a token classifier by alias, local folder or Hugging Face name (cached per process and dtype).
+def load_token_classifier(name: str | None = None, dtype: str = "float32",
+                          device: str | None = None) -> TokenClassifier:
+    """Load a token classifier by alias, local folder or Hugging Face name (cached per process, dtype and device;
+    `device` None is cpu, "auto" cuda when available).
 
     `dtype` is "float32" (the reference's numerics: parity needs it), "bfloat16", or "auto" (bf16 where the CPU
     has native bf16 support, else float32).
@@ -88,19 +91,22 @@ def load_token_classifier(name: str | None = None, dtype: str = "float32") -> To
         ModelNotFoundError: the weights cannot be found on this machine.
         UnsupportedModelError: the model is not a 2-label token classifier with a fast tokenizer.
     """
-    from ragzip.registry import resolve_dtype
+    from ragzip.registry import resolve_device, resolve_dtype
 
-    torch_dtype = resolve_dtype(dtype)
-    return _load_cached(name, str(torch_dtype).removeprefix("torch."))
+    target = resolve_device(device) if device is not None else "cpu"
+    torch_dtype = resolve_dtype(dtype, target)
+    return _load_cached(name, str(torch_dtype).removeprefix("torch."), target)
 
 
 @lru_cache(maxsize=4)
-def _load_cached(name: str | None, dtype: str) -> TokenClassifier:
+def _load_cached(name: str | None, dtype: str, device: str = "cpu") -> TokenClassifier:
     import torch
 
     clf = _load(name)
     if dtype != "float32":
         clf.model.to(getattr(torch, dtype))
+    if device != "cpu":
+        clf.model.to(device)
     return clf
 
 

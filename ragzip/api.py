@@ -18,7 +18,10 @@ class RagZip:
     Args:
         method: a registered compressor ("exit", "lingua2", "crag", "embed-topk", "truncate", "random", "none"),
             a '+'-joined pipeline ("crag+exit+lingua2"), or a path to a JSON pipeline config.
-        tokenizer: the tokenizer that counts budgets (default: the local LLM's; "whitespace" counts words).
+        tokenizer: the tokenizer that counts budgets (default: the local LLM's; "whitespace" counts words;
+            "cl100k_base" or an OpenAI model name counts as tiktoken does).
+        device: where model-backed methods run: "auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:N"
+            (a method's own `device` option wins).
         **options: options of a single method (for pipelines: `{stage_name: {...}}`).
 
     Example:
@@ -29,9 +32,9 @@ class RagZip:
     """
 
     def __init__(self, method: str = "exit", *, tokenizer: str | None = None, counter: TokenCounter | None = None,
-                 **options: Any) -> None:
+                 device: str | None = None, **options: Any) -> None:
         self.counter = counter or get_token_counter(tokenizer)
-        self.compressor = build_compressor(method, counter=self.counter, options=options)
+        self.compressor = build_compressor(method, counter=self.counter, options=options, device=device)
         self.method = method
 
     def compress(self, query: str | None, documents: Sequence[DocumentLike], budget: BudgetLike = None, *,

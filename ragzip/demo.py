@@ -38,7 +38,7 @@ def default_demo_llm() -> tuple[str | None, str | None]:
 
 
 def run_demo(*, method: str = DEMO_METHOD, rate: float | None = None, llm: str | None = None, k: int = 4,
-             log: Callable[[str], Any] = print) -> list[dict[str, Any]]:
+             log: Callable[[str], Any] = print, device: str | None = "auto") -> list[dict[str, Any]]:
     """Rows of the demo table. `rate` None means DEMO_RATE for the default method, else the method's own default."""
     from ragzip.answer import Answerer
     from ragzip.engine import LocalEngine
@@ -56,11 +56,11 @@ def run_demo(*, method: str = DEMO_METHOD, rate: float | None = None, llm: str |
     docs, questions = load_demo_corpus()
     counter = get_token_counter(llm)  # budgets in the answering LLM's tokens
     start = time.perf_counter()
-    retriever = Retriever(counter=counter, chunk_tokens=128)
+    retriever = Retriever(counter=counter, chunk_tokens=128, device=device)
     num_chunks = retriever.add(docs)
     log(f"indexed {len(docs)} documents as {num_chunks} chunks in {time.perf_counter() - start:.1f}s")
-    engine = LocalEngine(llm)
-    answerer = Answerer(engine, build_compressor(method, counter=counter), retriever=retriever, k=k)
+    engine = LocalEngine(llm, device=device)
+    answerer = Answerer(engine, build_compressor(method, counter=counter, device=device), retriever=retriever, k=k)
     budget = Budget(rate=rate)
     log(f"local LLM: {llm or 'smollm2-135m-instruct'} ({engine.dtype}); compressor: {method} {budget.describe()}")
     rows = []

@@ -16,7 +16,7 @@ from typing import Any
 from ragzip.decoding import clean_answer, eos_ids, greedy_ids, text_deltas
 from ragzip.errors import ConfigError
 from ragzip.prompt import SYSTEM_PROMPT, Message, PromptBuilder
-from ragzip.registry import cpu_supports_bf16, load_causal_lm, resolve_dtype
+from ragzip.registry import cpu_supports_bf16, load_causal_lm, resolve_device, resolve_dtype
 from ragzip.types import Document
 
 # Re-exported: these names were imported from here before the prompt and the decoder had their own modules.
@@ -37,15 +37,14 @@ class LocalEngine:
     Args:
         model: registry alias, local path or Hugging Face name (default: the embedded SmolLM2-135M-Instruct).
         dtype: "auto" (bf16 where the device supports it, else fp32), "bfloat16" or "float32".
-        device: a torch device ("cpu", "cuda", "cuda:1" ...); default cpu.
+        device: "auto" (default: cuda when available, else cpu), "cpu", "cuda", "cuda:1" ...
     """
 
-    def __init__(self, model: str | None = None, *, dtype: str = "auto", device: str | None = None) -> None:
+    def __init__(self, model: str | None = None, *, dtype: str = "auto", device: str | None = "auto") -> None:
         self.model_name = model
-        self.dtype = resolve_dtype(dtype)
-        self.model, self.tokenizer = load_causal_lm(model, dtype=self.dtype)
-        if device is not None:
-            self.model.to(device)
+        target = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, target)
+        self.model, self.tokenizer = load_causal_lm(model, dtype=self.dtype, device=target)
         self.prompt = PromptBuilder(self.tokenizer)
         self.last_stats = GenerationStats()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -12,7 +13,7 @@ from typing import Any
 
 from ragzip.budget import Budget, BudgetLike, to_budget
 from ragzip.compressors.base import fit_to_limit, joined_tokens
-from ragzip.compressors.registry import get_compressor
+from ragzip.compressors.registry import COMPRESSORS, get_compressor
 from ragzip.contract import DocumentLike, to_documents, to_question
 from ragzip.errors import BudgetError, ConfigError
 from ragzip.spans import assemble, compose
@@ -113,9 +114,11 @@ class Pipeline:
 
     @classmethod
     def from_specs(cls, specs: Sequence[StageSpec], *, counter: TokenCounter | None = None,
-                   budget: Budget | None = None, stage_slack: float = DEFAULT_STAGE_SLACK) -> Pipeline:
+                   budget: Budget | None = None, stage_slack: float = DEFAULT_STAGE_SLACK,
+                   device: str | None = None) -> Pipeline:
+        """Build the stages; `device` goes to every model-backed stage whose options do not name one."""
         counter = counter or get_token_counter(None)
-        stages = [get_compressor(s.method, counter=counter, **dict(s.options)) for s in specs]
+        stages = [get_compressor(s.method, counter=counter, **_with_device(s, device)) for s in specs]
         return cls(stages, counter=counter, stage_budgets=[s.budget for s in specs], budget=budget,
                    stage_slack=stage_slack)
 
@@ -130,7 +133,9 @@ class Pipeline:
         if limit == 0:
             return Budget(), "empty input"
         if i == last:
-            return Budget.tokens(limit), "final"
+            # A single stage takes the budget as given (the same limit on the same input; a method whose rate
+            # means something of its own, as lingua2's reference mode, keeps that meaning).
+            return (budget, "final") if i == 0 else (Budget.tokens(limit), "final")
         derived = min(tokens_before, math.ceil(limit * self.stage_slack ** (last - i)))
         return Budget.tokens(max(1, derived)), "derived"
 
@@ -196,24 +201,35 @@ class Pipeline:
         return [self.compress(q, d, budget) for q, d in zip(queries, documents)]
 
 
+def _with_device(spec: StageSpec, device: str | None) -> dict[str, Any]:
+    options = dict(spec.options)
+    cls = COMPRESSORS.get(spec.method)
+    takes_device = cls is not None and dataclasses.is_dataclass(cls.Options) and any(
+        f.name == "device" for f in dataclasses.fields(cls.Options))
+    if device is not None and takes_device:
+        options.setdefault("device", device)
+    return options
+
+
 def build_compressor(method: str, *, counter: TokenCounter | None = None,
-                     options: Mapping[str, Any] | None = None) -> Pipeline:
+                     options: Mapping[str, Any] | None = None, device: str | None = None) -> Pipeline:
     """A pipeline for `method` ('exit', 'crag+exit', or a path to a JSON pipeline config). Options apply to every
-    stage that is a single method; for '+'-joined methods use `{stage_name: {...}}` or a config file."""
+    stage that is a single method; for '+'-joined methods use `{stage_name: {...}}` or a config file. `device`
+    ("auto", "cpu", "cuda", ...) goes to every model-backed stage whose options do not name one."""
     options = dict(options or {})
     if method.endswith(".json") or Path(method).is_file():
         if options:
             raise ConfigError("options for a pipeline config file go in the file's stages")
         specs, budget, slack = load_pipeline_config(method)
-        return Pipeline.from_specs(specs, counter=counter, budget=budget, stage_slack=slack)
+        return Pipeline.from_specs(specs, counter=counter, budget=budget, stage_slack=slack, device=device)
     names = method.split("+")
     if len(names) == 1:
-        return Pipeline.from_specs([StageSpec(method, options)], counter=counter)
+        return Pipeline.from_specs([StageSpec(method, options)], counter=counter, device=device)
     per_stage = {n: dict(options.get(n, {})) if isinstance(options.get(n), Mapping) else {} for n in names}
     flat = {k: v for k, v in options.items() if not isinstance(v, Mapping)}
     if flat:
         raise ConfigError(f"options {sorted(flat)} are ambiguous for a multi-stage method; use a pipeline config file")
-    return Pipeline.from_specs([StageSpec(n, per_stage[n]) for n in names], counter=counter)
+    return Pipeline.from_specs([StageSpec(n, per_stage[n]) for n in names], counter=counter, device=device)
 
 
 __all__ = ["Pipeline", "StageSpec", "build_compressor", "load_pipeline_config", "parse_budget"]

@@ -217,13 +217,44 @@ def cpu_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_dtype(dtype: str) -> Any:
-    """A torch dtype for "auto" (bf16 on a GPU or a CPU with native bf16, else fp32), "bfloat16" or "float32"."""
+def resolve_device(device: str | None = "auto") -> str:
+    """A torch device name for "auto" (cuda when torch sees a CUDA device, else cpu), "cpu", "cuda", "cuda:N" or
+    "mps"; None means "auto".
+
+    Raises:
+        ConfigError: an unknown device, or one this machine does not have (said before any model loads).
+    """
+    import torch
+
+    name = "auto" if device is None else str(device).strip()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"unknown device {device!r}; valid: auto, cpu, cuda, cuda:N, mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name!r}: torch {torch.__version__} sees no CUDA device here (a CPU build, "
+                              f"or no GPU); use --device cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {name!r}: MPS is not available here")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"unsupported device {name!r}; valid: auto, cpu, cuda, cuda:N, mps")
+    return str(dev)
+
+
+def resolve_dtype(dtype: str, device: str | None = None) -> Any:
+    """A torch dtype for "auto" (bf16 on a GPU or a CPU with native bf16, else fp32), "bfloat16" or "float32",
+    for models on `device` (None: the GPU when there is one)."""
     import torch
 
     choices = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
     if dtype == "auto":
-        if torch.cuda.is_available():
+        on_gpu = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
+        if on_gpu:
             return torch.bfloat16
         return torch.bfloat16 if cpu_supports_bf16() else torch.float32
     try:
@@ -263,8 +294,8 @@ def load_tokenizer(name: str | None = None) -> Any:
         raise _wrap_hub_error(source, exc) from exc
 
 
-def load_causal_lm(name: str | None = None, *, dtype: Any = None) -> tuple[Any, Any]:
-    """Load (model, tokenizer) for a causal LM, in eval mode."""
+def load_causal_lm(name: str | None = None, *, dtype: Any = None, device: str | None = None) -> tuple[Any, Any]:
+    """Load (model, tokenizer) for a causal LM, in eval mode, on `device` (None: cpu; "auto": cuda if any)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -274,6 +305,8 @@ def load_causal_lm(name: str | None = None, *, dtype: Any = None) -> tuple[Any, 
     except (OSError, ValueError) as exc:
         raise _wrap_hub_error(source, exc) from exc
     model.eval()
+    if device is not None:
+        model.to(resolve_device(device))
     return model, load_tokenizer(name)
 
 
@@ -301,9 +334,14 @@ def resolve_embedder(name: str | None = None) -> str:
     return name
 
 
+def load_embedder(name: str | None = None, device: str | None = "auto") -> Any:
+    """A SentenceTransformer for `name` (alias, path or hub name) on `device` ("auto": cuda if any, else cpu),
+    loaded once per process and device."""
+    return _load_embedder(name, resolve_device(device))
+
+
 @lru_cache(maxsize=4)
-def load_embedder(name: str | None = None, device: str = "cpu") -> Any:
-    """A SentenceTransformer for `name` (alias, path or hub name), loaded once per process."""
+def _load_embedder(name: str | None, device: str) -> Any:
     from sentence_transformers import SentenceTransformer
 
     source = resolve_embedder(name)

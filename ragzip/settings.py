@@ -21,4 +21,6 @@ class Settings(BaseSettings):
     llm: str = Field(default="smollm2-135m-instruct", description="Local LLM (alias, local path or HF name)")
     tokenizer: str | None = Field(default=None, description="Tokenizer that counts budgets (default: the LLM's)")
     dtype: str = Field(default="auto", description="auto | bfloat16 | float32 for the local LLM")
+    device: str = Field(default="auto", description="auto (cuda when available, else cpu) | cpu | cuda | cuda:N "
+                                                    "for every model: compressors, embedder, local LLM")
     num_threads: int | None = Field(default=None, description="torch intra-op threads (default: torch's)")

@@ -9,11 +9,11 @@ from typing import Any
 class Embedder:
     """Wraps a SentenceTransformer resolved by the model registry (default: packaged all-MiniLM-L6-v2)."""
 
-    def __init__(self, name: str | None = None, *, batch_size: int = 64) -> None:
+    def __init__(self, name: str | None = None, *, batch_size: int = 64, device: str | None = "auto") -> None:
         from ragzip.registry import DEFAULT_EMBEDDER, load_embedder
 
         self.name = name or DEFAULT_EMBEDDER
-        self.model: Any = load_embedder(name)
+        self.model: Any = load_embedder(name, device)
         self.batch_size = batch_size
         # sentence-transformers 6 renamed the getter; accept both.
         getter = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension

@@ -23,8 +23,9 @@ class Retriever:
     """
 
     def __init__(self, *, embedder: str | None = None, kind: str | IndexKind = IndexKind.FLAT,
-                 chunk_tokens: int = 256, counter: TokenCounter | None = None, index: VectorIndex | None = None):
-        self.embedder = Embedder(embedder or (index.embedder if index else None))
+                 chunk_tokens: int = 256, counter: TokenCounter | None = None, index: VectorIndex | None = None,
+                 device: str | None = "auto"):
+        self.embedder = Embedder(embedder or (index.embedder if index else None), device=device)
         self.counter = counter or get_token_counter(None)
         self.chunk_tokens = chunk_tokens
         self.index = index or VectorIndex(self.embedder.dim, kind=kind, embedder=self.embedder.name)
@@ -43,6 +44,6 @@ class Retriever:
         self.index.save(path)
 
     @classmethod
-    def load(cls, path: str | Path, *, counter: TokenCounter | None = None) -> Retriever:
+    def load(cls, path: str | Path, *, counter: TokenCounter | None = None, device: str | None = "auto") -> Retriever:
         index = VectorIndex.load(path)
-        return cls(index=index, counter=counter)
+        return cls(index=index, counter=counter, device=device)

@@ -77,7 +77,8 @@ def _load_backend(config: ServerConfig, settings: Settings, engine: Any, metrics
             import torch
 
             torch.set_num_threads(settings.num_threads)
-        engine = LocalEngine(config.llm or settings.llm, dtype=config.dtype or settings.dtype)
+        engine = LocalEngine(config.llm or settings.llm, dtype=config.dtype or settings.dtype,
+                             device=config.device or settings.device)
     kv_engine = None
     if config.kv_store:
         from ragzip.kv_engine import KVReuseEngine
@@ -99,8 +100,10 @@ def create_app(config: ServerConfig | None = None, *, settings: Settings | None 
     settings = settings or Settings()
     metrics = Metrics()
     tokenizer = config.tokenizer or settings.tokenizer
-    state = ServerState(config, settings, metrics, CompressionService(config, metrics, tokenizer=tokenizer),
-                        IndexService(config, tokenizer=tokenizer), slots=Slots())
+    device = config.device or settings.device
+    state = ServerState(config, settings, metrics, CompressionService(config, metrics, tokenizer=tokenizer,
+                                                                      device=device),
+                        IndexService(config, tokenizer=tokenizer, device=device), slots=Slots())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

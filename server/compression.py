@@ -26,6 +26,9 @@ from ragzip.types import CompressionResult, Document
 
 log = logging.getLogger("ragzip.server")
 _MAX_PIPELINES = 16
+# Options that load models, name files or pick hardware: the server's config decides them, never a request.
+SERVER_ONLY_OPTIONS = frozenset({"device", "model", "weights", "adapter", "embedder", "llm", "cache_dir", "api_key",
+                                 "dtype"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,12 +50,14 @@ class CompressionService:
     """Builds pipelines once per (method, options) and runs them in worker threads, one at a time (tokenizers and
     embedders are not safe to share between threads)."""
 
-    def __init__(self, config: ServerConfig, metrics: Metrics, *, tokenizer: str | None = None) -> None:
+    def __init__(self, config: ServerConfig, metrics: Metrics, *, tokenizer: str | None = None,
+                 device: str | None = None) -> None:
         from ragzip.compressors.registry import COMPRESSORS
 
         self.config = config
         self.metrics = metrics
         self.tokenizer = tokenizer
+        self.device = device
         self.registered = set(COMPRESSORS)
         self._counter: TokenCounter | None = None
         self._pipelines: OrderedDict[str, Any] = OrderedDict()
@@ -85,6 +90,11 @@ class CompressionService:
             if not self.config.allow_request_options:
                 raise APIError(400, "this server does not accept per-request compressor options",
                                code="options_not_allowed", param="ragzip.options")
+            nested = [k for v in opts.options.values() if isinstance(v, dict) for k in v]
+            refused = sorted(SERVER_ONLY_OPTIONS & {*opts.options, *nested})
+            if refused:
+                raise APIError(400, f"options {refused} are set in the server's config, not per request",
+                               code="options_not_allowed", param="ragzip.options")
             options.update(opts.options)
         if opts.rate is not None or opts.target_tokens is not None or opts.threshold is not None:
             budget = Budget(rate=opts.rate, target_tokens=opts.target_tokens, threshold=opts.threshold)
@@ -104,7 +114,7 @@ class CompressionService:
                 return self._pipelines[key]
             self.metrics.cache_misses.labels("pipeline").inc()
             try:
-                built = build_compressor(plan.method, counter=self.counter, options=plan.options)
+                built = build_compressor(plan.method, counter=self.counter, options=plan.options, device=self.device)
             except (TypeError, ValueError) as exc:  # option values the compressor cannot parse
                 if isinstance(exc, ConfigError):
                     raise

@@ -26,6 +26,8 @@ class ServerConfig(BaseModel):
     upstream_connect_timeout_s: float = Field(default=5.0, gt=0)
     llm: str | None = Field(default=None, description="Local engine model (default: Settings.llm)")
     dtype: str | None = Field(default=None, description="Local engine dtype (default: Settings.dtype)")
+    device: str | None = Field(default=None, description="auto | cpu | cuda | cuda:N for every model the proxy "
+                                                         "loads (default: Settings.device)")
     model_name: str = Field(default="ragzip-local", description="Model name the local engine reports")
     kv_store: str | None = Field(default=None, description="Local engine KV reuse store: memory, disk:/p, redis://")
     max_new_tokens: int = Field(default=512, gt=0, description="Cap on max_tokens for the local engine")

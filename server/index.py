@@ -16,9 +16,10 @@ from ragzip.types import Document
 class IndexService:
     """A lazily built `Retriever` (the embedder loads on the first add), guarded by a lock."""
 
-    def __init__(self, config: ServerConfig, *, tokenizer: str | None = None) -> None:
+    def __init__(self, config: ServerConfig, *, tokenizer: str | None = None, device: str | None = None) -> None:
         self.config = config
         self.tokenizer = tokenizer
+        self.device = device
         self._retriever: Any = None
         self._lock = threading.Lock()
         self._num_added = 0
@@ -37,7 +38,7 @@ class IndexService:
                                     f"pass max_index_chunks={self.config.max_index_chunks}", code="index_full")
             if self._retriever is None:
                 self._retriever = Retriever(embedder=self.config.embedder, chunk_tokens=self.config.chunk_tokens,
-                                            counter=get_token_counter(self.tokenizer))
+                                            counter=get_token_counter(self.tokenizer), device=self.device)
             added = int(self._retriever.add(documents))
             self._num_added += len(documents)
             return added

@@ -112,17 +112,24 @@ def local(engine: LocalEngine) -> Iterator[TestClient]:
         yield c
 
 
-def test_compressor_failure_falls_back_to_full_context(local: TestClient) -> None:
+def test_compressor_failure_falls_back_to_full_context(engine: LocalEngine, local: TestClient) -> None:
     docs = [{"id": "a", "text": "The tower is in Paris. It is tall."}, {"id": "b", "text": "Bread is baked."}]
-    r = local.post("/v1/chat/completions", json={
-        "messages": [{"role": "user", "content": "Where is the tower?"}], "max_tokens": 1, "documents": docs,
-        "ragzip": {"method": "embed-topk", "rate": 0.3, "options": {"embedder": "/nonexistent/embedder"}}})
-    assert r.status_code == 200, r.text
-    info = r.json()["ragzip"]
-    assert info["fallback"] and "ModelNotFoundError" in info["fallback"] and info["method"] == "none"
-    assert info["tokens_after"] == info["tokens_before"] == 11
-    assert r.headers["x-ragzip-fallback"] == "uncompressed"
-    assert 'ragzip_compression_fallbacks_total{method="embed-topk"} 1.0' in local.get("/metrics").text
+    cfg = ServerConfig(method="embed-topk", tokenizer="whitespace", options={"embedder": "/nonexistent/embedder"})
+    with TestClient(create_app(cfg, engine=engine)) as broken:
+        r = broken.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "Where is the tower?"}], "max_tokens": 1, "documents": docs,
+            "ragzip": {"rate": 0.3}})
+        assert r.status_code == 200, r.text
+        info = r.json()["ragzip"]
+        assert info["fallback"] and "ModelNotFoundError" in info["fallback"] and info["method"] == "none"
+        assert info["tokens_after"] == info["tokens_before"] == 11
+        assert r.headers["x-ragzip-fallback"] == "uncompressed"
+        assert 'ragzip_compression_fallbacks_total{method="embed-topk"} 1.0' in broken.get("/metrics").text
+    for options in ({"embedder": "/nonexistent/embedder"}, {"device": "cuda"}, {"exit": {"weights": "/etc"}}):
+        r = local.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "Hi"}], "documents": docs,
+            "ragzip": {"method": "embed-topk", "options": options}})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "options_not_allowed", r.text
     r = local.post("/v1/chat/completions", json={
         "messages": [{"role": "user", "content": "Hi"}], "documents": docs,
         "ragzip": {"method": "embed-topk", "options": {"min_keep": "many"}}})

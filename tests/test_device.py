@@ -1,0 +1,58 @@
+"""The device option: auto resolves to what this machine has, a device it lacks is a clear error before any
+model loads, and every model-backed method takes it."""
+
+from __future__ import annotations
+
+import pytest
+
+from ragzip import RagZip
+from ragzip.errors import ConfigError
+from ragzip.registry import resolve_device
+
+torch = pytest.importorskip("torch")
+DOCS = ["The Rhine rises in the Swiss Alps. It ends in the North Sea near Rotterdam. Paris is in France.",
+        "Oxygen is a chemical element. Its symbol is O. The Rhine is long."]
+
+
+def test_auto_is_cuda_when_there_is_one_else_cpu() -> None:
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device(None) == resolve_device("auto")
+    assert resolve_device("cpu") == "cpu"
+
+
+@pytest.mark.parametrize("device, message", [("bogus", "unknown device"), ("xla", "unsupported device"),
+                                             ("cuda:99", "CUDA device")])
+def test_bad_devices_are_refused_with_the_reason(device: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        resolve_device(device)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_on_a_cpu_machine_says_so() -> None:
+    with pytest.raises(ConfigError, match="sees no CUDA device"):
+        RagZip("exit", tokenizer="whitespace", device="cuda")
+
+
+@pytest.mark.parametrize("method", ["exit", "lingua2", "embed-topk", "crag"])
+def test_every_model_backed_method_takes_a_device(method: str) -> None:
+    default = RagZip(method, tokenizer="whitespace").compress("Where does the Rhine end?", DOCS, 0.5)
+    on_cpu = RagZip(method, tokenizer="whitespace", device="cpu").compress("Where does the Rhine end?", DOCS, 0.5)
+    assert [d.text for d in on_cpu.documents] == [d.text for d in default.documents]
+    with pytest.raises(ConfigError, match="unknown device"):
+        RagZip(method, tokenizer="whitespace", device="bogus").compress("Where?", DOCS, 0.5)
+
+
+def test_a_stage_option_wins_over_the_pipeline_device() -> None:
+    rz = RagZip("exit+lingua2", tokenizer="whitespace", device="cpu", lingua2={"device": "cpu"})
+    assert [s.options.device for s in rz.compressor.stages] == ["cpu", "cpu"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["exit", "lingua2", "embed-topk"])
+def test_cuda_keeps_what_cpu_keeps(method: str) -> None:
+    """fp32 on both: the same kept text on the GPU as on the CPU."""
+    opts = {} if method == "embed-topk" else {"dtype": "float32"}
+    cpu = RagZip(method, tokenizer="whitespace", device="cpu", **opts).compress("Where does the Rhine end?", DOCS, 0.5)
+    gpu = RagZip(method, tokenizer="whitespace", device="cuda", **opts).compress("Where does the Rhine end?", DOCS,
+                                                                                 0.5)
+    assert [d.text for d in gpu.documents] == [d.text for d in cpu.documents]
