@@ -1,4 +1,4 @@
-"""`ragzip kv warm|stats|evict|verify`: manage a chunk KV store from the command line."""
+"""`ragzip kv warm|stats|list|evict|verify`: manage a chunk KV store from the command line."""
 
 from __future__ import annotations
 
@@ -18,11 +18,51 @@ StoreOpt = Annotated[str | None, typer.Option("--store", help="memory | disk:/pa
 CodecOpt = Annotated[str, typer.Option("--codec", help="raw | int8 | int4 | cachegen[:level] | kvtc[:level]")]
 
 
-def _open(store: str | None, codec: str = "raw") -> Any:
-    from ragzip.kvstore.stores.base import open_store
+def _spec(store: str | None) -> str:
     from ragzip.settings import Settings
 
-    return open_store(store or str(Settings().cache_dir / "kv"), codec=codec)
+    return store or str(Settings().cache_dir / "kv")
+
+
+def _open(store: str | None, codec: str = "raw") -> Any:
+    from ragzip.kvstore.stores.base import open_store
+
+    return open_store(_spec(store), codec=codec)
+
+
+def _open_existing(store: str | None) -> Any:
+    """The store to inspect or change: exit 1 (nothing created) for a disk path with no store, the in-process
+    memory store, or a backend that does not answer."""
+    from ragzip.kvstore.stores.base import open_store
+
+    spec = _spec(store)
+    if spec == "memory":
+        _exit(1, "the memory store lives inside one process; there is nothing to inspect from the command line")
+    if not spec.startswith(("redis://", "rediss://", "unix://")):
+        root = Path(spec.removeprefix("disk:")).expanduser()
+        if not root.is_dir():
+            _exit(1, f"no KV store at {root} (fill one with `ragzip kv warm ... --store {root}`)")
+    kv = open_store(spec)
+    info = kv.stats()
+    if not info.get("available", True):
+        _exit(1, f"KV store {spec} is unreachable: {info.get('last_error')}")
+    return kv
+
+
+def _exit(code: int, message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _codec_summary(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The codecs the entries were written with (what decoding them needs), from their headers."""
+    counts: dict[str, int] = {}
+    for e in entries:
+        name = e["codec"] if e["codec"] is None else f"{e['codec']}:v{e['codec_version']}"
+        counts[str(name)] = counts.get(str(name), 0) + 1
+    names = {e["codec"] for e in entries}
+    codec = None if not names else names.pop() if len(names) == 1 else "mixed"
+    return {"codec": codec, "codecs": counts}
 
 
 @app.command()
@@ -78,8 +118,30 @@ def warm(
 
 @app.command()
 def stats(store: StoreOpt = None) -> None:
-    """Print the store's entries, bytes and counters as JSON."""
-    typer.echo(json.dumps(_open(store).stats()))
+    """Print the store's entries, bytes, the codecs its entries were written with, and counters, as JSON. Exit 1
+    when there is no store there or it does not answer."""
+    kv = _open_existing(store)
+    info = kv.stats()
+    info.update(_codec_summary(list(kv.entries())))
+    typer.echo(json.dumps(info))
+
+
+@app.command(name="list")
+def list_entries(
+    store: StoreOpt = None,
+    tag: Annotated[str | None, typer.Option(help="only one model's entries (the 12-hex prefix of its keys)")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="at most this many entries")] = None,
+) -> None:
+    """One JSON line per entry: key, bytes, codec, codec_version, tokens, fingerprint (read from its header)."""
+    kv = _open_existing(store)
+    shown = 0
+    for entry in kv.entries():
+        if tag and not entry["key"].startswith(f"{tag}-"):
+            continue
+        if limit is not None and shown >= limit:
+            break
+        typer.echo(json.dumps(entry))
+        shown += 1
 
 
 @app.command()
@@ -92,7 +154,7 @@ def evict(
     """Delete entries by key, by model tag, or all of them."""
     if not (key or tag or all_):
         raise typer.BadParameter("give --key, --tag or --all")
-    kv = _open(store)
+    kv = _open_existing(store)
     targets = list(key or [])
     if tag or all_:
         targets += [k for k in kv.keys() if all_ or k.startswith(f"{tag}-")]
@@ -103,7 +165,7 @@ def evict(
 @app.command()
 def verify(store: StoreOpt = None) -> None:
     """Decode and checksum every entry; corrupt or foreign ones are evicted. Exit code 1 if any was bad."""
-    kv = _open(store)
+    kv = _open_existing(store)
     result = kv.verify()
     typer.echo(json.dumps(result))
     if result["corrupt"] or result["foreign"]:

@@ -159,10 +159,12 @@ def create_app(config: ServerConfig | None = None, *, settings: Settings | None 
         added = await state.index.add(docs)
         return AddDocumentsResponse(added_documents=len(docs), added_chunks=added, total_chunks=state.index.size)
 
-    @app.get("/v1/models", summary="The model this proxy serves (OpenAI-compatible list)")
-    async def models() -> dict[str, Any]:
-        name = config.model_name if state.upstream is None else "upstream"
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": int(time.time()),
+    @app.get("/v1/models", responses=_ERRORS,
+             summary="The models served: the upstream's own list (passed through), or the local engine's")
+    async def models(authorization: Annotated[str | None, Header()] = None) -> dict[str, Any]:
+        if state.upstream is not None:
+            return await state.upstream.models(authorization=authorization)
+        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": int(time.time()),
                                             "owned_by": "ragzip"}]}
 
     @app.get("/healthz", response_model=Health, summary="Liveness and backend summary")

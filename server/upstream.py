@@ -82,6 +82,22 @@ class Upstream:
             raise UpstreamError(502, "upstream response has no 'choices' list", code="upstream_bad_response")
         return data
 
+    async def models(self, *, authorization: str | None = None) -> dict[str, Any]:
+        """The upstream's own `GET /models` list (OpenAI shape: `{"object": "list", "data": [...]}`)."""
+        try:
+            resp = await self.client.get(f"{self.base_url}/models", headers=self._headers(authorization))
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc) from None
+        self._raise_for(resp)
+        try:
+            data = resp.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UpstreamError(502, "upstream /models body is not JSON", code="upstream_bad_response") from None
+        if not isinstance(data, dict) or not isinstance(data.get("data"), list) or not all(
+                isinstance(m, dict) and isinstance(m.get("id"), str) for m in data["data"]):
+            raise UpstreamError(502, "upstream /models is not an OpenAI model list", code="upstream_bad_response")
+        return {"object": "list", "data": data["data"]}
+
     async def open_stream(self, body: dict[str, Any], *, authorization: str | None = None) -> httpx.Response:
         """Send a streaming request and check its status before any byte goes to the client (so that
         failures still get a proper status code). The caller must close the returned response."""

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ragzip.errors import CodecError, ConfigError
-from ragzip.kvstore.blob import ForeignModelError, decode_record, encode_record
+from ragzip.kvstore.blob import ForeignModelError, decode_record, encode_record, read_header
 from ragzip.kvstore.codecs import Codec, MissingProfileError, get_codec
 from ragzip.kvstore.key import is_chunk_key
 
@@ -198,6 +198,21 @@ class ByteStore(ABC):
             elif self._counts["missing_profile"] > before["missing_profile"]:
                 result["missing_profile"] += 1
         return result
+
+    def entries(self) -> Iterator[dict[str, Any]]:
+        """What each entry holds, read from its header (no payload is decoded): key, bytes, codec,
+        codec_version, tokens, fingerprint; an unreadable entry has `codec` None and an `error`."""
+        for key in self.keys():
+            blob = self.get_blob(key)
+            if blob is None:
+                continue
+            try:
+                h = read_header(blob)
+            except CodecError as exc:
+                yield {"key": key, "bytes": len(blob), "codec": None, "error": str(exc)}
+                continue
+            yield {"key": key, "bytes": len(blob), "codec": h["codec"], "codec_version": h["codec_version"],
+                   "tokens": h["num_tokens"], "fingerprint": h["fingerprint"]}
 
     def stats(self) -> dict[str, Any]:
         with self._count_lock:

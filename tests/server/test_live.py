@@ -53,6 +53,15 @@ def stub_upstream() -> FastAPI:
     """A deliberately misbehaving OpenAI-compatible server: slow, failing, or holding until released."""
     app = FastAPI()
 
+    @app.get("/models/v1/models")
+    async def models() -> Any:
+        return {"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model", "created": 1, "owned_by": "x"},
+                                           {"id": "llama-3-8b", "object": "model", "created": 2, "owned_by": "y"}]}
+
+    @app.get("/fail/v1/models")
+    async def models_down() -> Any:
+        return JSONResponse({"error": {"message": "models offline", "type": "server_error"}}, status_code=503)
+
     @app.post("/slow/v1/chat/completions")
     async def slow() -> Any:
         await asyncio.sleep(5)
@@ -174,3 +183,20 @@ def test_langchain_compressor_uses_the_server_asynchronously(proxy: LiveServer) 
     assert out[0].id == "eiffel" and out[0].metadata["title"] == "Eiffel Tower"
     assert out[0].metadata["ragzip"]["spans"][0] == [0, 3] and out[0].metadata["ragzip"]["method"] == "truncate"
     assert [d.page_content for d in comp.compress_documents(docs, QUESTION)] == ["The Eiffel Tower is a"]
+
+
+def test_models_are_the_upstreams_own_list(live_server: ServerFactory, stub: LiveServer,
+                                           engine_server: LiveServer) -> None:
+    proxy = live_server(create_app(ServerConfig(upstream=f"{stub.url}/models/v1", method="none",
+                                                tokenizer="whitespace", api_keys=["sk-test"])))
+    client = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="sk-test", max_retries=0)
+    assert [m.id for m in client.models.list()] == ["gpt-4o-mini", "llama-3-8b"]
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="wrong", max_retries=0).models.list()
+    down = live_server(create_app(ServerConfig(upstream=f"{stub.url}/fail/v1", method="none",
+                                               tokenizer="whitespace")))
+    with pytest.raises(openai.APIStatusError) as exc:
+        openai.OpenAI(base_url=f"{down.url}/v1", api_key="k", max_retries=0).models.list()
+    assert exc.value.status_code == 502 and "models offline" in exc.value.message
+    local = openai.OpenAI(base_url=f"{engine_server.url}/v1", api_key="k", max_retries=0)
+    assert [m.id for m in local.models.list()] == ["ragzip-local"]
