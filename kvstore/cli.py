@@ -11,7 +11,8 @@ import typer
 from ragzip.batch import read_corpus
 from ragzip.errors import InputError
 
-app = typer.Typer(help="Chunk KV store: warm it from a JSONL of chunks, inspect, evict, verify.", no_args_is_help=True)
+app = typer.Typer(help="Chunk KV store: warm it from a JSONL of chunks, inspect, list, evict, verify.",
+                  no_args_is_help=True, rich_markup_mode=None)
 
 StoreOpt = Annotated[str | None, typer.Option("--store", help="memory | disk:/path (or a path) | redis://host:port/db; "
                                                      "default: <cache dir>/kv")]
@@ -108,10 +109,13 @@ def warm(
     kv.codec = chosen
     lm, tok = load_causal_lm(model, dtype=resolve_dtype(dtype))
     engine = KVReuseEngine(lm, tok, store=kv, run_self_check=False)
+    from ragzip.progress import Progress
+
     stored = 0
-    with typer.progressbar(docs, label="warming") as bar:
-        for doc in bar:
+    with Progress("warming", total=len(docs)) as bar:
+        for doc in docs:
             stored += engine.warm([doc], prefix=False)
+            bar.advance()
     typer.echo(json.dumps({"chunks": len(docs), "already_stored": len(docs) - stored, "stored": stored,
                            "fingerprint": engine.fingerprint, **kv.stats()}))
 

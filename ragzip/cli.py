@@ -27,12 +27,34 @@ from ragzip.errors import ConfigError, InputError, RagzipError
 from ragzip.kernels.errors import KernelError
 from ragzip.kvstore.cli import app as kv_app
 from ragzip.pipeline import build_compressor
+from ragzip.progress import Progress
 from ragzip.tokens import get_token_counter
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="RAG context compression middleware.")
-err = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=160)
-# Wide tables when piped (CI logs, files); the terminal width otherwise.
+# Plain help (click's): flags without a type, no boxes to break in logs.
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="RAG context compression middleware.")
+# Messages never hard-wrap (a summary line stays one line in logs); tables are wide when piped, else the terminal's.
+err = Console(stderr=True, soft_wrap=True)
 out = Console() if sys.stdout.isatty() else Console(width=160)
+DeviceOpt = typer.Option("auto", "--device", help="Where models run: auto (cuda when available, else cpu), cpu, "
+                                                  "cuda, cuda:N.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from ragzip import __version__
+
+        typer.echo(f"ragzip {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_version, help="Print the version."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show third-party progress bars and info logs "
+                                                          "(transformers, huggingface_hub)."),
+) -> None:
+    """RAG context compression middleware."""
 
 EVAL_SUITES: dict[str, str] = {
     "extractive": "ragzip.eval.suites.extractive:run",
@@ -90,6 +112,7 @@ def compress(
     resume: bool = typer.Option(False, help="Append to OUTPUT, skipping the input lines it already holds (checked: "
                                             "same input records, method and budget)."),
     engine: str = typer.Option("local", help="local | ray"),
+    device: str = DeviceOpt,
 ) -> None:
     """Compress every record of a JSONL file, one record at a time (see README: CLI contract)."""
     try:
@@ -109,18 +132,15 @@ def compress(
             return
         if engine != "local":
             raise ConfigError(f"--engine must be 'local' or 'ray', got {engine!r}")
-        compressor = build_compressor(method, counter=get_token_counter(tokenizer), options=options)
+        compressor = build_compressor(method, counter=get_token_counter(tokenizer), options=options, device=device)
         budget = _budget(rate, target_tokens, threshold, default=compressor.budget)
         skip = plan_resume(input_path, output, method=compressor.name, budget=budget,
                            tokenizer=counter_name(compressor), options=options) if resume else ResumePlan()
         num_ok = num_bad = tokens_in = tokens_out = 0
-        from rich.progress import Progress
-
-        with open_output(output, append=resume) as fh, \
-                Progress(console=err, transient=True, disable=not err.is_terminal) as bar:
-            task = bar.add_task("compressing", total=None)  # streamed: the number of records is not known
+        # Streamed: the number of records is not known.
+        with open_output(output, append=resume) as fh, Progress("compressing") as bar:
             for lineno, obj, problem in iter_jsonl(input_path):
-                bar.advance(task)
+                bar.advance(1, f"line {lineno}, {num_bad} bad")
                 if lineno in skip:
                     continue
                 try:
@@ -155,6 +175,7 @@ def index(
     chunk_tokens: int = typer.Option(256, help="Chunk size in tokens."),
     embedder: str = typer.Option(None, help="Sentence embedder (default: packaged all-MiniLM-L6-v2)."),
     append: bool = typer.Option(False, help="Add to an existing index."),
+    device: str = DeviceOpt,
 ) -> None:
     """Chunk, embed and index documents."""
     from ragzip.retrieval.index import VectorIndex
@@ -163,9 +184,9 @@ def index(
     try:
         docs = read_corpus(input_path)
         if append and (output / "meta.json").exists():
-            retriever = Retriever(index=VectorIndex.load(output), chunk_tokens=chunk_tokens)
+            retriever = Retriever(index=VectorIndex.load(output), chunk_tokens=chunk_tokens, device=device)
         else:
-            retriever = Retriever(embedder=embedder, kind=kind, chunk_tokens=chunk_tokens)
+            retriever = Retriever(embedder=embedder, kind=kind, chunk_tokens=chunk_tokens, device=device)
         start = time.perf_counter()
         added = retriever.add(docs)
         retriever.save(output)
@@ -190,6 +211,7 @@ def ask(
     kv_store: str = typer.Option(None, "--kv-store", help="Answer from chunk KV caches reused from this store "
                                  "(memory | disk:/path | path | redis://...; fill it with `ragzip kv warm`); "
                                  "caches hit when the chunks are sent as stored, e.g. with --method none."),
+    device: str = DeviceOpt,
 ) -> None:
     """Retrieve, compress and answer with the local LLM (streamed)."""
     from ragzip.answer import Answerer
@@ -197,14 +219,15 @@ def ask(
     from ragzip.retrieval.retriever import Retriever
 
     try:
-        compressor = build_compressor(method, counter=get_token_counter(None), options=parse_options(option))
-        engine: Any = LocalEngine(llm)
+        compressor = build_compressor(method, counter=get_token_counter(None), options=parse_options(option),
+                                      device=device)
+        engine: Any = LocalEngine(llm, device=device)
         if kv_store is not None:
             from ragzip.kv_engine import KVReuseEngine
             from ragzip.kvstore.stores.base import open_store
 
             engine = KVReuseEngine(engine.model, engine.tokenizer, store=open_store(kv_store))
-        answerer = Answerer(engine, compressor, retriever=Retriever.load(index_path), k=k)
+        answerer = Answerer(engine, compressor, retriever=Retriever.load(index_path, device=device), k=k)
         result = answerer.context(question, budget=_budget(rate, target_tokens, threshold))
     except (RagzipError, KernelError) as exc:
         _fail(exc)
@@ -225,6 +248,7 @@ def demo(
     llm: str = typer.Option(None, help="Local LLM that answers (default: Qwen2.5-Coder-0.5B-Instruct when "
                                        "installed, else the embedded SmolLM2-135M-Instruct)."),
     k: int = typer.Option(4, help="Chunks retrieved per question."),
+    device: str = DeviceOpt,
 ) -> None:
     """Index the bundled corpus, retrieve, compress, answer with the local LLM, print a table."""
     import textwrap
@@ -233,7 +257,7 @@ def demo(
 
     method = method or DEMO_METHOD
     try:
-        rows = run_demo(method=method, rate=rate, llm=llm, k=k, log=err.print)
+        rows = run_demo(method=method, rate=rate, llm=llm, k=k, log=err.print, device=device)
     except RagzipError as exc:
         _fail(exc)
     table = Table(title=f"ragzip demo: {method} (local LLM answers from full vs compressed context)")
@@ -352,18 +376,52 @@ def _report(data: Path | None, out_dir: Path | None, *, quick: bool, seed: int, 
 def serve(
     host: str = typer.Option("127.0.0.1"),
     port: int = typer.Option(8000),
-    upstream: str = typer.Option(None, help="OpenAI-compatible upstream base URL; default: the local engine."),
-    config: Path = typer.Option(None, help="Server config file (JSON)."),
+    upstream: str = typer.Option(None, help="OpenAI-compatible upstream base URL (with /v1); default: the local "
+                                            "engine."),
+    config: Path = typer.Option(None, help="Server config file (JSON); the flags below override it."),
+    method: str = typer.Option(None, "--method", "-m", help="Default compressor or pipeline (default: exit)."),
+    rate: float = typer.Option(None, help="Default fraction of tokens kept (replaces the file's budget)."),
+    target_tokens: int = typer.Option(None, "--target-tokens", help="Default token cap (replaces the file's "
+                                                                    "budget)."),
+    tokenizer: str = typer.Option(None, help="Tokenizer that counts budgets, e.g. cl100k_base for a GPT-class "
+                                             "upstream (default: the local LLM's)."),
+    api_key_env: str = typer.Option(None, "--api-key-env", help="Name of an environment variable holding the "
+                                                                "accepted API keys, comma-separated."),
+    upstream_api_key_env: str = typer.Option(None, "--upstream-api-key-env",
+                                             help="Name of an environment variable holding the upstream's key."),
+    max_concurrency: int = typer.Option(None, "--max-concurrency", help="Requests in flight; more get 429."),
+    llm: str = typer.Option(None, help="Local engine model (no --upstream)."),
+    device: str = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N for every model the proxy "
+                                                      "loads."),
 ) -> None:
     """Start the OpenAI-compatible proxy."""
     try:
         from ragzip.server.app import serve as run_server  # type: ignore[attr-defined]
     except ImportError as exc:
         _fail(ConfigError(f"the server needs its extra: pip install 'ragzip[server]' ({exc})"))
-    run_server(host=host, port=port, upstream=upstream, config=config)
+    try:
+        overrides: dict[str, Any] = {"upstream": upstream, "method": method, "rate": rate,
+                                     "target_tokens": target_tokens, "tokenizer": tokenizer,
+                                     "max_concurrency": max_concurrency, "llm": llm, "device": device}
+        if api_key_env is not None:
+            overrides["api_keys"] = [k.strip() for k in _env(api_key_env).split(",") if k.strip()]
+        if upstream_api_key_env is not None:
+            overrides["upstream_api_key"] = _env(upstream_api_key_env)
+        run_server(host=host, port=port, config=config, overrides=overrides)
+    except RagzipError as exc:
+        _fail(exc)
 
 
-app.add_typer(kv_app, name="kv", help="Chunk KV store: warm, stats, evict, verify.")
+def _env(name: str) -> str:
+    import os
+
+    value = os.environ.get(name)
+    if not value:
+        raise ConfigError(f"environment variable {name} is not set (or empty)")
+    return value
+
+
+app.add_typer(kv_app, name="kv", help="Chunk KV store: warm, stats, list, evict, verify.")
 
 
 def _quiet_transformers() -> None:
@@ -376,9 +434,14 @@ def _quiet_transformers() -> None:
 
 
 def main() -> None:
-    _quiet_transformers()
+    if "--verbose" not in sys.argv[1:2]:
+        _quiet_transformers()
     try:
         app()
     except (RagzipError, KernelError) as exc:
         err.print(f"[red]error:[/red] {exc}")
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

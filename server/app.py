@@ -123,7 +123,9 @@ def create_app(config: ServerConfig | None = None, *, settings: Settings | None 
             if state.upstream is not None:
                 await state.upstream.aclose()
 
-    app = FastAPI(title="ragzip proxy", version="0.1.0", lifespan=lifespan,
+    from ragzip import __version__
+
+    app = FastAPI(title="ragzip proxy", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible chat completions with RAG context compression.")
     app.state.ragzip = state
     errors.install(app)
@@ -182,15 +184,16 @@ def create_app(config: ServerConfig | None = None, *, settings: Settings | None 
 
 
 def serve(*, host: str = "127.0.0.1", port: int = 8000, upstream: str | None = None,
-          config: Path | None = None) -> None:
-    """Run the proxy with uvicorn (blocking). `upstream` overrides the config file's.
+          config: Path | None = None, overrides: dict[str, Any] | None = None) -> None:
+    """Run the proxy with uvicorn (blocking). `upstream` and `overrides` (non-None values) override the config
+    file's.
 
     Raises:
         ConfigError: invalid config file or values.
     """
     import uvicorn
 
-    cfg = load_config(config, upstream=upstream)
+    cfg = load_config(config, **{"upstream": upstream, **(overrides or {})})
     settings = Settings()
     log.info("ragzip proxy on http://%s:%d (%s)", host, port, cfg.upstream or "local engine")
     uvicorn.run(create_app(cfg, settings=settings), host=host, port=port, log_level="info")

@@ -62,11 +62,19 @@ class ServerConfig(BaseModel):
             raise ValueError(f"upstream must be an http(s) URL, got {self.upstream!r}")
         if self.default_max_new_tokens > self.max_new_tokens:
             raise ValueError("default_max_new_tokens must be <= max_new_tokens")
+        from ragzip.compressors.registry import COMPRESSORS
+
+        if not (self.method.endswith(".json") and Path(self.method).is_file()):
+            unknown = [n for n in self.method.split("+") if n.strip() not in COMPRESSORS]
+            if unknown:
+                raise ValueError(f"unknown method {self.method!r} ({', '.join(map(repr, unknown))}); valid: "
+                                 f"{sorted(COMPRESSORS)}, '+'-joined, or a pipeline JSON file")
         return self
 
 
 def load_config(path: str | Path | None, **overrides: object) -> ServerConfig:
-    """Read a JSON server config (or none) and apply non-None `overrides`.
+    """Read a JSON server config (or none) and apply non-None `overrides`; an overriding `rate` or
+    `target_tokens` replaces the file's budget (both are never set at once).
 
     Raises:
         ConfigError: unreadable file, invalid JSON or invalid values (the message lists each problem).
@@ -80,7 +88,11 @@ def load_config(path: str | Path | None, **overrides: object) -> ServerConfig:
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a JSON object")
         data.update(loaded)
-    data.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if {"rate", "target_tokens"} & set(given):
+        data.pop("rate", None)
+        data.pop("target_tokens", None)
+    data.update(given)
     try:
         return ServerConfig(**data)
     except ValidationError as exc:

@@ -129,13 +129,10 @@ def _progress(enabled: bool, total: int) -> tuple[Any, Callable[[str], None]]:
 
     if not enabled:
         return nullcontext(), lambda _label: None
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from ragzip.progress import Progress
 
-    bar = Progress(TextColumn("fidelity {task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), console=Console(stderr=True), transient=True)
-    task = bar.add_task("", total=total)
-    return bar, lambda label: bar.update(task, advance=1, description=label)
+    bar = Progress("fidelity", total=total)
+    return bar, lambda label: bar.advance(1, label)
 
 
 def format_cell(value: Any) -> str:
