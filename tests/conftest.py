@@ -28,3 +28,21 @@ def tiny_reader(tmp_path_factory: pytest.TempPathFactory) -> str:
     LlamaForCausalLM(cfg).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+@pytest.fixture(scope="session")
+def readme_example() -> object:
+    """`readme_example(name)`: the README's python block that follows `<!-- example: name -->`, as written."""
+    import re
+
+    text = README.read_text(encoding="utf-8")
+
+    def get(name: str) -> str:
+        match = re.search(rf"<!-- example: {re.escape(name)} -->\n```python\n(.*?)\n```", text, re.S)
+        assert match, f"README has no example {name!r}"
+        return match.group(1)
+
+    return get
