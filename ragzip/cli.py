@@ -36,8 +36,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
 # Messages never hard-wrap (a summary line stays one line in logs); tables are wide when piped, else the terminal's.
 err = Console(stderr=True, soft_wrap=True)
 out = Console() if sys.stdout.isatty() else Console(width=160)
-DeviceOpt = typer.Option("auto", "--device", help="Where models run: auto (cuda when available, else cpu), cpu, "
-                                                  "cuda, cuda:N.")
+DeviceOpt = typer.Option("auto", "--device", envvar="RAGZIP_DEVICE",
+                         help="Where models run: auto (cuda when available, else cpu), cpu, cuda, cuda:N.")
 
 
 def _version(value: bool) -> None:

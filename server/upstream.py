@@ -66,34 +66,33 @@ class Upstream:
         return UpstreamError(502, f"upstream {self.base_url} unreachable: {type(exc).__name__}: {exc}",
                              code="upstream_unreachable")
 
-    async def chat(self, body: dict[str, Any], *, authorization: str | None = None) -> dict[str, Any]:
-        """One non-streaming completion: the upstream's JSON object."""
+    async def _json(self, method: str, path: str, authorization: str | None, **kwargs: Any) -> dict[str, Any]:
+        """One call's JSON object body; transport failures, error statuses and non-object bodies as API errors."""
         try:
-            resp = await self.client.post(f"{self.base_url}/chat/completions", json=body,
-                                          headers=self._headers(authorization))
+            resp = await self.client.request(method, f"{self.base_url}{path}", headers=self._headers(authorization),
+                                             **kwargs)
         except httpx.HTTPError as exc:
             raise self._transport_error(exc) from None
         self._raise_for(resp)
         try:
             data = resp.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
-            raise UpstreamError(502, "upstream body is not JSON", code="upstream_bad_response") from None
-        if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
+            raise UpstreamError(502, f"upstream {path} body is not JSON", code="upstream_bad_response") from None
+        if not isinstance(data, dict):
+            raise UpstreamError(502, f"upstream {path} body is not a JSON object", code="upstream_bad_response")
+        return data
+
+    async def chat(self, body: dict[str, Any], *, authorization: str | None = None) -> dict[str, Any]:
+        """One non-streaming completion: the upstream's JSON object."""
+        data = await self._json("POST", "/chat/completions", authorization, json=body)
+        if not isinstance(data.get("choices"), list):
             raise UpstreamError(502, "upstream response has no 'choices' list", code="upstream_bad_response")
         return data
 
     async def models(self, *, authorization: str | None = None) -> dict[str, Any]:
         """The upstream's own `GET /models` list (OpenAI shape: `{"object": "list", "data": [...]}`)."""
-        try:
-            resp = await self.client.get(f"{self.base_url}/models", headers=self._headers(authorization))
-        except httpx.HTTPError as exc:
-            raise self._transport_error(exc) from None
-        self._raise_for(resp)
-        try:
-            data = resp.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise UpstreamError(502, "upstream /models body is not JSON", code="upstream_bad_response") from None
-        if not isinstance(data, dict) or not isinstance(data.get("data"), list) or not all(
+        data = await self._json("GET", "/models", authorization)
+        if not isinstance(data.get("data"), list) or not all(
                 isinstance(m, dict) and isinstance(m.get("id"), str) for m in data["data"]):
             raise UpstreamError(502, "upstream /models is not an OpenAI model list", code="upstream_bad_response")
         return {"object": "list", "data": data["data"]}

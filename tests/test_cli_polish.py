@@ -104,3 +104,14 @@ def test_serve_flags_set_method_budget_tokenizer_and_keys(tmp_path: Path) -> Non
 def test_serve_refuses_a_bad_setting_before_starting(args: list[str], message: str) -> None:
     res = CliRunner().invoke(app, ["serve", "--upstream", "http://127.0.0.1:9/v1", *args])
     assert res.exit_code == 2 and message in res.stderr
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_a_device_the_machine_lacks_is_refused_before_reading_input(how: str, tmp_path: Path) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps(RECORD) + "\n", encoding="utf-8")
+    args = ["compress", str(src), "-o", str(tmp_path / "out.jsonl"), "-m", "exit", "--tokenizer", "whitespace"]
+    res = CliRunner().invoke(app, [*args, "--device", "bogus"] if how == "flag" else args,
+                             env={"RAGZIP_DEVICE": "bogus"} if how == "env" else None)
+    assert res.exit_code == 2 and "unknown device 'bogus'" in res.stderr
+    assert not (tmp_path / "out.jsonl").exists()
