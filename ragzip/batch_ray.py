@@ -7,6 +7,7 @@ same order; only the `seconds` timings differ) and an interrupted run resumes wi
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from collections.abc import Iterable, Iterator, Mapping
@@ -26,13 +27,15 @@ Result = tuple[int, str | None, str | None]
 class _Worker:
     """Builds the compressor once, then compresses batches of records (plain class; made a Ray actor at run)."""
 
-    def __init__(self, method: str, budget: dict[str, Any], options: dict[str, Any], tokenizer: str | None) -> None:
+    def __init__(self, method: str, budget: dict[str, Any], options: dict[str, Any], tokenizer: str | None,
+                 device: str | None = None) -> None:
         from ragzip.pipeline import build_compressor
         from ragzip.tokens import get_token_counter
 
         self.budget = Budget(**budget)
         self.options = options
-        self.compressor = build_compressor(method, counter=get_token_counter(tokenizer), options=options)
+        self.compressor = build_compressor(method, counter=get_token_counter(tokenizer), options=options,
+                                           device=device)
 
     def compress(self, batch: Batch) -> list[Result]:
         out: list[Result] = []
@@ -64,7 +67,7 @@ def _batches(records: Iterable[tuple[int, Any, str | None]], size: int) -> Itera
 def run_ray(input_path: str | Path, output: str | Path, *, method: str, budget: Budget,
             options: Mapping[str, Any] | None = None, tokenizer: str | None = None, on_error: str = "skip",
             resume: bool = False, address: str | None = None, num_workers: int | None = None,
-            batch_size: int = 16, log: TextIO | None = None) -> dict[str, int]:
+            batch_size: int = 16, log: TextIO | None = None, device: str | None = None) -> dict[str, int]:
     """Compress every record of `input_path` into `output` on Ray.
 
     Args:
@@ -74,6 +77,7 @@ def run_ray(input_path: str | Path, output: str | Path, *, method: str, budget: 
         address: a Ray cluster address (default: the one this process is connected to, else a new local one).
         num_workers: actors to start (default: the cluster's CPUs).
         batch_size: records per task.
+        device: where each worker's models run ("auto", "cpu", "cuda", ...), resolved on the worker.
 
     Returns:
         Counts: `ok`, `bad`, `skipped` (already done), `tokens_before`, `tokens_after`.
@@ -92,7 +96,7 @@ def run_ray(input_path: str | Path, output: str | Path, *, method: str, budget: 
         raise ConfigError(f"--engine ray needs Ray: pip install 'ragzip[ray]' ({exc})") from None
     log = log or sys.stderr
     # Build once here so that a bad method or option fails fast, before any cluster work.
-    probe = _Worker(method, budget.as_dict(), dict(options or {}), tokenizer)
+    probe = _Worker(method, budget.as_dict(), dict(options or {}), tokenizer, device)
     if not budget.kind and probe.compressor.budget is not None:  # a pipeline file's own budget
         budget = probe.compressor.budget
     budget_args = budget.as_dict()
@@ -107,10 +111,13 @@ def run_ray(input_path: str | Path, output: str | Path, *, method: str, budget: 
     try:
         workers = num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         actor = ray.remote(num_cpus=1)(_Worker)
-        pool = ActorPool([actor.remote(method, budget_args, dict(options or {}), tokenizer)
-                          for _ in range(min(workers, max(1, len(todo))))])
+        # The input is streamed: read only the first batches to know how many actors are worth starting.
+        batches = _batches(todo, batch_size)
+        first = list(itertools.islice(batches, workers))
+        pool = ActorPool([actor.remote(method, budget_args, dict(options or {}), tokenizer, device)
+                          for _ in range(max(1, len(first)))])
         with open(output, "a" if resume else "w", encoding="utf-8") as fh:
-            results = pool.map(lambda a, b: a.compress.remote(b), _batches(todo, batch_size))
+            results = pool.map(lambda a, b: a.compress.remote(b), itertools.chain(first, batches))
             for batch in results:
                 for lineno, row, problem in batch:
                     if problem is not None:

@@ -128,7 +128,7 @@ def compress(
             from ragzip.batch_ray import run_ray  # type: ignore[import-not-found]
 
             run_ray(input_path, output, method=method, budget=_budget(rate, target_tokens, threshold),
-                    options=options, tokenizer=tokenizer, on_error=on_error, resume=resume)
+                    options=options, tokenizer=tokenizer, on_error=on_error, resume=resume, device=device)
             return
         if engine != "local":
             raise ConfigError(f"--engine must be 'local' or 'ray', got {engine!r}")

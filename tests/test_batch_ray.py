@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from ragzip.batch import compress_record
+from ragzip.batch import output_row
 from ragzip.budget import Budget
 from ragzip.errors import ConfigError, InputError
 from ragzip.pipeline import build_compressor
@@ -43,7 +43,7 @@ def single_process(lines: list[Any]) -> list[dict[str, Any]]:
     for n, obj in enumerate(lines, 1):
         if obj.get("id") == "bad":
             continue
-        out.append(compress_record(comp, obj, Budget.ratio(0.5), source_line=n))
+        out.append(output_row(comp, obj, Budget.ratio(0.5), source_line=n))  # what the CLI writes
     return out
 
 
