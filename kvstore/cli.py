@@ -31,9 +31,9 @@ def _open(store: str | None, codec: str = "raw") -> Any:
     return open_store(_spec(store), codec=codec)
 
 
-def _open_existing(store: str | None) -> Any:
-    """The store to inspect or change: exit 1 (nothing created) for a disk path with no store, the in-process
-    memory store, or a backend that does not answer."""
+def _open_existing(store: str | None) -> tuple[Any, dict[str, Any]]:
+    """The store to inspect or change and its stats: exit 1 (nothing created) for a disk path with no store, the
+    in-process memory store, or a backend that does not answer."""
     from ragzip.kvstore.stores.base import open_store
 
     spec = _spec(store)
@@ -47,7 +47,7 @@ def _open_existing(store: str | None) -> Any:
     info = kv.stats()
     if not info.get("available", True):
         _exit(1, f"KV store {spec} is unreachable: {info.get('last_error')}")
-    return kv
+    return kv, info
 
 
 def _exit(code: int, message: str) -> None:
@@ -124,8 +124,7 @@ def warm(
 def stats(store: StoreOpt = None) -> None:
     """Print the store's entries, bytes, the codecs its entries were written with, and counters, as JSON. Exit 1
     when there is no store there or it does not answer."""
-    kv = _open_existing(store)
-    info = kv.stats()
+    kv, info = _open_existing(store)
     info.update(_codec_summary(list(kv.entries())))
     typer.echo(json.dumps(info))
 
@@ -137,7 +136,7 @@ def list_entries(
     limit: Annotated[int | None, typer.Option(min=1, help="at most this many entries")] = None,
 ) -> None:
     """One JSON line per entry: key, bytes, codec, codec_version, tokens, fingerprint (read from its header)."""
-    kv = _open_existing(store)
+    kv, _ = _open_existing(store)
     shown = 0
     for entry in kv.entries():
         if tag and not entry["key"].startswith(f"{tag}-"):
@@ -158,7 +157,7 @@ def evict(
     """Delete entries by key, by model tag, or all of them."""
     if not (key or tag or all_):
         raise typer.BadParameter("give --key, --tag or --all")
-    kv = _open_existing(store)
+    kv, _ = _open_existing(store)
     targets = list(key or [])
     if tag or all_:
         targets += [k for k in kv.keys() if all_ or k.startswith(f"{tag}-")]
@@ -169,7 +168,7 @@ def evict(
 @app.command()
 def verify(store: StoreOpt = None) -> None:
     """Decode and checksum every entry; corrupt or foreign ones are evicted. Exit code 1 if any was bad."""
-    kv = _open_existing(store)
+    kv, _ = _open_existing(store)
     result = kv.verify()
     typer.echo(json.dumps(result))
     if result["corrupt"] or result["foreign"]:

@@ -68,12 +68,10 @@ class RagzipNodePostprocessor(BaseNodePostprocessor):
         return Budget(rate=self.rate, target_tokens=self.target_tokens, threshold=self.threshold)
 
     def _compressor(self) -> Any:
-        from ragzip.pipeline import build_compressor
-        from ragzip.tokens import get_token_counter
+        from ragzip.api import RagZip
 
         if self._pipeline is None:
-            self._pipeline = build_compressor(self.method, counter=get_token_counter(self.tokenizer),
-                                              options=self.options, device=self.device)
+            self._pipeline = RagZip(self.method, tokenizer=self.tokenizer, device=self.device, **self.options)
         return self._pipeline
 
     def _postprocess_nodes(self, nodes: list[NodeWithScore],

@@ -167,14 +167,15 @@ class PromptCompressor:
                         target_token: float) -> Budget:
         """The contexts' token cap: the whole prompt's (`target_token`, else `rate` of the whole prompt), less the
         instruction and question, which are kept whole (at least 1 token is left to the contexts)."""
-        fixed_tokens = sum(rz.counter.count_batch(fixed)) + len(fixed) * rz.counter.count(CONTEXT_SEPARATOR)
+        fixed_text = sum(rz.counter.count_batch(fixed))
+        fixed_tokens = fixed_text + len(fixed) * rz.counter.count(CONTEXT_SEPARATOR)
         if target_token is not None and target_token > 0:
             return Budget.tokens(max(1, int(target_token) - fixed_tokens))
         if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 < rate <= 1:
             raise BudgetError(f"rate must be in (0, 1], got {rate!r} (llmlingua's rate is the fraction kept)")
         if not fixed:
             return Budget.ratio(float(rate))
-        total = sum(rz.counter.count_batch(fixed)) + sum(rz.counter.count_batch([d.text for d in docs]))
+        total = fixed_text + sum(rz.counter.count_batch([d.text for d in docs]))
         return Budget.tokens(max(1, int(total * rate) - fixed_tokens))
 
 
