@@ -10,20 +10,23 @@ Example:
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
+import uvicorn
 from fastapi import FastAPI, Header
 from fastapi.responses import JSONResponse, Response
 
 from ragzip.contract import parse_record, to_documents
 from ragzip.server import errors
 from ragzip.server.chat import chat_completion
-from ragzip.server.compression import CompressionService
+from ragzip.server.compression import CompressionService, check_size
 from ragzip.server.config import ServerConfig, load_config
 from ragzip.server.guard import Guard, Slots
 from ragzip.server.index import IndexService
@@ -37,6 +40,7 @@ from ragzip.server.schemas import (
     CompressResponse,
     ErrorResponse,
     Health,
+    Readiness,
 )
 from ragzip.settings import Settings
 
@@ -65,27 +69,66 @@ class ServerState:
     upstream: Any = None
     backend: Any = None
     slots: Slots | None = None
+    readiness: tuple[float, dict[str, str]] | None = None  # (when, checks): probes are cached for a second
+
+
+def load_engine(config: ServerConfig, settings: Settings) -> Any:
+    """The local engine the config names (ModelNotFoundError / ConfigError when it cannot load)."""
+    from ragzip.engine import LocalEngine
+
+    if settings.num_threads:
+        import torch
+
+        torch.set_num_threads(settings.num_threads)
+    return LocalEngine(config.llm or settings.llm, dtype=config.dtype or settings.dtype,
+                       device=config.device or settings.device)
+
+
+def open_kv_store(spec: str) -> Any:
+    """The configured KV store, checked to answer (ConfigError otherwise: a server must not start on a store
+    it cannot reach; once running, an outage only turns into counted misses)."""
+    from ragzip.errors import ConfigError
+    from ragzip.kvstore.stores.base import open_store
+
+    try:
+        store = open_store(spec)
+    except ValueError as exc:  # e.g. a malformed redis URL
+        raise ConfigError(f"kv_store {spec!r}: {exc}") from None
+    problem = store.reachable()
+    if problem is not None:
+        raise ConfigError(f"kv_store {spec!r} does not answer: {problem}")
+    return store
 
 
 def _load_backend(config: ServerConfig, settings: Settings, engine: Any, metrics: Metrics) -> Any:
     from ragzip.server.local import LocalBackend
 
-    if engine is None:
-        from ragzip.engine import LocalEngine
-
-        if settings.num_threads:
-            import torch
-
-            torch.set_num_threads(settings.num_threads)
-        engine = LocalEngine(config.llm or settings.llm, dtype=config.dtype or settings.dtype,
-                             device=config.device or settings.device)
+    engine = engine if engine is not None else load_engine(config, settings)
     kv_engine = None
     if config.kv_store:
         from ragzip.kv_engine import KVReuseEngine
-        from ragzip.kvstore.stores.base import open_store
 
-        kv_engine = KVReuseEngine(engine.model, engine.tokenizer, store=open_store(config.kv_store))
+        kv_engine = KVReuseEngine(engine.model, engine.tokenizer, store=open_kv_store(config.kv_store))
     return LocalBackend(engine, kv_engine=kv_engine, model_name=config.model_name, metrics=metrics)
+
+
+async def _check_readiness(state: ServerState) -> dict[str, str]:
+    """Each dependency a request needs: 'ok' or why not."""
+    import anyio
+
+    cached = state.readiness
+    if cached is not None and time.monotonic() - cached[0] < 1.0:
+        return cached[1]
+    checks: dict[str, str] = {}
+    if state.upstream is not None:
+        checks["upstream"] = await state.upstream.ping(state.config.readiness_timeout_s) or "ok"
+    else:
+        checks["engine"] = "ok" if state.backend is not None else "not loaded"
+        kv = getattr(state.backend, "kv_engine", None)
+        if kv is not None and hasattr(kv.store, "reachable"):
+            checks["kv_store"] = await anyio.to_thread.run_sync(kv.store.reachable) or "ok"
+    state.readiness = (time.monotonic(), checks)
+    return checks
 
 
 def create_app(config: ServerConfig | None = None, *, settings: Settings | None = None, engine: Any = None) -> FastAPI:
@@ -103,7 +146,9 @@ def create_app(config: ServerConfig | None = None, *, settings: Settings | None 
     device = config.device or settings.device
     state = ServerState(config, settings, metrics, CompressionService(config, metrics, tokenizer=tokenizer,
                                                                       device=device),
-                        IndexService(config, tokenizer=tokenizer, device=device), slots=Slots())
+                        IndexService(config, tokenizer=tokenizer, device=device),
+                        slots=Slots(config.max_concurrency, config.queue_depth))
+    metrics.queued.set_function(lambda: state.slots.queued if state.slots else 0)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -146,6 +191,7 @@ def create_app(config: ServerConfig | None = None, *, settings: Settings | None 
         record = req.model_dump(exclude_unset=True, exclude={"ragzip"})
         record["contexts"] = [c if isinstance(c, str) else c.model_dump(exclude_none=True) for c in req.contexts]
         question, docs = parse_record(record)
+        check_size(config, docs, param="contexts")
         plan = state.compression.plan(req.ragzip)
         result = await state.compression.compress(plan, question, docs)
         return JSONResponse({**record, "compressed": result.to_contract()})
@@ -158,6 +204,7 @@ def create_app(config: ServerConfig | None = None, *, settings: Settings | None 
                                   code="too_many_documents", param="documents")
         docs = to_documents([d.model_dump(exclude_none=True) for d in req.documents],
                             default_ids=state.index.next_ids(len(req.documents)))
+        check_size(config, docs, param="documents")
         added = await state.index.add(docs)
         return AddDocumentsResponse(added_documents=len(docs), added_chunks=added, total_chunks=state.index.size)
 
@@ -169,12 +216,21 @@ def create_app(config: ServerConfig | None = None, *, settings: Settings | None 
         return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": int(time.time()),
                                             "owned_by": "ragzip"}]}
 
-    @app.get("/healthz", response_model=Health, summary="Liveness and backend summary")
+    @app.get("/healthz", response_model=Health, summary="Liveness: the process answers (dependencies not checked)")
     async def healthz() -> Health:
         backend = "upstream" if state.upstream is not None else "local"
         model = (config.upstream or "") if state.upstream is not None else config.model_name
+        slots = state.slots or Slots()
         return Health(status="ok", backend=backend, model=model, index_chunks=state.index.size,
-                      in_flight=state.slots.in_flight if state.slots else 0, max_concurrency=config.max_concurrency)
+                      in_flight=slots.in_flight, queued=slots.queued, max_concurrency=config.max_concurrency)
+
+    @app.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}},
+             summary="Readiness: the upstream (or the local engine and its KV store) answers; 503 when not")
+    async def readyz() -> Any:
+        checks = await _check_readiness(state)
+        ready = all(v == "ok" for v in checks.values())
+        body = Readiness(status="ready" if ready else "not_ready", checks=checks)
+        return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def prometheus() -> Response:
@@ -191,9 +247,31 @@ def serve(*, host: str = "127.0.0.1", port: int = 8000, upstream: str | None = N
     Raises:
         ConfigError: invalid config file or values.
     """
-    import uvicorn
-
     cfg = load_config(config, **{"upstream": upstream, **(overrides or {})})
     settings = Settings()
+    engine = None
+    if cfg.upstream is None:  # fail here, with the reason, rather than as a traceback inside uvicorn's startup
+        engine = load_engine(cfg, settings)
+        if cfg.kv_store:
+            open_kv_store(cfg.kv_store)
     log.info("ragzip proxy on http://%s:%d (%s)", host, port, cfg.upstream or "local engine")
-    uvicorn.run(create_app(cfg, settings=settings), host=host, port=port, log_level="info")
+    # On SIGTERM uvicorn stops accepting, lets in-flight requests finish for up to drain_timeout_s, then we exit 0.
+    _DrainingServer(uvicorn.Config(create_app(cfg, settings=settings, engine=engine), host=host, port=port,
+                                   log_level="info", timeout_graceful_shutdown=cfg.drain_timeout_s)).run()
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's server, except that a drained shutdown on SIGTERM/SIGINT exits 0: uvicorn re-raises the signal
+    after shutting down, so supervisors would read a clean drain as a kill (status -15)."""
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        original = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)

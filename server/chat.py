@@ -11,7 +11,7 @@ from typing import Any
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ragzip.contract import to_documents
-from ragzip.server.compression import Outcome
+from ragzip.server.compression import Outcome, check_size
 from ragzip.server.context import ChatContext, extract, inject
 from ragzip.server.errors import APIError, UpstreamError, error_body
 from ragzip.server.local import GenerationDone
@@ -51,6 +51,7 @@ async def prepare(state: Any, req: ChatCompletionRequest) -> tuple[ChatContext, 
     if len(ctx.documents) > cfg.max_documents:
         raise APIError(400, f"{len(ctx.documents)} documents in the messages; this server accepts at most "
                             f"{cfg.max_documents}", code="too_many_documents", param="messages")
+    check_size(cfg, ctx.documents, param="documents" if explicit else "messages")
     opts = req.ragzip
     plan = state.compression.plan(opts)
     if not ctx.documents and (opts is None or opts.retrieve is not False) and state.index.size:

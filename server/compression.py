@@ -17,7 +17,7 @@ import anyio
 from ragzip.budget import Budget
 from ragzip.errors import ConfigError, RagzipError
 from ragzip.server.config import ServerConfig
-from ragzip.server.errors import APIError
+from ragzip.server.errors import APIError, redacted
 from ragzip.server.metrics import Metrics
 from ragzip.server.schemas import RagzipOptions
 from ragzip.spans import assemble
@@ -44,6 +44,21 @@ class Plan:
 class Outcome:
     result: CompressionResult
     fallback: str | None = None
+
+
+def check_size(config: ServerConfig, documents: Sequence[Document], *, param: str) -> None:
+    """Refuse (400) a document longer than `max_document_chars` or documents longer than `max_context_chars` in
+    all: compression time and memory grow with the text, so the bound is set before any work."""
+    total = 0
+    for i, doc in enumerate(documents):
+        n = len(doc.text)
+        if n > config.max_document_chars:
+            raise APIError(400, f"document {i} has {n} characters; this server accepts at most "
+                                f"{config.max_document_chars} per document", code="document_too_large", param=param)
+        total += n
+    if total > config.max_context_chars:
+        raise APIError(400, f"the documents have {total} characters in all; this server accepts at most "
+                            f"{config.max_context_chars} per request", code="context_too_large", param=param)
 
 
 class CompressionService:
@@ -145,7 +160,7 @@ class CompressionService:
         except RagzipError:
             raise
         except Exception as exc:  # a compressor bug must not look like a server crash without a message
-            log.exception("compression failed")
+            log.error("compression with %r failed: %s", plan.method, redacted(exc))
             raise APIError(500, f"compression with {plan.method!r} failed: {type(exc).__name__}: {exc}",
                            type="server_error", code="compression_failed") from exc
         self.metrics.record_compression(result.method, result.tokens_before, result.tokens_after, result.seconds)
@@ -163,7 +178,7 @@ class CompressionService:
         except ConfigError:
             raise
         except Exception as exc:  # any compressor failure: serve the full context instead, and say so
-            log.warning("compressor %r failed, serving the uncompressed context: %s", plan.method, exc)
+            log.warning("compressor %r failed, serving the uncompressed context: %s", plan.method, redacted(exc))
             self.metrics.fallbacks.labels(plan.method).inc()
             result = await anyio.to_thread.run_sync(self._uncompressed, documents, started)
             return Outcome(result, f"{type(exc).__name__}: {exc}"[:500])

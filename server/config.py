@@ -52,7 +52,18 @@ class ServerConfig(BaseModel):
     api_keys: list[str] = Field(default_factory=list, description="Accepted keys; empty = no auth")
     max_body_bytes: int = Field(default=8 << 20, gt=0)
     max_documents: int = Field(default=256, gt=0)
-    max_concurrency: int = Field(default=8, gt=0, description="Requests in flight; more get 429")
+    max_concurrency: int = Field(default=8, gt=0, description="Requests in flight; more wait in the queue")
+    queue_depth: int = Field(default=64, ge=0, description="Requests that may wait for a slot; more get 429")
+    queue_timeout_s: float = Field(default=10.0, ge=0, description="Longest wait in the queue before a 429")
+    rate_limit_rps: float | None = Field(default=None, gt=0, description="Sustained requests/s per API key (per "
+                                                                         "client address without keys); None: off")
+    rate_limit_burst: int = Field(default=20, gt=0, description="Requests a key may send at once above the rate")
+    max_document_chars: int = Field(default=200_000, gt=0, description="Longest text of one document")
+    max_context_chars: int = Field(default=1_000_000, gt=0, description="Longest total text of a request's "
+                                                                        "documents (however they arrive)")
+    drain_timeout_s: float = Field(default=30.0, ge=0, description="On SIGTERM, how long in-flight requests may "
+                                                                   "finish before the server exits")
+    readiness_timeout_s: float = Field(default=2.0, gt=0, description="Timeout of /readyz's upstream probe")
 
     @model_validator(mode="after")
     def _check(self) -> ServerConfig:
@@ -60,6 +71,10 @@ class ServerConfig(BaseModel):
             raise ValueError("give at most one of rate and target_tokens")
         if self.upstream is not None and not self.upstream.startswith(("http://", "https://")):
             raise ValueError(f"upstream must be an http(s) URL, got {self.upstream!r}")
+        if self.kv_store is not None:
+            _check_store_spec(self.kv_store)
+        if self.max_document_chars > self.max_context_chars:
+            raise ValueError("max_document_chars must be <= max_context_chars")
         if self.default_max_new_tokens > self.max_new_tokens:
             raise ValueError("default_max_new_tokens must be <= max_new_tokens")
         from ragzip.compressors.registry import COMPRESSORS
@@ -70,6 +85,15 @@ class ServerConfig(BaseModel):
                 raise ValueError(f"unknown method {self.method!r} ({', '.join(map(repr, unknown))}); valid: "
                                  f"{sorted(COMPRESSORS)}, '+'-joined, or a pipeline JSON file")
         return self
+
+
+def _check_store_spec(spec: str) -> None:
+    """The syntax of a KV store spec (reachability is checked when the server starts)."""
+    if spec == "memory" or spec.startswith(("redis://", "rediss://", "unix://")):
+        return
+    path = spec.removeprefix("disk:")
+    if not path or "://" in path:
+        raise ValueError(f"kv_store {spec!r}: use memory, disk:/path or redis://host:port/db")
 
 
 def load_config(path: str | Path | None, **overrides: object) -> ServerConfig:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import traceback
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -37,6 +39,14 @@ class UpstreamError(APIError):
         super().__init__(status, message, type="upstream_error", code=code)
 
 
+def redacted(exc: BaseException) -> str:
+    """An exception for the logs without its message (which may quote document text or keys): its type and
+    where it was raised. The client still gets the message in its response."""
+    tb = traceback.extract_tb(exc.__traceback__)[-3:]
+    where = " <- ".join(f"{Path(f.filename).name}:{f.lineno} in {f.name}" for f in reversed(tb))
+    return f"{type(exc).__name__} at {where}" if where else type(exc).__name__
+
+
 def error_body(message: str, *, type: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "code": code, "param": param}}
 
@@ -56,7 +66,7 @@ async def _ragzip_error(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, (InputError, ConfigError, ModelNotFoundError, UnsupportedModelError)):
         code = "model_not_found" if isinstance(exc, ModelNotFoundError) else type(exc).__name__
         return _response(400, str(exc), type="invalid_request_error", code=code)
-    log.error("ragzip error on %s: %s", request.url.path, exc)
+    log.error("ragzip error on %s: %s", request.url.path, redacted(exc))
     return _response(500, str(exc), type="server_error", code=type(exc).__name__)
 
 
@@ -80,7 +90,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unhandled error on %s", request.url.path)
+    log.error("unhandled error on %s: %s", request.url.path, redacted(exc))
     return _response(500, "internal server error", type="server_error", code="internal_error")
 
 

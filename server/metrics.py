@@ -20,6 +20,9 @@ class Metrics:
         self.latency = Histogram("ragzip_request_seconds", "Request latency (to the last byte)", ["endpoint"],
                                  buckets=_LATENCY_BUCKETS, registry=r)
         self.in_flight = Gauge("ragzip_in_flight", "Requests being served", registry=r)
+        self.queued = Gauge("ragzip_queued", "Requests waiting for a slot", registry=r)
+        self.disconnects = Counter("ragzip_client_disconnects", "Requests whose client left before the response "
+                                   "ended (their work was cancelled)", ["stage"], registry=r)
         self.rejected = Counter("ragzip_rejected", "Requests refused before work", ["reason"], registry=r)
         self.compress_seconds = Histogram("ragzip_compress_seconds", "Compression time", ["method"],
                                           buckets=_LATENCY_BUCKETS, registry=r)

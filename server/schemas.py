@@ -193,4 +193,10 @@ class Health(BaseModel):
     model: str
     index_chunks: int
     in_flight: int
+    queued: int = Field(description="Requests waiting for a slot")
     max_concurrency: int
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "not_ready"]
+    checks: dict[str, str] = Field(description="Each dependency: 'ok' or why it is not")

@@ -97,6 +97,17 @@ class Upstream:
             raise UpstreamError(502, "upstream /models is not an OpenAI model list", code="upstream_bad_response")
         return {"object": "list", "data": data["data"]}
 
+    async def ping(self, timeout_s: float) -> str | None:
+        """None when the upstream answers `GET /models` with a status below 500 within `timeout_s` (a 401 still
+        proves it is up), else why not. For readiness probes."""
+        try:
+            resp = await self.client.get(f"{self.base_url}/models", headers=self._headers(None), timeout=timeout_s)
+        except httpx.HTTPError as exc:
+            return f"upstream {self.base_url} unreachable: {type(exc).__name__}"
+        if resp.status_code >= 500:
+            return f"upstream {self.base_url}/models returned {resp.status_code}"
+        return None
+
     async def open_stream(self, body: dict[str, Any], *, authorization: str | None = None) -> httpx.Response:
         """Send a streaming request and check its status before any byte goes to the client (so that
         failures still get a proper status code). The caller must close the returned response."""

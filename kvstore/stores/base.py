@@ -89,6 +89,19 @@ class ByteStore(ABC):
         with self._count_lock:
             self._counts[name] += n
 
+    def _probe(self) -> None:
+        """Raise BackendUnavailable when the backend cannot be reached (cheap: one lookup, no scan)."""
+        self._exists("0" * 64)
+
+    def reachable(self) -> str | None:
+        """None when the backend answers, else why not (for readiness checks; counted like any failure)."""
+        try:
+            self._probe()
+        except BackendUnavailable as exc:
+            self._down(exc)
+            return self.last_error
+        return None
+
     def _down(self, exc: BaseException) -> None:
         self._count("errors")
         self.last_error = f"{type(exc).__name__}: {exc}"

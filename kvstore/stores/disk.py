@@ -97,6 +97,10 @@ class DiskStore(ByteStore):
     def _exists(self, key: str) -> bool:
         return self._path(key).exists()
 
+    def _probe(self) -> None:
+        if not self.root.is_dir():
+            raise BackendUnavailable(f"KV store folder {self.root} is gone")
+
     def _entries(self) -> list[tuple[float, int, Path]]:
         out = []
         for sub in os.scandir(self.root):

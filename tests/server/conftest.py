@@ -15,12 +15,12 @@ from ragzip.engine import LocalEngine
 
 
 class LiveServer:
-    """Serves `app` on 127.0.0.1 at a free port until `stop()`."""
+    """Serves `app` on 127.0.0.1 at a free port (or `port`, to restart a stopped server) until `stop()`."""
 
-    def __init__(self, app: Any, *, startup_timeout_s: float = 120.0) -> None:
+    def __init__(self, app: Any, *, port: int = 0, startup_timeout_s: float = 120.0) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind(("127.0.0.1", port))
         self.port = int(self.sock.getsockname()[1])
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2)

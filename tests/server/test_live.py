@@ -150,8 +150,8 @@ def test_upstream_timeout_is_504_and_failure_502(live_server: ServerFactory, stu
 
 def test_full_server_answers_429(live_server: ServerFactory, stub: LiveServer) -> None:
     HOLD.clear()
-    server = live_server(create_app(ServerConfig(upstream=f"{stub.url}/hold/v1", max_concurrency=1, method="none",
-                                                 tokenizer="whitespace")))
+    server = live_server(create_app(ServerConfig(upstream=f"{stub.url}/hold/v1", max_concurrency=1, queue_depth=0,
+                                                 method="none", tokenizer="whitespace")))
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="k", max_retries=0)
     results: list[Any] = []
     first = threading.Thread(target=lambda: results.append(
