@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,10 @@ def free_port() -> int:
 def stub_app() -> FastAPI:
     """An OpenAI-compatible upstream that answers at once (so the figures measure the proxy)."""
     app = FastAPI()
+
+    @app.get("/v1/models")
+    async def models() -> Any:
+        return {"object": "list", "data": [{"id": "stub", "object": "model", "created": 0, "owned_by": "ragzip"}]}
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
@@ -52,19 +55,37 @@ def stub_app() -> FastAPI:
 
 
 class StubUpstream:
-    def __init__(self) -> None:
+    """`stub_app` served by a subprocess on a fixed loopback port, so that it can be killed (SIGKILL, as a crash)
+    and started again on the same port for chaos runs."""
+
+    def __init__(self, startup_timeout_s: float = 60.0) -> None:
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(stub_app(), host="127.0.0.1", port=self.port,
-                                                    log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.05)
         self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.startup_timeout_s = startup_timeout_s
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "ragzip.eval.harness", "--stub-port", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + self.startup_timeout_s
+        while True:
+            try:
+                if httpx.get(f"{self.url}/models", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("stub upstream did not start")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
 
     def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
+        self.kill()
 
 
 class ProxyProcess:
@@ -109,3 +130,12 @@ class ProxyProcess:
             self.proc.kill()
         self.log.close()
         self.dir.cleanup()
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Serve the stub upstream on 127.0.0.1 (for StubUpstream).")
+    ap.add_argument("--stub-port", type=int, required=True)
+    args = ap.parse_args()
+    uvicorn.run(stub_app(), host="127.0.0.1", port=args.stub_port, log_level="warning")

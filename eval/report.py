@@ -114,32 +114,38 @@ def run_report(data_dir: Path, out_dir: Path, *, quick: bool, seed: int = 0, lim
 
 
 def _run_proxy_load(results: dict[str, Any], *, quick: bool, seed: int, log: Callable[[str], Any]) -> None:
-    """The proxy's bounded loopback load test (`python -m ragzip.eval.loadtest`), in a fresh process."""
+    """The proxy's bounded loopback load and chaos test (`python -m ragzip.eval.loadtest`), in a fresh process:
+    the full report runs 200 clients for 60 s with EXIT and the upstream killed and restarted mid-run; the quick
+    one 8 clients for 8 s with truncation and a 2 s outage."""
     import subprocess
     import sys
     import tempfile
 
-    seconds = 8 if quick else 30
-    log(f"running proxy load test ({seconds} s x 2 rounds, loopback)")
+    seconds, clients, method, down = (8, 8, "truncate", 2) if quick else (60, 200, "exit", 5)
+    log(f"running proxy load + chaos test ({clients} clients x {seconds} s, loopback)")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "load.json"
-        cmd = [sys.executable, "-m", "ragzip.eval.loadtest", "--seconds", str(seconds), "--concurrency", "4",
-               "--seed", str(seed), "--json", str(out)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds * 2 + 300, check=False)
+        cmd = [sys.executable, "-m", "ragzip.eval.loadtest", "--seconds", str(seconds), "--concurrency", str(clients),
+               "--method", method, "--chaos", "--down-s", str(down), "--seed", str(seed), "--json", str(out)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds * 3 + 300, check=False)
         if proc.returncode != 0 or not out.exists():
             results["errors"]["proxy"] = f"load test exited {proc.returncode}: {proc.stderr[-500:]}"
             return
         raw = json.loads(out.read_text())
-    r1 = raw["round1"]
-    flat = {"method": raw.get("method"), "concurrency": raw.get("concurrency"), "requests": r1["requests"],
-            "rps": r1["rps"], "p50_ms": r1["p50_ms"], "p95_ms": r1["p95_ms"], "p99_ms": r1["p99_ms"],
-            "server_errors": r1["server_errors"] + raw["round2"]["server_errors"],
-            "rss_mb_after_warmup": raw.get("rss_mb_after_warmup"), "rss_mb_end": raw.get("rss_mb_after_round2"),
-            "raw": raw}
-    results["suites"]["proxy"] = {"dataset": "synthetic documents, stub upstream", "limit": r1["requests"],
-                                  "options": {"seconds": seconds}, "seconds": round(time.perf_counter() - start, 1),
-                                  "results": flat}
+    chaos = raw["chaos"]
+    flat = {"method": raw["method"], "concurrency": raw["concurrency"], "requests": raw["requests"],
+            "served": raw["served"], "rps": raw["rps"], "served_rps": raw["served_rps"], "p50_ms": raw["p50_ms"],
+            "p95_ms": raw["p95_ms"], "p99_ms": raw["p99_ms"], "rejected_429": raw["rejected_429"],
+            # 5xx outside the outage must be 0; during it, chat answers 502/504 by design
+            "server_errors": chaos["server_errors_outside"], "errors_during_outage": raw["server_errors"]
+            - chaos["server_errors_outside"], "client_timeouts": raw["client_timeouts"],
+            "first_served_after_restart_s": chaos["first_served_after_restart_s"],
+            "rss_mb_start": raw.get("rss_mb_start"), "rss_mb_end": raw.get("rss_mb_end"),
+            "rss_mb_change_last_30s": raw.get("rss_mb_change_last_30s"), "raw": raw}
+    results["suites"]["proxy"] = {"dataset": "synthetic documents, stub upstream", "limit": raw["requests"],
+                                  "options": {"seconds": seconds, "clients": clients, "chaos_down_s": down},
+                                  "seconds": round(time.perf_counter() - start, 1), "results": flat}
 
 
 def _caption(results: dict[str, Any], key: str, model: str) -> str:
@@ -260,7 +266,8 @@ def render_readme_section(results: dict[str, Any], assets_rel: str) -> str:
              ("crag_multi_news", ["token_reduction", "rougeL_compressed", "rougeL_full"]),
              ("kvcodec", ["bits_per_element", "ratio_vs_int8", "top1_agreement", "kl", "top1_agreement_int8", "kl_int8",
                           "decode_mb_s", "load_vs_recompute", "blend_kl", "blend_kl_int8"]),
-             ("proxy", ["rps", "p50_ms", "p95_ms", "server_errors"]),
+             ("proxy", ["served_rps", "p50_ms", "p99_ms", "rejected_429", "server_errors", "errors_during_outage",
+                        "rss_mb_change_last_30s"]),
              ("blend", ["ttft_speedup_vs_full", "f1_full", "f1_blend", "kl_blend", "kl_full_reuse",
                         "top1_agreement_blend", "top1_agreement_full_reuse"])]
     rows = []

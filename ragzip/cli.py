@@ -389,7 +389,10 @@ def serve(
                                                                 "accepted API keys, comma-separated."),
     upstream_api_key_env: str = typer.Option(None, "--upstream-api-key-env",
                                              help="Name of an environment variable holding the upstream's key."),
-    max_concurrency: int = typer.Option(None, "--max-concurrency", help="Requests in flight; more get 429."),
+    max_concurrency: int = typer.Option(None, "--max-concurrency", help="Requests in flight; more wait in the "
+                                                                        "queue."),
+    queue_depth: int = typer.Option(None, "--queue-depth", help="Requests that may wait for a slot; more get 429."),
+    queue_timeout_s: float = typer.Option(None, "--queue-timeout", help="Longest wait for a slot, in seconds."),
     llm: str = typer.Option(None, help="Local engine model (no --upstream)."),
     device: str = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N for every model the proxy "
                                                       "loads."),
@@ -402,7 +405,8 @@ def serve(
     try:
         overrides: dict[str, Any] = {"upstream": upstream, "method": method, "rate": rate,
                                      "target_tokens": target_tokens, "tokenizer": tokenizer,
-                                     "max_concurrency": max_concurrency, "llm": llm, "device": device}
+                                     "max_concurrency": max_concurrency, "queue_depth": queue_depth,
+                                     "queue_timeout_s": queue_timeout_s, "llm": llm, "device": device}
         if api_key_env is not None:
             overrides["api_keys"] = [k.strip() for k in _env(api_key_env).split(",") if k.strip()]
         if upstream_api_key_env is not None:

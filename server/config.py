@@ -58,8 +58,8 @@ class ServerConfig(BaseModel):
     rate_limit_rps: float | None = Field(default=None, gt=0, description="Sustained requests/s per API key (per "
                                                                          "client address without keys); None: off")
     rate_limit_burst: int = Field(default=20, gt=0, description="Requests a key may send at once above the rate")
-    max_document_chars: int = Field(default=200_000, gt=0, description="Longest text of one document")
-    max_context_chars: int = Field(default=1_000_000, gt=0, description="Longest total text of a request's "
+    max_document_chars: int = Field(default=100_000, gt=0, description="Longest text of one document")
+    max_context_chars: int = Field(default=200_000, gt=0, description="Longest total text of a request's "
                                                                         "documents (however they arrive)")
     drain_timeout_s: float = Field(default=30.0, ge=0, description="On SIGTERM, how long in-flight requests may "
                                                                    "finish before the server exits")

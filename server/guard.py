@@ -63,12 +63,16 @@ class Slots:
         return max(1, min(60, math.ceil(self._service_s * ahead / self.limit)))
 
     async def acquire(self, timeout_s: float) -> str | None:
-        """None when a slot is held (call `release` after), else why not: "queue_full" or "queue_timeout"."""
+        """None when a slot is held (call `release` after), else why not: "queue_full", "overloaded" (the
+        queue ahead would take longer than `timeout_s` to clear: refused now rather than after the wait) or
+        "queue_timeout"."""
         if self.in_flight < self.limit and not self.queued:
             self.in_flight += 1
             return None
         if self.queued >= self.queue_depth or timeout_s <= 0:
             return "queue_full"
+        if self._service_s * (self.queued + 1) / self.limit > timeout_s:
+            return "overloaded"
         waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
@@ -256,8 +260,10 @@ class Guard:
         cfg = self.config
         refused = await self.slots.acquire(cfg.queue_timeout_s)
         if refused is not None:
-            why = (f"{self.slots.queued} requests already waiting (queue_depth={cfg.queue_depth})"
-                   if refused == "queue_full" else f"no slot freed within queue_timeout_s={cfg.queue_timeout_s:g}")
+            why = {"queue_full": f"{self.slots.queued} requests already waiting (queue_depth={cfg.queue_depth})",
+                   "overloaded": f"the {self.slots.queued} requests waiting would take longer than "
+                                 f"queue_timeout_s={cfg.queue_timeout_s:g} to serve",
+                   }.get(refused, f"no slot freed within queue_timeout_s={cfg.queue_timeout_s:g}")
             await self._refuse(send, 429, "busy", f"server busy: {self.slots.in_flight} requests in flight "
                                f"(max_concurrency={cfg.max_concurrency}), {why}; retry shortly",
                                type="rate_limit_error", code="server_busy",

@@ -26,7 +26,9 @@ def test_quick_report_on_tiny_fixtures_produces_every_table_and_plot(tmp_path: P
     report = (out / "report.md").read_text()
     for key in [run.key for run in PLAN] + ["proxy"]:
         assert f"## {key}" in report
-    assert results["suites"]["proxy"]["results"]["server_errors"] == 0
+    proxy = results["suites"]["proxy"]["results"]
+    assert proxy["server_errors"] == 0 and proxy["client_timeouts"] == 0  # none outside the upstream's outage
+    assert proxy["errors_during_outage"] > 0 and proxy["first_served_after_restart_s"] is not None
     rows = {r["label"]: r for r in results["suites"]["fidelity"]["results"]["rows"]}
     assert rows["none"]["rate"] == 1.0 and rows["random@0.33"]["rate"] < 0.4
     assert "| exit@0.33 |" in report
