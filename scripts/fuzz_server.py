@@ -1,7 +1,9 @@
 """Fuzz the ragzip proxy from its own OpenAPI schema with schemathesis (bounded), on loopback.
 
 Starts a fast stub upstream and `ragzip serve` (subprocess), runs `schemathesis run` with the
-`not_a_server_error` and response-schema checks, and reports the server's RSS before and after. Usage:
+`not_a_server_error` and response-schema checks over every phase, including the stateful one (sequences that
+follow the schema's links: `POST /v1/documents` then `GET /v1/documents/{id}` of what it added), and reports the
+server's RSS before and after. Usage:
 
     .venv/bin/python scripts/fuzz_server.py --max-examples 100 --max-time 300 --json /tmp/fuzz.json
 """
@@ -43,6 +45,7 @@ def main() -> None:
                "--checks", "not_a_server_error,response_schema_conformance,content_type_conformance",
                "--max-examples", str(args.max_examples), "--max-time", str(min(args.max_time, 1200)),
                "--seed", str(args.seed), "--request-timeout", "30", "--continue-on-failure",
+               "--phases", "examples,coverage,fuzzing,stateful",
                "--suppress-health-check", "all",
                "--report", "ndjson", "--report-ndjson-path", str(report_dir / "events.ndjson")]
         proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -40,6 +40,8 @@ from ragzip.server.schemas import (
     CompressResponse,
     ErrorResponse,
     Health,
+    IndexedChunk,
+    IndexedDocument,
     Readiness,
 )
 from ragzip.settings import Settings
@@ -196,7 +198,10 @@ def create_app(config: ServerConfig | None = None, *, settings: Settings | None 
         result = await state.compression.compress(plan, question, docs)
         return JSONResponse({**record, "compressed": result.to_contract()})
 
-    @app.post("/v1/documents", response_model=AddDocumentsResponse, responses=_ERRORS,
+    links = {"GetDocument": {"operationId": "get_document", "parameters": {"document_id": "$response.body#/ids/0"},
+                             "description": "The first added document, as indexed"}}
+
+    @app.post("/v1/documents", response_model=AddDocumentsResponse, responses={**_ERRORS, 200: {"links": links}},
               summary="Add documents to the proxy's own index")
     async def add_documents(req: AddDocumentsRequest) -> AddDocumentsResponse:
         if len(req.documents) > config.max_documents:
@@ -206,7 +211,20 @@ def create_app(config: ServerConfig | None = None, *, settings: Settings | None 
                             default_ids=state.index.next_ids(len(req.documents)))
         check_size(config, docs, param="documents")
         added = await state.index.add(docs)
-        return AddDocumentsResponse(added_documents=len(docs), added_chunks=added, total_chunks=state.index.size)
+        return AddDocumentsResponse(added_documents=len(docs), added_chunks=added, total_chunks=state.index.size,
+                                    ids=[d.id for d in docs])
+
+    @app.get("/v1/documents/{document_id}", response_model=IndexedDocument, operation_id="get_document",
+             responses={404: {"model": ErrorResponse}, 401: {"model": ErrorResponse}},
+             summary="One document of the proxy's index, as its chunks")
+    async def get_document(document_id: str) -> IndexedDocument:
+        chunks = await state.index.get(document_id)
+        if not chunks:
+            raise errors.APIError(404, f"no document {document_id!r} in the index", code="document_not_found",
+                                  param="document_id")
+        return IndexedDocument(id=document_id, title=chunks[0].title, chunks=[
+            IndexedChunk(id=c.id, text=c.text, start=int(c.metadata["start"]), end=int(c.metadata["end"]))
+            for c in chunks])
 
     @app.get("/v1/models", responses=_ERRORS,
              summary="The models served: the upstream's own list (passed through), or the local engine's")

@@ -161,7 +161,7 @@ class Guard:
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        endpoint = path if path in KNOWN else "other"
+        endpoint = path if path in KNOWN else "/v1/documents/{id}" if path.startswith("/v1/documents/") else "other"
         status = {"code": 500}
         started = time.perf_counter()
 

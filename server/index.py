@@ -49,6 +49,16 @@ class IndexService:
                 return []
             return [doc for doc, _ in self._retriever.search(query, k)]
 
+    def _get(self, document_id: str) -> list[Document]:
+        with self._lock:
+            if self._retriever is None:
+                return []
+            return [c for c in self._retriever.index.documents if c.metadata.get("source_id") == document_id]
+
+    async def get(self, document_id: str) -> list[Document]:
+        """The indexed chunks of one added document, in order (empty when no document has that id)."""
+        return await anyio.to_thread.run_sync(self._get, document_id)
+
     def next_ids(self, n: int) -> list[str]:
         return [f"doc-{self._num_added + i}" for i in range(n)]
 

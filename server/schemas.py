@@ -119,6 +119,20 @@ class AddDocumentsResponse(BaseModel):
     added_documents: int
     added_chunks: int
     total_chunks: int
+    ids: list[str] = Field(description="The added documents' ids (given or assigned), for GET /v1/documents/{id}")
+
+
+class IndexedChunk(BaseModel):
+    id: str
+    text: str
+    start: int = Field(description="Offset of the chunk in the document's text")
+    end: int
+
+
+class IndexedDocument(BaseModel):
+    id: str
+    title: str
+    chunks: list[IndexedChunk]
 
 
 class KVInfo(BaseModel):

@@ -141,7 +141,15 @@ def test_index_feeds_requests_without_documents(local: TestClient) -> None:
             {"id": "bread", "text": "Bread is made of flour and water."},
             {"id": "oxygen", "text": "Oxygen has atomic number 8."}]
     r = local.post("/v1/documents", json={"documents": docs})
-    assert r.status_code == 200 and r.json()["total_chunks"] == 3
+    assert r.status_code == 200 and r.json()["total_chunks"] == 3 and r.json()["ids"] == ["paris", "bread", "oxygen"]
+    got = local.get("/v1/documents/paris").json()
+    assert got == {"id": "paris", "title": "", "chunks": [{"id": "paris#0", "text": docs[0]["text"], "start": 0,
+                                                          "end": len(docs[0]["text"])}]}
+    r = local.post("/v1/documents", json={"documents": [{"text": "An untitled note."}]})
+    assert local.get(f"/v1/documents/{r.json()['ids'][0]}").json()["chunks"][0]["text"] == "An untitled note."
+    missing = local.get("/v1/documents/nope")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "document_not_found"
+    assert local.post("/v1/documents", json={"documents": docs[:1]}).status_code == 400  # the id is taken
     question = [{"role": "user", "content": "Where is the Eiffel Tower?"}]
     r = local.post("/v1/chat/completions", json={"messages": question,
                                                  "max_tokens": 1, "ragzip": {"rate": 0.5}})
