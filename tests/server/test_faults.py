@@ -9,7 +9,6 @@ import asyncio
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -27,6 +26,7 @@ from typer.testing import CliRunner
 
 from ragzip.cli import app as cli_app
 from ragzip.engine import LocalEngine
+from ragzip.eval.harness import free_port
 from ragzip.server.app import create_app
 from ragzip.server.config import ServerConfig
 
@@ -241,19 +241,13 @@ def test_upstream_down_then_back(live_server: ServerFactory) -> None:
         upstream.stop()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture()
 def redis_server(tmp_path: Path) -> Iterator[dict[str, Any]]:
     """A redis-server of this test's own (so that killing it disturbs nobody); skipped without the binary."""
     exe = shutil.which("redis-server")
     if exe is None:
         pytest.skip("redis-server not installed (bash scripts/services.sh start installs it)")
-    port = _free_port()
+    port = free_port()
     state: dict[str, Any] = {"url": f"redis://127.0.0.1:{port}/0"}
 
     def start() -> None:
@@ -273,11 +267,11 @@ def redis_server(tmp_path: Path) -> Iterator[dict[str, Any]]:
 
 
 def _answers(port: int) -> bool:
+    import redis
+
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
-    except OSError:
+        return bool(redis.Redis(port=port, socket_timeout=0.2, socket_connect_timeout=0.2).ping())
+    except (redis.exceptions.RedisError, OSError):
         return False
 
 
@@ -368,11 +362,11 @@ def test_start_refuses_a_bad_model_store_or_method(tmp_path: Path) -> None:
     cases = [
         (["--llm", str(tmp_path / "no-such-model")], "no-such-model"),
         (["--config", str(_config(tmp_path, kv_store="ftp://x"))], "kv_store"),
-        (["--config", str(_config(tmp_path, kv_store=f"redis://127.0.0.1:{_free_port()}/0"))], "does not answer"),
+        (["--config", str(_config(tmp_path, kv_store=f"redis://127.0.0.1:{free_port()}/0"))], "does not answer"),
         (["--method", "nope"], "unknown method"),
     ]
     for args, message in cases:
-        res = runner.invoke(cli_app, ["serve", "--port", str(_free_port()), *args])
+        res = runner.invoke(cli_app, ["serve", "--port", str(free_port()), *args])
         assert res.exit_code == 2, (args, res.output)
         assert message in res.output, (args, res.output)
 
