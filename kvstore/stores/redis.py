@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 from ragzip.kvstore.codecs import Codec
 from ragzip.kvstore.stores.base import BackendUnavailable, ByteStore
@@ -34,6 +35,8 @@ class RedisStore(ByteStore):
 
         super().__init__(codec)
         self.url = url
+        parts = urlsplit(url)  # what messages and logs name: the URL without its password
+        self.where = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl() if "@" in parts.netloc else url
         self.prefix = prefix
         self.ttl_s = ttl_s
         self.retry_after_s = retry_after_s
@@ -43,12 +46,12 @@ class RedisStore(ByteStore):
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         if time.monotonic() < self._down_until:
-            raise BackendUnavailable(f"redis at {self.url} was unreachable; retrying after a pause")
+            raise BackendUnavailable(f"redis at {self.where} was unreachable; retrying after a pause")
         try:
             return getattr(self._client, method)(*args, **kwargs)
         except self._errors as exc:
             self._down_until = time.monotonic() + self.retry_after_s
-            raise BackendUnavailable(f"redis at {self.url}: {exc}") from exc
+            raise BackendUnavailable(f"redis at {self.where}: {exc}") from exc
 
     def _read(self, key: str) -> bytes | None:
         value = self._call("get", self.prefix + key)
@@ -69,7 +72,7 @@ class RedisStore(ByteStore):
         try:
             return list(names)
         except self._errors as exc:
-            raise BackendUnavailable(f"redis at {self.url}: {exc}") from exc
+            raise BackendUnavailable(f"redis at {self.where}: {exc}") from exc
 
     def _keys(self) -> Iterator[str]:
         n = len(self.prefix)
@@ -85,7 +88,7 @@ class RedisStore(ByteStore):
         try:
             sizes = pipe.execute()
         except self._errors as exc:
-            raise BackendUnavailable(f"redis at {self.url}: {exc}") from exc
+            raise BackendUnavailable(f"redis at {self.where}: {exc}") from exc
         return len(names), sum(int(x or 0) for x in sizes)
 
     def close(self) -> None:

@@ -419,3 +419,12 @@ def test_logs_hold_no_document_text_or_keys(caplog: pytest.LogCaptureFixture, st
         assert client.post("/v1/chat/completions", json=chat_body(), headers=headers).status_code == 200
     assert caplog.records, "expected the failures above to be logged"
     assert "Zanzibar" not in caplog.text and key not in caplog.text and key[:-1] not in caplog.text
+
+
+def test_a_redis_password_never_reaches_messages_or_logs(caplog: pytest.LogCaptureFixture) -> None:
+    from ragzip.kvstore.stores.redis import RedisStore
+
+    store = RedisStore(f"redis://:hunter2-secret@127.0.0.1:{free_port()}/0", timeout_s=0.2)
+    problem = store.reachable()
+    assert problem is not None and "127.0.0.1" in problem and "hunter2" not in problem
+    assert "hunter2" not in str(store.stats()["last_error"]) and "hunter2" not in caplog.text
