@@ -102,7 +102,7 @@ def open_kv_store(spec: str) -> Any:
     return store
 
 
-def _load_backend(config: ServerConfig, settings: Settings, engine: Any, metrics: Metrics) -> Any:
+def _load_backend(config: ServerConfig, settings: Settings, engine: Any, store: Any, metrics: Metrics) -> Any:
     from ragzip.server.local import LocalBackend
 
     engine = engine if engine is not None else load_engine(config, settings)
@@ -110,7 +110,8 @@ def _load_backend(config: ServerConfig, settings: Settings, engine: Any, metrics
     if config.kv_store:
         from ragzip.kv_engine import KVReuseEngine
 
-        kv_engine = KVReuseEngine(engine.model, engine.tokenizer, store=open_kv_store(config.kv_store))
+        store = store if store is not None else open_kv_store(config.kv_store)
+        kv_engine = KVReuseEngine(engine.model, engine.tokenizer, store=store)
     return LocalBackend(engine, kv_engine=kv_engine, model_name=config.model_name, metrics=metrics)
 
 
@@ -133,13 +134,15 @@ async def _check_readiness(state: ServerState) -> dict[str, str]:
     return checks
 
 
-def create_app(config: ServerConfig | None = None, *, settings: Settings | None = None, engine: Any = None) -> FastAPI:
+def create_app(config: ServerConfig | None = None, *, settings: Settings | None = None, engine: Any = None,
+               kv_store: Any = None) -> FastAPI:
     """Build the proxy.
 
     Args:
         config: server settings (default: `ServerConfig()`: local engine, method "exit", no auth).
         settings: process settings (default: read from `RAGZIP_*` environment variables once, here).
         engine: an already loaded `LocalEngine` to serve instead of loading one at startup (no upstream only).
+        kv_store: an already opened store for `config.kv_store` (default: opened at startup).
     """
     config = config or ServerConfig()
     settings = settings or Settings()
@@ -163,7 +166,8 @@ def create_app(config: ServerConfig | None = None, *, settings: Settings | None 
                                       timeout_s=config.upstream_timeout_s,
                                       connect_timeout_s=config.upstream_connect_timeout_s)
         else:
-            state.backend = await anyio.to_thread.run_sync(_load_backend, config, settings, engine, metrics)
+            state.backend = await anyio.to_thread.run_sync(_load_backend, config, settings, engine, kv_store,
+                                                             metrics)
         try:
             yield
         finally:
@@ -267,15 +271,15 @@ def serve(*, host: str = "127.0.0.1", port: int = 8000, upstream: str | None = N
     """
     cfg = load_config(config, **{"upstream": upstream, **(overrides or {})})
     settings = Settings()
-    engine = None
+    engine = store = None
     if cfg.upstream is None:  # fail here, with the reason, rather than as a traceback inside uvicorn's startup
         engine = load_engine(cfg, settings)
-        if cfg.kv_store:
-            open_kv_store(cfg.kv_store)
+        store = open_kv_store(cfg.kv_store) if cfg.kv_store else None
     log.info("ragzip proxy on http://%s:%d (%s)", host, port, cfg.upstream or "local engine")
     # On SIGTERM uvicorn stops accepting, lets in-flight requests finish for up to drain_timeout_s, then we exit 0.
-    _DrainingServer(uvicorn.Config(create_app(cfg, settings=settings, engine=engine), host=host, port=port,
-                                   log_level="info", timeout_graceful_shutdown=cfg.drain_timeout_s)).run()
+    app = create_app(cfg, settings=settings, engine=engine, kv_store=store)
+    _DrainingServer(uvicorn.Config(app, host=host, port=port, log_level="info",
+                                   timeout_graceful_shutdown=cfg.drain_timeout_s)).run()
 
 
 class _DrainingServer(uvicorn.Server):
