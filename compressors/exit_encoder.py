@@ -247,12 +247,13 @@ def load_base_encoder(config: EncoderScorerConfig) -> tuple[nn.Module, Any]:
     """The packaged (or local) MiniLM transformer and its tokenizer, from the embedder folder."""
     from transformers import AutoModel, AutoTokenizer
 
-    from ragzip.registry import resolve_embedder
+    from ragzip.registry import quiet_loading, resolve_embedder
 
     folder = resolve_embedder(config.base)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        encoder = AutoModel.from_pretrained(folder, dtype=torch.float32)
+        with quiet_loading():
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+            encoder = AutoModel.from_pretrained(folder, dtype=torch.float32)
     except (OSError, ValueError) as exc:
         raise ModelNotFoundError(f"could not load encoder {folder!r} offline ({exc})") from exc
     tokenizer.model_max_length = 1 << 30  # windows are cut by build_rows; silence the length warning

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ragzip.errors import ConfigError, InputError, ModelNotFoundError, UnsupportedModelError
+from ragzip.registry import quiet_loading
 
 if TYPE_CHECKING:
     from ragzip.compressors.exit_encoder import DocumentScores
@@ -242,7 +243,8 @@ def _apply_adapter(model: Any, adapter: str) -> Any:
     except ImportError:
         raise ConfigError("loading an adapter needs peft: pip install 'ragzip[exit]'") from None
     try:
-        merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        with quiet_loading():
+            merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     except (OSError, ValueError) as exc:
         raise ModelNotFoundError(f"could not load adapter {adapter!r} offline ({type(exc).__name__}: {exc})") from exc
     merged.eval()

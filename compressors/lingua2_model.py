@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from ragzip.errors import ModelNotFoundError, UnsupportedModelError
+from ragzip.registry import quiet_loading
 
 DEFAULT_MODEL = "ragzip-lingua2-minilm"
 WEIGHTS_DIR = Path(__file__).parent / "weights" / "lingua2"
@@ -120,8 +121,9 @@ def _load(name: str | None) -> TokenClassifier:
     if not path.exists() and name.startswith((".", "/", "~")):
         raise ModelNotFoundError(f"token classifier path {name!r} does not exist")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForTokenClassification.from_pretrained(source)
+        with quiet_loading():
+            tokenizer = AutoTokenizer.from_pretrained(source)
+            model = AutoModelForTokenClassification.from_pretrained(source)
     except (OSError, ValueError) as exc:
         raise ModelNotFoundError(
             f"could not load token classifier {name!r} offline ({type(exc).__name__}: {exc}); use the default "
@@ -157,7 +159,8 @@ def _load_default() -> TokenClassifier:
         raise ModelNotFoundError(f"{delta_path} is larger than expected; refusing to load it")
     card = json.loads(card_path.read_text())
     base = Path(resolve_embedder(card["base"]))
-    config = BertConfig.from_pretrained(base, num_labels=2)
+    with quiet_loading():
+        config = BertConfig.from_pretrained(base, num_labels=2)
     model = BertForTokenClassification(config)
     state = {f"bert.{k}": v for k, v in load_file(str(base / "model.safetensors")).items()}
     state.update({k: v.to(torch.float32) for k, v in load_file(str(delta_path)).items()})
@@ -169,7 +172,8 @@ def _load_default() -> TokenClassifier:
     missing = [k for k in missing if not k.startswith("bert.pooler.") and "position_ids" not in k]
     if missing:
         raise UnsupportedModelError(f"default lingua2 weights leave parameters unset: {missing[:3]}")
-    tokenizer = AutoTokenizer.from_pretrained(base)
+    with quiet_loading():
+        tokenizer = AutoTokenizer.from_pretrained(base)
     return _checked(DEFAULT_MODEL, model, tokenizer)
 
 

@@ -102,7 +102,8 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any, str | None]]:
                     continue
                 if not text.strip():
                     continue
-                try:
+                text = text.rstrip("\r\n")  # the line break is no part of the record (a cut-off line's error
+                try:                          # would otherwise point past it, at column 1 of a next line)
                     yield lineno, json.loads(text), None
                 except json.JSONDecodeError as exc:
                     yield lineno, None, json_error(exc, text)
@@ -271,20 +272,33 @@ def counter_name(compressor: Any) -> str | None:
     return getattr(getattr(compressor, "counter", None), "name", None)
 
 
+def content_id(obj: Any) -> str:
+    """A default id for a corpus line without one: a digest of its content, so that documents of different files
+    (or of one file appended twice) never collide by position, and the same document always gets the same id."""
+    blob = json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return "doc-" + hashlib.blake2b(blob, digest_size=8).hexdigest()
+
+
 def read_corpus(path: str | Path) -> list[Document]:
     """Every document of a corpus JSONL (`{"id"?, "title"?, "text"}` lines, or records whose `contexts` are the
-    documents), for `ragzip index` and `ragzip kv warm`. A bad line is an InputError naming `path:line`."""
+    documents), for `ragzip index` and `ragzip kv warm`. A line without an `id` gets `content_id` (a record's
+    contexts `<that id>/<j>`); a line repeated verbatim is read once. A bad line is an InputError naming
+    `path:line`."""
     docs: list[Document] = []
+    seen: set[tuple[str, str, str]] = set()
     for lineno, obj, problem in iter_jsonl(path):
         try:
             if problem:
                 raise InputError(problem)
-            docs.extend(documents_of_line(obj, str(lineno)))
+            for doc in documents_of_line(obj, content_id(obj)):
+                if (doc.id, doc.title, doc.text) not in seen:
+                    seen.add((doc.id, doc.title, doc.text))
+                    docs.append(doc)
         except InputError as exc:
             raise InputError(f"{path}:{lineno}: {exc}") from None
     return docs
 
 
-__all__ = ["MAX_LINE_BYTES", "ResumePlan", "SupportsCompress", "check_paths", "compress_record", "counter_name",
-           "iter_jsonl", "open_input", "open_output", "output_row", "parse_record", "plan_resume", "read_corpus",
-           "truncate_partial_line"]
+__all__ = ["MAX_LINE_BYTES", "ResumePlan", "SupportsCompress", "check_paths", "compress_record", "content_id",
+           "counter_name", "iter_jsonl", "open_input", "open_output", "output_row", "parse_record", "plan_resume",
+           "read_corpus", "truncate_partial_line"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from ragzip.kernels.errors import KernelError
 from ragzip.kvstore.cli import app as kv_app
 from ragzip.pipeline import build_compressor
 from ragzip.progress import Progress
+from ragzip.registry import VERBOSE_ENV
 from ragzip.tokens import get_token_counter
 
 # Plain help (click's): flags without a type, no boxes to break in logs.
@@ -188,11 +190,13 @@ def index(
         else:
             retriever = Retriever(embedder=embedder, kind=kind, chunk_tokens=chunk_tokens, device=device)
         start = time.perf_counter()
-        added = retriever.add(docs)
+        fresh = retriever.unindexed(docs)
+        added = retriever.add(fresh)
         retriever.save(output)
     except RagzipError as exc:
         _fail(exc)
-    err.print(f"indexed {len(docs)} documents as {added} chunks in {time.perf_counter() - start:.1f}s "
+    skipped = f", {len(docs) - len(fresh)} already indexed as they are" if len(fresh) < len(docs) else ""
+    err.print(f"indexed {len(fresh)} documents as {added} chunks in {time.perf_counter() - start:.1f}s{skipped} "
               f"({len(retriever.index)} chunks in {output})")
 
 
@@ -431,14 +435,14 @@ app.add_typer(kv_app, name="kv", help="Chunk KV store: warm, stats, list, evict,
 def _quiet_transformers() -> None:
     """No conversion/loading progress bars or info logs from transformers on the CLI's output (a user's own
     setting of these variables wins). Set before transformers is imported, which reads them once."""
-    import os
-
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def main() -> None:
-    if "--verbose" not in sys.argv[1:2]:
+    if "--verbose" in sys.argv[1:2]:
+        os.environ[VERBOSE_ENV] = "1"  # model loads show their bars (`registry.quiet_loading`)
+    else:
         _quiet_transformers()
     try:
         app()

@@ -15,6 +15,7 @@ ids a merged piece stands for), `tokens_before` (of the input it replaces) and `
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -24,6 +25,34 @@ from ragzip.types import CompressionResult, Document
 
 DocumentLike = Document | str | Mapping[str, Any]
 
+# A lone UTF-16 surrogate is valid in a JSON string ("\\ud800") but is no Unicode text: no tokenizer or UTF-8
+# encoder takes it, so it is refused where input arrives rather than failing deep inside a model.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(value: str, where: str) -> str:
+    """`value` unchanged, or an InputError naming `where` and the character position of a lone surrogate."""
+    if not value.isascii():
+        found = _SURROGATE.search(value)
+        if found:
+            raise InputError(f"{where}: lone UTF-16 surrogate {ascii(found.group())} at character {found.start()}; "
+                             "text must be valid Unicode")
+    return value
+
+
+def check_strings(obj: Any, where: str = "body") -> None:
+    """`check_text` over every string (keys included) of a parsed JSON value, naming the path of the first bad one."""
+    if isinstance(obj, str):
+        check_text(obj, where)
+    elif isinstance(obj, Mapping):
+        for key, value in obj.items():
+            if isinstance(key, str):
+                check_text(key, f"{where} (a key)")
+            check_strings(value, f"{where}.{key}")
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            check_strings(value, f"{where}[{i}]")
+
 
 class SupportsCompress(Protocol):
     def compress(self, query: str, documents: list[Document], budget: Budget | None = None) -> CompressionResult: ...
@@ -32,24 +61,30 @@ class SupportsCompress(Protocol):
 def to_document(item: DocumentLike, default_id: str, *, where: str = "document") -> Document:
     """One document from a `Document`, a string or a `{"id"?, "title"?, "text", "metadata"?}` mapping."""
     if isinstance(item, Document):
+        check_text(item.text, f"{where}.text")
+        check_text(item.title, f"{where}.title")
         return item
     if isinstance(item, str):
-        return Document(default_id, item)
+        return Document(default_id, check_text(item, where))
     if not isinstance(item, Mapping):
         raise InputError(f"{where}: expected a string or an object with a string 'text', got {type(item).__name__}")
     text = item.get("text")
     if not isinstance(text, str):
         raise InputError(f"{where}: 'text' must be a string")
+    check_text(text, f"{where}.text")
     doc_id = item.get("id")
     if doc_id is None:
         doc_id = default_id
     elif isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
         raise InputError(f"{where}: 'id' must be a string or an integer")
+    elif isinstance(doc_id, str):
+        check_text(doc_id, f"{where}.id")
     title = item.get("title")
     if title is None:
         title = ""
     elif not isinstance(title, str):
         raise InputError(f"{where}: 'title' must be a string")
+    check_text(title, f"{where}.title")
     meta = item.get("metadata")
     if meta is not None and not isinstance(meta, Mapping):
         raise InputError(f"{where}: 'metadata' must be an object")
@@ -83,13 +118,14 @@ def to_question(value: Any) -> str:
         return ""
     if not isinstance(value, str):
         raise InputError(f"'question' must be a string, got {type(value).__name__}")
-    return value
+    return check_text(value, "question")
 
 
 def parse_record(obj: Any) -> tuple[str, list[Document]]:
     """Validate one contract record; returns (question, documents)."""
     if not isinstance(obj, Mapping):
         raise InputError("expected a JSON object")
+    check_strings(obj, "record")  # other keys pass through to the output, which must be writable as UTF-8
     contexts = obj.get("contexts")
     if not isinstance(contexts, list):
         raise InputError("'contexts' must be a list")
@@ -118,5 +154,5 @@ def documents_of_line(obj: Any, line_id: str) -> list[Document]:
     raise InputError("expected an object with a string 'text' or a 'contexts' list")
 
 
-__all__ = ["DocumentLike", "SupportsCompress", "compress_record", "documents_of_line", "parse_record",
-           "to_document", "to_documents", "to_question"]
+__all__ = ["DocumentLike", "SupportsCompress", "check_strings", "check_text", "compress_record", "documents_of_line",
+           "parse_record", "to_document", "to_documents", "to_question"]

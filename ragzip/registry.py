@@ -12,22 +12,60 @@ well under a second instead of a ~20 s dequantisation.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import os
 import shutil
+import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
 from ragzip.errors import ConfigError, ModelNotFoundError
+from ragzip.threads import limit_blas_threads
 
 DEFAULT_LLM = "smollm2-135m-instruct"
 DEFAULT_EMBEDDER = "all-MiniLM-L6-v2"
 # The packaged LLM that can answer: the eval's default reader and the demo's answering model when installed.
 DEFAULT_READER = "qwen2.5-coder-0.5b-instruct"
 _CONVERTED_MARKER = "ragzip-converted.json"
+# Set (to anything but "" / "0") for third-party loading bars and info logs; the CLI's --verbose sets it.
+VERBOSE_ENV = "RAGZIP_VERBOSE"
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Model loading without transformers' and the hub's progress bars and info logs (an application's stderr
+    is not ours to fill), unless `RAGZIP_VERBOSE` is set. The previous settings come back afterwards."""
+    if verbose():
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    # GGUF conversion draws its bar with tqdm directly, past transformers' switch.
+    gguf = sys.modules.get("transformers.modeling_gguf_pytorch_utils")
+    gguf_bar = getattr(gguf, "tqdm", None)
+    if gguf is not None and gguf_bar is not None:
+        gguf.tqdm = partial(gguf_bar, disable=True)  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        if gguf is not None and gguf_bar is not None:
+            gguf.tqdm = gguf_bar  # type: ignore[attr-defined]
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,11 +231,13 @@ def _converted_packaged_llm(alias: str, cache_dir: Path) -> Path:
 
 def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     import torch
+    import transformers.modeling_gguf_pytorch_utils  # noqa: F401 - imported first so quiet_loading reaches its bar
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs: dict[str, Any] = {"gguf_file": gguf_path.name}
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
+    with quiet_loading():
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
     # save_pretrained refuses on a GGUF-loaded model until the quantizer traces are removed.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -289,7 +329,8 @@ def load_tokenizer(name: str | None = None) -> Any:
     shipped = shipped_tokenizer_dir(name)
     source = str(shipped) if shipped is not None else resolve_llm(name)
     try:
-        return AutoTokenizer.from_pretrained(source)
+        with quiet_loading():
+            return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as exc:
         raise _wrap_hub_error(source, exc) from exc
 
@@ -301,12 +342,14 @@ def load_causal_lm(name: str | None = None, *, dtype: Any = None, device: str | 
 
     source = resolve_llm(name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32)
+        with quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32)
     except (OSError, ValueError) as exc:
         raise _wrap_hub_error(source, exc) from exc
     model.eval()
     if device is not None:
         model.to(resolve_device(device))
+    limit_blas_threads()
     return model, load_tokenizer(name)
 
 
@@ -346,6 +389,7 @@ def _load_embedder(name: str | None, device: str) -> Any:
 
     source = resolve_embedder(name)
     try:
-        return SentenceTransformer(source, device=device)
+        with quiet_loading():
+            return SentenceTransformer(source, device=device)
     except (OSError, ValueError) as exc:
         raise ModelNotFoundError(f"could not load embedder {source!r} offline ({exc})") from exc

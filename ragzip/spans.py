@@ -29,6 +29,8 @@ def assemble(
         piece = doc.text[start:end]
         if parts:
             gap = piece_separator(doc.text, prev_end, start, sep) if keep_line_breaks else sep
+            if gap.isspace() and "\n" not in gap and not _spaced(doc.text, prev_end, start):
+                gap = ""  # the source puts no space here (Chinese, Japanese, or a word's own pieces): add none
             parts.append(gap)
             pos += len(gap)
         prev_end = end
@@ -37,6 +39,12 @@ def assemble(
         offsets.append((pos, pos + len(piece)))
         pos += len(piece)
     return CompressedDocument(doc.id, "".join(parts), doc.title, tuple(spans), tuple(offsets), scores=tuple(scores))
+
+
+def _spaced(text: str, prev_end: int, start: int) -> bool:
+    """Whether the source has whitespace where two kept pieces meet: right after the first or right before the
+    second."""
+    return (prev_end < len(text) and text[prev_end].isspace()) or (start > 0 and text[start - 1].isspace())
 
 
 def piece_separator(text: str, prev_end: int, start: int, sep: str = " ") -> str:

@@ -15,6 +15,7 @@ from typing import Any
 
 from ragzip.errors import ConfigError, InputError
 from ragzip.options import parse_enum
+from ragzip.threads import limit_blas_threads
 from ragzip.types import Document
 
 FORMAT_VERSION = 1
@@ -27,6 +28,8 @@ class IndexKind(str, Enum):
 
 def _new_faiss_index(kind: IndexKind, dim: int, hnsw_m: int) -> Any:
     import faiss
+
+    limit_blas_threads()
 
     if kind is IndexKind.FLAT:
         return faiss.IndexFlatIP(dim)
@@ -99,6 +102,7 @@ class VectorIndex:
     def load(cls, path: str | Path) -> VectorIndex:
         import faiss
 
+        limit_blas_threads()
         path = Path(path)
         try:
             meta = json.loads((path / "meta.json").read_text())

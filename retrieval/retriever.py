@@ -31,11 +31,25 @@ class Retriever:
         self.index = index or VectorIndex(self.embedder.dim, kind=kind, embedder=self.embedder.name)
 
     def add(self, documents: Sequence[Document]) -> int:
-        """Chunk, embed and index `documents`; returns the number of chunks added."""
+        """Chunk, embed and index `documents`; returns the number of chunks added. An id already in the index is
+        an InputError (`unindexed` leaves out the documents indexed as they are, for idempotent re-adds)."""
         chunks = [c for d in documents for c in chunk_document(d, self.counter, max_tokens=self.chunk_tokens)]
         if chunks:
             self.index.add(chunks, self.embedder.encode([c.text for c in chunks]))
         return len(chunks)
+
+    def unindexed(self, documents: Sequence[Document]) -> list[Document]:
+        """`documents` less those already indexed as they are (same id, same chunks): what adding a file again
+        has to add."""
+        indexed = {d.id: (d.text, d.title) for d in self.index.documents}
+        out = []
+        for d in documents:
+            mine = chunk_document(d, self.counter, max_tokens=self.chunk_tokens)
+            same = bool(mine) and all(indexed.get(c.id) == (c.text, c.title) for c in mine) and (
+                f"{d.id}#{len(mine)}" not in indexed)
+            if not same:
+                out.append(d)
+        return out
 
     def search(self, query: str, k: int = 5) -> list[tuple[Document, float]]:
         return self.index.search(self.embedder.encode([query])[0], k)

@@ -23,7 +23,7 @@ import uvicorn
 from fastapi import FastAPI, Header
 from fastapi.responses import JSONResponse, Response
 
-from ragzip.contract import parse_record, to_documents
+from ragzip.contract import check_strings, parse_record, to_documents
 from ragzip.server import errors
 from ragzip.server.chat import chat_completion
 from ragzip.server.compression import CompressionService, check_size
@@ -43,6 +43,7 @@ from ragzip.server.schemas import (
     IndexedChunk,
     IndexedDocument,
     Readiness,
+    plain_documents,
 )
 from ragzip.settings import Settings
 
@@ -112,7 +113,8 @@ def _load_backend(config: ServerConfig, settings: Settings, engine: Any, store: 
 
         store = store if store is not None else open_kv_store(config.kv_store)
         kv_engine = KVReuseEngine(engine.model, engine.tokenizer, store=store)
-    return LocalBackend(engine, kv_engine=kv_engine, model_name=config.model_name, metrics=metrics)
+    return LocalBackend(engine, kv_engine=kv_engine, model_name=config.model_name,
+                        aliases=(config.llm or settings.llm,), metrics=metrics)
 
 
 async def _check_readiness(state: ServerState) -> dict[str, str]:
@@ -186,6 +188,7 @@ def create_app(config: ServerConfig | None = None, *, settings: Settings | None 
               summary="Chat completion (OpenAI-compatible; `stream: true` answers with server-sent events)")
     async def chat(req: ChatCompletionRequest,
                    authorization: Annotated[str | None, Header()] = None) -> Any:
+        check_strings(req.model_dump(exclude_unset=True), "body")
         return await chat_completion(state, req, authorization)
 
     @app.post("/v1/compress", response_model=CompressResponse, responses=_ERRORS,
@@ -195,7 +198,7 @@ def create_app(config: ServerConfig | None = None, *, settings: Settings | None 
             raise errors.APIError(400, f"{len(req.contexts)} contexts; this server accepts at most "
                                        f"{config.max_documents}", code="too_many_documents", param="contexts")
         record = req.model_dump(exclude_unset=True, exclude={"ragzip"})
-        record["contexts"] = [c if isinstance(c, str) else c.model_dump(exclude_none=True) for c in req.contexts]
+        record["contexts"] = plain_documents(req.contexts)
         question, docs = parse_record(record)
         check_size(config, docs, param="contexts")
         plan = state.compression.plan(req.ragzip)
@@ -211,7 +214,7 @@ def create_app(config: ServerConfig | None = None, *, settings: Settings | None 
         if len(req.documents) > config.max_documents:
             raise errors.APIError(400, f"{len(req.documents)} documents; at most {config.max_documents} per call",
                                   code="too_many_documents", param="documents")
-        docs = to_documents([d.model_dump(exclude_none=True) for d in req.documents],
+        docs = to_documents(plain_documents(req.documents),
                             default_ids=state.index.next_ids(len(req.documents)))
         check_size(config, docs, param="documents")
         added = await state.index.add(docs)

@@ -15,7 +15,7 @@ from ragzip.server.compression import Outcome, check_size
 from ragzip.server.context import ChatContext, extract, inject
 from ragzip.server.errors import APIError, UpstreamError, error_body
 from ragzip.server.local import GenerationDone
-from ragzip.server.schemas import ChatCompletionRequest
+from ragzip.server.schemas import ChatCompletionRequest, plain_documents
 from ragzip.types import Document
 
 
@@ -27,7 +27,8 @@ def ragzip_info(ctx: ChatContext, outcome: Outcome) -> dict[str, Any]:
     r = outcome.result
     return {"method": r.method, "tokens_before": r.tokens_before, "tokens_after": r.tokens_after,
             "rate": None if r.rate is None else round(r.rate, 6), "seconds": round(r.seconds, 6), "source": ctx.source,
-            "num_documents": len(ctx.documents), "fallback": outcome.fallback}
+            "num_documents": len(ctx.documents), "fallback": outcome.fallback,
+            "already_compressed": ctx.already_compressed}
 
 
 def ragzip_headers(info: dict[str, Any]) -> dict[str, str]:
@@ -46,7 +47,7 @@ async def prepare(state: Any, req: ChatCompletionRequest) -> tuple[ChatContext, 
         raise APIError(400, f"{len(req.documents)} documents; this server accepts at most {cfg.max_documents}",
                        code="too_many_documents", param="documents")
     messages = [m.model_dump(exclude_unset=True) for m in req.messages]
-    explicit = to_documents([d.model_dump(exclude_none=True) for d in req.documents]) if req.documents else None
+    explicit = to_documents(plain_documents(req.documents)) if req.documents else None
     ctx = extract(messages, explicit)
     if len(ctx.documents) > cfg.max_documents:
         raise APIError(400, f"{len(ctx.documents)} documents in the messages; this server accepts at most "
@@ -58,11 +59,28 @@ async def prepare(state: Any, req: ChatCompletionRequest) -> tuple[ChatContext, 
         k = (opts.top_k if opts and opts.top_k else None) or cfg.top_k
         ctx.documents = await state.index.search(ctx.query, k)
         ctx.source = "index" if ctx.documents else "none"
-    outcome = await state.compression.compress_or_fallback(plan, ctx.query, ctx.documents)
+    if ctx.already_compressed:  # compressed by a ragzip server in front of this one: passed on as it is
+        outcome = Outcome(await state.compression.uncompressed(ctx.documents))
+    else:
+        outcome = await state.compression.compress_or_fallback(plan, ctx.query, ctx.documents)
     return ctx, outcome, outcome.result.as_documents()
 
 
+def check_local_request(state: Any, req: ChatCompletionRequest) -> None:
+    """Refuse what the local engine would otherwise ignore silently: another model's name, several choices."""
+    served = state.backend.model_names
+    if req.model is not None and req.model not in served:
+        raise APIError(404, f"model {req.model!r} is not served here; this server serves {sorted(served)}",
+                       code="model_not_found", param="model")
+    n = (req.model_extra or {}).get("n")
+    if n is not None and n != 1:
+        raise APIError(400, f"the local engine answers one choice per request; n must be 1, got {n!r}",
+                       code="unsupported_parameter", param="n")
+
+
 async def chat_completion(state: Any, req: ChatCompletionRequest, authorization: str | None) -> Any:
+    if state.upstream is None:
+        check_local_request(state, req)
     ctx, outcome, kept = await prepare(state, req)
     info = ragzip_info(ctx, outcome)
     headers = ragzip_headers(info)
@@ -83,7 +101,7 @@ async def _via_upstream(state: Any, req: ChatCompletionRequest, ctx: ChatContext
             return JSONResponse(data, headers=headers)
         resp = await state.upstream.open_stream(body, authorization=forward_auth)
     except UpstreamError as exc:
-        state.metrics.upstream_errors.labels(exc.code or "upstream").inc()
+        state.metrics.upstream_errors.labels(exc.ragzip_code or exc.code or "upstream").inc()
         raise
 
     async def events() -> AsyncIterator[str]:
@@ -104,8 +122,8 @@ async def _via_upstream(state: Any, req: ChatCompletionRequest, ctx: ChatContext
                     first = False
                 yield f"data: {payload}\n\n"
         except UpstreamError as exc:
-            state.metrics.upstream_errors.labels(exc.code or "upstream").inc()
-            yield _sse(error_body(exc.message, type=exc.type, code=exc.code))
+            state.metrics.upstream_errors.labels(exc.ragzip_code or exc.code or "upstream").inc()
+            yield _sse(error_body(exc.message, type=exc.type, code=exc.code, ragzip_code=exc.ragzip_code))
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={**headers, "cache-control": "no-cache"})
 

@@ -153,6 +153,10 @@ class CompressionService:
         docs = tuple(assemble(d, [(0, len(d.text))]) for d in documents if d.text)
         return CompressionResult("none", docs, total, total, time.perf_counter() - started)
 
+    async def uncompressed(self, documents: Sequence[Document]) -> CompressionResult:
+        """The documents as they are (method "none"), counted."""
+        return await anyio.to_thread.run_sync(self._uncompressed, documents, time.perf_counter())
+
     async def compress(self, plan: Plan, query: str, documents: Sequence[Document]) -> CompressionResult:
         """Compress or raise (the /v1/compress contract): a failure is a clear 500, bad options a 400."""
         try:

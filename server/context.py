@@ -8,7 +8,9 @@ A delimited block inside any message is recognised as context:
     </documents>
 
 A block without `<document>` elements is split on blank lines, one document per paragraph. The block is
-replaced in place by the compressed context, rendered in the same format.
+replaced in place by the compressed context, rendered in the same format and marked
+`<documents compressed-by="ragzip">`, so that a ragzip server further down a chain (a proxy in front of a ragzip
+server with a local engine) passes it on as it is instead of compressing it a second time.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from typing import Any
 from ragzip.contract import to_documents
 from ragzip.types import CompressedDocument, Document
 
-_BLOCK = re.compile(r"<documents>(.*?)</documents>", re.DOTALL | re.IGNORECASE)
+_BLOCK = re.compile(r"<documents\b([^>]*)>(.*?)</documents>", re.DOTALL | re.IGNORECASE)
+COMPRESSED_MARK = 'compressed-by="ragzip"'  # on the blocks ragzip renders: already compressed
 _DOC = re.compile(r"<document\b([^>]*)>(.*?)</document>", re.DOTALL | re.IGNORECASE)
 _ATTR = re.compile(r'([A-Za-z_][\w-]*)\s*=\s*"([^"]*)"')
 _PARAGRAPHS = re.compile(r"\n\s*\n")
@@ -52,7 +55,7 @@ def parse_block(inner: str) -> list[Document]:
 
 def render_block(documents: Sequence[Document | CompressedDocument]) -> str:
     """The `<documents>` block for `documents` (attributes escaped; text as is)."""
-    lines = ["<documents>"]
+    lines = [f"<documents {COMPRESSED_MARK}>"]
     for d in documents:
         title = f' title="{html.escape(d.title, quote=True)}"' if d.title else ""
         lines.append(f'<document id="{html.escape(d.id, quote=True)}"{title}>\n{d.text}\n</document>')
@@ -77,6 +80,7 @@ class ChatContext:
     documents: list[Document] = field(default_factory=list)
     source: str = "none"
     block: BlockLocation | None = None
+    already_compressed: bool = False  # the block carries COMPRESSED_MARK: a ragzip server in front compressed it
 
 
 def last_user_index(messages: Sequence[dict[str, Any]]) -> int | None:
@@ -127,14 +131,15 @@ def extract(messages: list[dict[str, Any]], documents: list[Document] | None) ->
         query = content_text(messages[user].get("content")) if user is not None else ""
         return ChatContext(messages, query.strip())
     loc, match = found
-    docs = parse_block(match.group(1))
+    docs = parse_block(match.group(2))
+    marked = {k.lower(): v for k, v in _ATTR.findall(match.group(1))}.get("compressed-by") == "ragzip"
     text = _get_text(messages, loc)
     # Keep a placeholder where the block was so the compressed block goes back in the same place.
     _set_text(messages, loc, text[: match.start()] + "\x00RAGZIP\x00" + text[match.end():])
     query = ""
     if user is not None:
         query = content_text(messages[user].get("content")).replace("\x00RAGZIP\x00", " ")
-    return ChatContext(messages, " ".join(query.split()), docs, "messages", loc)
+    return ChatContext(messages, " ".join(query.split()), docs, "messages", loc, already_compressed=marked)
 
 
 def inject(ctx: ChatContext, compressed: Sequence[Document | CompressedDocument]) -> list[dict[str, Any]]:

@@ -22,7 +22,8 @@ class APIError(Exception):
     """An error with an HTTP status, an OpenAI error `type` and a machine-readable `code`."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None, headers: Mapping[str, str] | None = None) -> None:
+                 param: str | None = None, headers: Mapping[str, str] | None = None,
+                 ragzip_code: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -30,13 +31,18 @@ class APIError(Exception):
         self.code = code
         self.param = param
         self.headers = dict(headers or {})
+        # Beside an upstream's own `code` (passed through for clients that branch on it, such as
+        # "context_length_exceeded"), what ragzip makes of the failure ("upstream_rejected", ...).
+        self.ragzip_code = ragzip_code
 
 
 class UpstreamError(APIError):
     """The upstream LLM failed, timed out or could not be reached (502/504)."""
 
-    def __init__(self, status: int, message: str, *, code: str) -> None:
-        super().__init__(status, message, type="upstream_error", code=code)
+    def __init__(self, status: int, message: str, *, code: str | None, ragzip_code: str | None = None,
+                 param: str | None = None) -> None:
+        super().__init__(status, message, type="upstream_error", code=code, param=param,
+                         ragzip_code=ragzip_code or code)
 
 
 def redacted(exc: BaseException) -> str:
@@ -47,19 +53,24 @@ def redacted(exc: BaseException) -> str:
     return f"{type(exc).__name__} at {where}" if where else type(exc).__name__
 
 
-def error_body(message: str, *, type: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "code": code, "param": param}}
+def error_body(message: str, *, type: str, code: str | None = None, param: str | None = None,
+               ragzip_code: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"message": message, "type": type, "code": code, "param": param}
+    if ragzip_code is not None:
+        body["ragzip_code"] = ragzip_code
+    return {"error": body}
 
 
 def _response(status: int, message: str, *, type: str, code: str | None = None, param: str | None = None,
-              headers: Mapping[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, type=type, code=code, param=param), status_code=status,
-                        headers=dict(headers or {}))
+              headers: Mapping[str, str] | None = None, ragzip_code: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, type=type, code=code, param=param, ragzip_code=ragzip_code),
+                        status_code=status, headers=dict(headers or {}))
 
 
 async def _api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, APIError)
-    return _response(exc.status, exc.message, type=exc.type, code=exc.code, param=exc.param, headers=exc.headers)
+    return _response(exc.status, exc.message, type=exc.type, code=exc.code, param=exc.param, headers=exc.headers,
+                     ragzip_code=exc.ragzip_code)
 
 
 async def _ragzip_error(request: Request, exc: Exception) -> JSONResponse:

@@ -56,10 +56,11 @@ class LocalBackend:
     """
 
     def __init__(self, engine: Any, *, kv_engine: Any = None, model_name: str = "ragzip-local",
-                 metrics: Metrics | None = None) -> None:
+                 aliases: Sequence[str] = (), metrics: Metrics | None = None) -> None:
         self.engine = engine
         self.kv_engine = kv_engine
         self.model_name = model_name
+        self.model_names = frozenset({model_name, *aliases})  # what a request's `model` may say
         self.metrics = metrics
         self.lock = threading.Lock()
 

@@ -17,6 +17,11 @@ class DocumentIn(BaseModel):
     text: str
 
 
+def plain_documents(items: list[DocumentIn | str]) -> list[dict[str, Any] | str]:
+    """Documents as `ragzip.contract.to_documents` takes them (strings stay strings), for every route."""
+    return [d if isinstance(d, str) else d.model_dump(exclude_none=True) for d in items]
+
+
 class RagzipOptions(BaseModel):
     """Per-request compression settings (top-level `ragzip` object; OpenAI clients send it via `extra_body`)."""
 
@@ -63,7 +68,8 @@ class ChatCompletionRequest(BaseModel):
     max_tokens: int | None = Field(default=None, ge=0)
     max_completion_tokens: int | None = Field(default=None, ge=0)
     stream_options: dict[str, Any] | None = None
-    documents: list[DocumentIn] | None = Field(default=None, description="Context documents (ragzip extension)")
+    documents: list[DocumentIn | str] | None = Field(
+        default=None, description="Context documents (ragzip extension): strings or {id?, title?, text} objects")
     ragzip: RagzipOptions | None = Field(default=None, description="Compression settings (ragzip extension)")
 
 
@@ -112,7 +118,7 @@ class CompressResponse(BaseModel):
 
 
 class AddDocumentsRequest(BaseModel):
-    documents: list[DocumentIn] = Field(min_length=1)
+    documents: list[DocumentIn | str] = Field(min_length=1)
 
 
 class AddDocumentsResponse(BaseModel):
@@ -158,6 +164,8 @@ class RagzipInfo(BaseModel):
     source: Literal["documents", "messages", "index", "none"]
     num_documents: int
     fallback: str | None = None
+    already_compressed: bool = Field(default=False, description="The context came in a block a ragzip server in "
+                                     "front had compressed; this server passed it on as it is")
     kv: KVInfo | None = None
 
 

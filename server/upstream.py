@@ -4,21 +4,48 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
 from ragzip.server.errors import APIError, UpstreamError
 
+# Headers of an upstream's error that clients act on (the OpenAI SDKs time their retries by them).
+_PASSED_HEADERS = ("retry-after", "retry-after-ms", "x-ratelimit-limit-requests", "x-ratelimit-remaining-requests",
+                   "x-ratelimit-reset-requests", "x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens",
+                   "x-ratelimit-reset-tokens")
 
-def _upstream_message(resp: httpx.Response) -> str:
+
+@dataclass(frozen=True, slots=True)
+class UpstreamFailure:
+    """What an upstream said when it refused a call: its message and, from an OpenAI error body, its own
+    `type`, `code` and `param`, plus the headers clients act on."""
+
+    status: int
+    message: str
+    type: str | None = None
+    code: str | None = None
+    param: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def _text_or_none(value: Any) -> str | None:
+    return str(value)[:200] if isinstance(value, (str, int)) and not isinstance(value, bool) else None
+
+
+def read_failure(resp: httpx.Response) -> UpstreamFailure:
+    headers = {k: resp.headers[k] for k in _PASSED_HEADERS if k in resp.headers}
     try:
         body = resp.json()
     except (json.JSONDecodeError, UnicodeDecodeError):
-        return resp.text[:300] or resp.reason_phrase
-    if isinstance(body, dict) and isinstance(body.get("error"), dict):
-        return str(body["error"].get("message", body["error"]))[:500]
-    return str(body)[:300]
+        return UpstreamFailure(resp.status_code, resp.text[:300] or resp.reason_phrase, headers=headers)
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        return UpstreamFailure(resp.status_code, str(error.get("message", error))[:500],
+                               _text_or_none(error.get("type")), _text_or_none(error.get("code")),
+                               _text_or_none(error.get("param")), headers)
+    return UpstreamFailure(resp.status_code, str(body)[:300], headers=headers)
 
 
 class Upstream:
@@ -48,16 +75,26 @@ class Upstream:
         return headers
 
     def _raise_for(self, resp: httpx.Response) -> None:
+        """An upstream error status as an APIError that keeps what clients branch on: the upstream's `code`,
+        `param` and `type` (e.g. `context_length_exceeded`), its status for refusals (4xx) and its Retry-After;
+        ragzip's own reading goes in `ragzip_code`."""
         if resp.status_code < 400:
             return
-        message = f"upstream returned {resp.status_code}: {_upstream_message(resp)}"
+        failure = read_failure(resp)
+        message = f"upstream returned {resp.status_code}: {failure.message}"
         if resp.status_code >= 500:
-            raise UpstreamError(502, message, code="upstream_error")
-        if resp.status_code in (401, 403):
-            raise UpstreamError(502, message + " (check the proxy's upstream_api_key)", code="upstream_auth")
+            raise UpstreamError(502, message, code=failure.code or "upstream_error", param=failure.param,
+                                ragzip_code="upstream_error")
+        if resp.status_code in (401, 403):  # the proxy's own upstream key is wrong: not the client's fault
+            raise UpstreamError(502, message + " (check the proxy's upstream_api_key)",
+                                code=failure.code or "upstream_auth", ragzip_code="upstream_auth")
         if resp.status_code == 429:
-            raise APIError(429, message, type="rate_limit_error", code="upstream_rate_limited")
-        raise APIError(resp.status_code, message, code="upstream_rejected")
+            raise APIError(429, message, type=failure.type or "rate_limit_error",
+                           code=failure.code or "rate_limit_exceeded", param=failure.param, headers=failure.headers,
+                           ragzip_code="upstream_rate_limited")
+        raise APIError(resp.status_code, message, type=failure.type or "invalid_request_error",
+                       code=failure.code or "upstream_rejected", param=failure.param, headers=failure.headers,
+                       ragzip_code="upstream_rejected")
 
     def _transport_error(self, exc: httpx.HTTPError) -> UpstreamError:
         if isinstance(exc, httpx.TimeoutException):

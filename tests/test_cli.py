@@ -104,6 +104,9 @@ def test_index_and_ask(tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["index", str(docs), "-o", str(tmp_path / "idx")])
     assert res.exit_code == 0, res.output
     res = CliRunner().invoke(app, ["index", str(docs), "-o", str(tmp_path / "idx"), "--append"])
+    assert res.exit_code == 0 and "2 already indexed" in res.output and "(2 chunks in" in res.output
+    changed = _write(tmp_path / "changed.jsonl", [json.dumps({"id": "t", "text": "The tower moved to Lyon."})])
+    res = CliRunner().invoke(app, ["index", str(changed), "-o", str(tmp_path / "idx"), "--append"])
     assert res.exit_code == 2 and "already in the index" in res.output
     res = CliRunner().invoke(app, ["ask", "In which city is the Eiffel Tower?", "--index", str(tmp_path / "idx"),
                                    "-k", "1", "-m", "none", "--max-new-tokens", "12"])

@@ -37,6 +37,7 @@ import numpy as np
 from ragzip.errors import CodecError, ConfigError
 from ragzip.kvstore.codecs import MissingProfileError
 from ragzip.kvstore.codecs.tables import categorical, frequency_table, pack_table, read_table
+from ragzip.threads import limit_blas_threads
 
 if TYPE_CHECKING:
     import torch
@@ -154,6 +155,7 @@ class KVTCProfile:
                 arrays = {k: fh.get_tensor(k) for k in ("inv_freq", "forward", "mean", "sensitivity")}
         except (SafetensorError, OSError, KeyError) as exc:
             raise ConfigError(f"cannot read KVTC profile {p}: {exc}") from None
+        limit_blas_threads()  # numpy's BLAS beside torch's threads turned this inverse from 0.2 s into 10 s
         try:
             inverse = np.linalg.inv(arrays["forward"].astype(np.float64)).astype(np.float32)
         except np.linalg.LinAlgError:

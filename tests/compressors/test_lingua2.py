@@ -58,12 +58,14 @@ def subword_counter() -> TokenCounter:
 
 
 def _joined(text: str, spans: list) -> str:
-    """Kept pieces joined as the compressor promises: by the source gap's line breaks (at most 2), else a space."""
+    """Kept pieces joined as the compressor promises: by the source gap's line breaks (at most 2), else a space
+    where the source has whitespace next to the join, else nothing (CJK text has no spaces to put back)."""
     out = ""
     for i, s in enumerate(spans):
         if i:
             breaks = text.count("\n", spans[i - 1].end, s.start)
-            out += "\n" * min(2, breaks) if breaks else " "
+            spaced = text[spans[i - 1].end].isspace() or text[s.start - 1].isspace()
+            out += "\n" * min(2, breaks) if breaks else " " if spaced else ""
         out += text[s.start:s.end]
     return out
 

@@ -67,6 +67,18 @@ def stub_upstream() -> FastAPI:
         await asyncio.sleep(5)
         return {"choices": []}
 
+    @app.post("/long/v1/chat/completions")
+    async def too_long() -> Any:
+        return JSONResponse({"error": {"message": "This model's maximum context length is 8 tokens",
+                                       "type": "invalid_request_error", "param": "messages",
+                                       "code": "context_length_exceeded"}}, status_code=400)
+
+    @app.post("/limited/v1/chat/completions")
+    async def limited() -> Any:
+        return JSONResponse({"error": {"message": "Rate limit reached", "type": "tokens", "param": None,
+                                       "code": "rate_limit_exceeded"}}, status_code=429,
+                            headers={"retry-after": "7", "x-ratelimit-remaining-tokens": "0"})
+
     @app.post("/fail/v1/chat/completions")
     async def fail() -> Any:
         return JSONResponse({"error": {"message": "model crashed", "type": "server_error"}}, status_code=500)
@@ -121,13 +133,47 @@ def test_openai_client_streams_through_proxy(proxy: LiveServer) -> None:
 
 def test_engine_server_directly_and_auth_on_proxy(engine_server: LiveServer, proxy: LiveServer) -> None:
     client = openai.OpenAI(base_url=f"{engine_server.url}/v1", api_key="unused", max_retries=0)
-    completion = client.chat.completions.create(model="x", max_tokens=4, messages=[{"role": "user", "content": "Hi"}])
-    assert completion.choices[0].finish_reason in ("stop", "length")
-    assert completion.model_extra["ragzip"]["source"] == "none"
+    for model in ("ragzip-local", "smollm2-135m-instruct"):  # the served name and the engine's model
+        completion = client.chat.completions.create(model=model, max_tokens=4,
+                                                    messages=[{"role": "user", "content": "Hi"}])
+        assert completion.choices[0].finish_reason in ("stop", "length")
+        assert completion.model_extra["ragzip"]["source"] == "none"
     bad = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as exc:
         bad.chat.completions.create(model="x", messages=[{"role": "user", "content": "Hi"}])
     assert exc.value.code == "invalid_api_key"
+
+
+def test_the_local_engine_refuses_what_it_would_ignore(engine_server: LiveServer) -> None:
+    client = openai.OpenAI(base_url=f"{engine_server.url}/v1", api_key="unused", max_retries=0)
+    hi = [{"role": "user", "content": "Hi"}]
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="gpt-4o", messages=hi)
+    assert missing.value.code == "model_not_found" and "ragzip-local" in missing.value.message
+    with pytest.raises(openai.BadRequestError) as several:
+        client.chat.completions.create(model="ragzip-local", n=2, messages=hi)
+    assert several.value.code == "unsupported_parameter" and several.value.param == "n"
+    assert client.chat.completions.create(model="ragzip-local", n=1, max_tokens=2, messages=hi).choices
+
+
+def test_upstream_error_details_pass_through(live_server: ServerFactory, stub: LiveServer) -> None:
+    for path, error, status in (("/long/v1", openai.BadRequestError, 400), ("/limited/v1", openai.RateLimitError, 429)):
+        server = live_server(create_app(ServerConfig(upstream=f"{stub.url}{path}", method="none",
+                                                     tokenizer="whitespace")))
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="k", max_retries=0)
+        for stream in (False, True):
+            with pytest.raises(error) as exc:
+                client.chat.completions.create(model="x", stream=stream, messages=[{"role": "user", "content": "Hi"}])
+            assert exc.value.status_code == status
+            body = exc.value.body
+            assert isinstance(body, dict)
+            if status == 400:
+                assert (exc.value.code, exc.value.param) == ("context_length_exceeded", "messages")
+                assert body["ragzip_code"] == "upstream_rejected" and "maximum context" in exc.value.message
+            else:
+                assert exc.value.code == "rate_limit_exceeded" and body["ragzip_code"] == "upstream_rate_limited"
+                assert exc.value.response.headers["retry-after"] == "7"
+                assert exc.value.response.headers["x-ratelimit-remaining-tokens"] == "0"
 
 
 def test_upstream_timeout_is_504_and_failure_502(live_server: ServerFactory, stub: LiveServer) -> None:

@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
+from fastapi import FastAPI
 from langchain_core.documents import Document as LCDocument
 from typer.testing import CliRunner
 
@@ -17,6 +19,7 @@ from ragzip.errors import InputError
 from ragzip.langchain import RagzipCompressor
 from ragzip.server.app import create_app
 from ragzip.server.config import ServerConfig
+from ragzip.server.context import parse_block
 
 QUESTION = "Where does the Rhine end?"
 CONTEXTS: list[Any] = [
@@ -101,3 +104,75 @@ def test_every_surface_refuses_the_same_bad_input(tmp_path: Path, live_server: A
     assert resp.status_code == 400 and "appears twice" in resp.json()["error"]["message"]
     resp = httpx.post(f"{server.url}/v1/compress", json=bad, timeout=60)
     assert resp.status_code == 400
+
+
+def recording_upstream(seen: list[dict[str, Any]]) -> FastAPI:
+    """An OpenAI-compatible upstream that records each request body and answers "ok"."""
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: dict[str, Any]) -> Any:
+        seen.append(body)
+        return {"id": "x", "object": "chat.completion", "created": 0, "model": body.get("model", "m"),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]}
+
+    return app
+
+
+def test_the_chat_path_agrees_with_the_other_surfaces_and_takes_plain_strings(live_server: Any) -> None:
+    expected = RagZip("embed-topk", tokenizer="whitespace").compress(QUESTION, CONTEXTS, Budget.ratio(0.5))
+    seen: list[dict[str, Any]] = []
+    upstream = live_server(recording_upstream(seen))
+    proxy = live_server(create_app(ServerConfig(upstream=f"{upstream.url}/v1", tokenizer="whitespace")))
+    client = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="x", max_retries=0)
+    strings = [c if isinstance(c, str) else c["text"] for c in CONTEXTS]
+    for documents, ids in ((CONTEXTS, ["r", "p", "2"]), (strings, ["0", "1", "2"])):  # strings only too
+        reply = client.chat.completions.with_raw_response.create(
+            model="m", messages=[{"role": "user", "content": QUESTION}],
+            extra_body={"documents": documents, "ragzip": {"method": "embed-topk", "rate": 0.5}})
+        info = reply.parse().model_extra["ragzip"]  # type: ignore[index]
+        assert reply.http_response.status_code == 200
+        assert (info["tokens_before"], info["tokens_after"]) == (expected.tokens_before, expected.tokens_after)
+        sent = seen[-1]["messages"][-1]["content"]
+        block = parse_block(sent[sent.index(">") + 1:sent.index("</documents>")])
+        assert [d.text for d in block] == [d.text for d in expected.documents]
+        positions = [["r", "p", "2"].index(d.id) for d in expected.documents]
+        assert [d.id for d in block] == [ids[p] for p in positions]
+
+
+def test_two_proxies_in_a_chain_compress_once(live_server: Any) -> None:
+    seen: list[dict[str, Any]] = []
+    upstream = live_server(recording_upstream(seen))
+    back = live_server(create_app(ServerConfig(upstream=f"{upstream.url}/v1", tokenizer="whitespace",
+                                               method="embed-topk", rate=0.5)))
+    front = live_server(create_app(ServerConfig(upstream=f"{back.url}/v1", tokenizer="whitespace",
+                                                method="embed-topk", rate=0.5)))
+    client = openai.OpenAI(base_url=f"{front.url}/v1", api_key="x", max_retries=0)
+    reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": QUESTION}],
+                                           extra_body={"documents": CONTEXTS})
+    told = reply.model_extra["ragzip"]  # type: ignore[index]
+    sent = seen[-1]["messages"][-1]["content"]
+    got = parse_block(sent[sent.index(">") + 1:sent.index("</documents>")])
+    # What the model received is what the client was told: compressed once, at rate 0.5.
+    assert sum(len(d.text.split()) for d in got) == told["tokens_after"] <= told["tokens_before"] // 2
+
+
+def test_a_lone_surrogate_is_a_400_on_every_route(live_server: Any) -> None:
+    seen: list[dict[str, Any]] = []
+    upstream = live_server(recording_upstream(seen))
+    proxy = live_server(create_app(ServerConfig(upstream=f"{upstream.url}/v1", tokenizer="whitespace")))
+    bad = '"Paris\\ud800 is in France."'  # valid JSON, not valid Unicode
+    bodies = {
+        "/v1/compress": f'{{"question": "Where?", "contexts": [{bad}]}}',
+        "/v1/chat/completions": f'{{"model": "m", "messages": [{{"role": "user", "content": "Where?"}}], '
+                                f'"documents": [{{"text": {bad}}}]}}',
+        "/v1/documents": f'{{"documents": [{bad}]}}',
+    }
+    bodies["chat in a message"] = bodies["/v1/chat/completions"].replace('"Where?"', bad)
+    for route, body in bodies.items():
+        path = route if route.startswith("/") else "/v1/chat/completions"
+        resp = httpx.post(f"{proxy.url}{path}", content=body, headers={"content-type": "application/json"},
+                          timeout=60)
+        assert resp.status_code == 400, (route, resp.status_code, resp.text)
+        assert "surrogate" in resp.json()["error"]["message"]
+    assert not seen  # nothing was forwarded

@@ -1,0 +1,52 @@
+"""One policy for the native thread pools the project drives.
+
+torch does the heavy work (prefill, encoders) on its own intra-op pool. numpy and faiss each bring an OpenBLAS
+whose idle workers keep spinning after every call: on a machine with few cores they take the cores torch's
+threads are about to use, and a 0.2 s matrix inverse took 10 s beside a loaded model. So the BLAS pools of the
+libraries loaded beside torch run on one thread (their work here is small: KV codec transforms, index search),
+and torch keeps the cores. `RAGZIP_BLAS_THREADS=N` sets another count; `0` leaves the libraries' own defaults.
+
+`limit_blas_threads()` is called where such a library is first used (KV codec profiles, the vector index, model
+loads); it is cheap and idempotent, and covers each library loaded since the last call.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+log = logging.getLogger(__name__)
+BLAS_THREADS_ENV = "RAGZIP_BLAS_THREADS"
+_limited: set[str] = set()
+_lock = threading.Lock()
+
+
+def blas_threads() -> int:
+    """The BLAS thread count of the policy (0: leave the libraries alone)."""
+    raw = os.environ.get(BLAS_THREADS_ENV, "1").strip()
+    try:
+        return max(0, int(raw))
+    except ValueError:
+        log.warning("%s=%r is not an integer; using 1", BLAS_THREADS_ENV, raw)
+        return 1
+
+
+def limit_blas_threads() -> list[str]:
+    """Apply the policy to every BLAS library loaded in this process that it has not reached yet; returns the
+    file paths newly limited."""
+    threads = blas_threads()
+    if threads == 0:
+        return []
+    from threadpoolctl import ThreadpoolController
+
+    with _lock:
+        controller = ThreadpoolController().select(user_api="blas")
+        fresh = [lib for lib in controller.lib_controllers if lib.filepath not in _limited]
+        for lib in fresh:
+            lib.set_num_threads(threads)
+            _limited.add(lib.filepath)
+        return [lib.filepath for lib in fresh]
+
+
+__all__ = ["BLAS_THREADS_ENV", "blas_threads", "limit_blas_threads"]
