@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ragzip.errors import ConfigError, InputError, ModelNotFoundError, UnsupportedModelError
+from ragzip.errors import ConfigError, InputError, ModelNotFoundError, UnsupportedModelError, extra_hint
 from ragzip.registry import quiet_loading
 
 if TYPE_CHECKING:
@@ -241,7 +241,7 @@ def _apply_adapter(model: Any, adapter: str) -> Any:
     try:
         from peft import PeftModel
     except ImportError:
-        raise ConfigError("loading an adapter needs peft: pip install 'ragzip[exit]'") from None
+        raise ConfigError(f"loading an adapter needs peft: {extra_hint('exit')}") from None
     try:
         with quiet_loading():
             merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()

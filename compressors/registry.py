@@ -28,6 +28,14 @@ def available() -> list[str]:
     return sorted(COMPRESSORS)
 
 
+def canonical_method(method: str) -> str:
+    """A method name as registered: stage names trimmed and lower-cased ("EXIT + LinGua2" -> "exit+lingua2").
+    A pipeline config file's path is left as it is."""
+    if method.endswith(".json"):
+        return method
+    return "+".join(part.strip().lower() for part in method.split("+"))
+
+
 def get_compressor(name: str, *, counter: TokenCounter | None = None, **options: Any) -> Compressor:
     """Build the compressor registered as `name` with `options`.
 
@@ -35,7 +43,7 @@ def get_compressor(name: str, *, counter: TokenCounter | None = None, **options:
         ConfigError: unknown name, or options the compressor does not accept.
     """
     try:
-        cls = COMPRESSORS[name]
+        cls = COMPRESSORS[canonical_method(name)]
     except KeyError:
         raise ConfigError(f"unknown compressor {name!r}; valid: {available()}") from None
     try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,6 +38,7 @@ class RagZip:
         self.counter = counter or get_token_counter(tokenizer)
         self.compressor = build_compressor(method, counter=self.counter, options=options, device=device)
         self.method = method
+        self._lock = threading.Lock()  # one compression at a time: tokenizers and encoders are not thread-safe
 
     def compress(self, query: str | None, documents: Sequence[DocumentLike], budget: BudgetLike = None, *,
                  rate: float | None = None, target_tokens: int | None = None,
@@ -51,12 +54,22 @@ class RagZip:
             InputError: a malformed document or question. BudgetError: a malformed budget, or a budget kind the
             method does not take.
         """
-        return self.compressor.compress(query, documents, budget, rate=rate, target_tokens=target_tokens,
-                                        threshold=threshold)
+        with self._lock:
+            return self.compressor.compress(query, documents, budget, rate=rate, target_tokens=target_tokens,
+                                            threshold=threshold)
+
+    async def acompress(self, query: str | None, documents: Sequence[DocumentLike], budget: BudgetLike = None, *,
+                        rate: float | None = None, target_tokens: int | None = None,
+                        threshold: float | None = None) -> CompressionResult:
+        """`compress` for async applications: it runs in a worker thread, so the event loop keeps serving while
+        the models work. Concurrent calls on one `RagZip` run one after another."""
+        return await asyncio.to_thread(self.compress, query, documents, budget, rate=rate,
+                                       target_tokens=target_tokens, threshold=threshold)
 
     def compress_batch(self, queries: Sequence[str | None], documents: Sequence[Sequence[DocumentLike]],
                        budget: BudgetLike = None) -> list[CompressionResult]:
-        return self.compressor.compress_batch(queries, documents, budget)
+        with self._lock:
+            return self.compressor.compress_batch(queries, documents, budget)
 
 
 __all__ = ["RagZip", "to_documents"]

@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 from ragzip.batch import counter_name, iter_jsonl, output_row, plan_resume
 from ragzip.budget import Budget
-from ragzip.errors import ConfigError, InputError, RagzipError
+from ragzip.errors import ConfigError, InputError, RagzipError, extra_hint
 
 # One batch: [(line number, JSON text, read error)]; one result: (line number, output JSON text, error).
 # Lines that failed to parse travel too, so that errors are reported (and --on-error fail stops) in input order.
@@ -93,7 +93,7 @@ def run_ray(input_path: str | Path, output: str | Path, *, method: str, budget: 
         import ray
         from ray.util import ActorPool
     except ImportError as exc:
-        raise ConfigError(f"--engine ray needs Ray: pip install 'ragzip[ray]' ({exc})") from None
+        raise ConfigError(f"--engine ray needs Ray: {extra_hint('ray')} ({exc})") from None
     log = log or sys.stderr
     # Build once here so that a bad method or option fails fast, before any cluster work.
     probe = _Worker(method, budget.as_dict(), dict(options or {}), tokenizer, device)

@@ -24,12 +24,13 @@ from ragzip.batch import (
     read_corpus,
 )
 from ragzip.budget import Budget
-from ragzip.errors import ConfigError, InputError, RagzipError
+from ragzip.errors import ConfigError, InputError, RagzipError, extra_hint
 from ragzip.kernels.errors import KernelError
 from ragzip.kvstore.cli import app as kv_app
 from ragzip.pipeline import build_compressor
 from ragzip.progress import Progress
 from ragzip.registry import VERBOSE_ENV
+from ragzip.threads import process_defaults
 from ragzip.tokens import get_token_counter
 
 # Plain help (click's): flags without a type, no boxes to break in logs.
@@ -405,7 +406,7 @@ def serve(
     try:
         from ragzip.server.app import serve as run_server  # type: ignore[attr-defined]
     except ImportError as exc:
-        _fail(ConfigError(f"the server needs its extra: pip install 'ragzip[server]' ({exc})"))
+        _fail(ConfigError(f"the server needs its extra: {extra_hint('server')} ({exc})"))
     try:
         overrides: dict[str, Any] = {"upstream": upstream, "method": method, "rate": rate,
                                      "target_tokens": target_tokens, "tokenizer": tokenizer,
@@ -440,6 +441,7 @@ def _quiet_transformers() -> None:
 
 
 def main() -> None:
+    process_defaults()  # OpenMP threads sleep while they wait (ragzip.threads): before anything imports torch
     if "--verbose" in sys.argv[1:2]:
         os.environ[VERBOSE_ENV] = "1"  # model loads show their bars (`registry.quiet_loading`)
     else:

@@ -2,6 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+# ragzip is installed from a checkout (it is on no package registry): an extra is installed from that folder.
+_CHECKOUT = Path(__file__).resolve().parents[1]
+
+
+def extra_hint(extra: str) -> str:
+    """The command that installs one of ragzip's extras here: from the checkout this copy runs from when there is
+    one (an editable install), else by name (a wheel built from it)."""
+    where = str(_CHECKOUT) if (_CHECKOUT / "pyproject.toml").exists() else "ragzip"
+    return f"pip install '{where}[{extra}]'"
+
 
 class RagzipError(Exception):
     """Root of every error ragzip raises on purpose."""

@@ -22,11 +22,12 @@ from langchain_core.documents import BaseDocumentCompressor
 from langchain_core.documents import Document as LCDocument
 from langchain_core.embeddings import Embeddings
 from langchain_core.retrievers import BaseRetriever
-from pydantic import ConfigDict, Field, PrivateAttr
+from pydantic import ConfigDict, Field, PrivateAttr, model_validator
 
 from ragzip.budget import Budget
 from ragzip.contract import to_documents
 from ragzip.errors import InputError
+from ragzip.pipeline import check_method
 from ragzip.types import CompressionResult, Document
 
 
@@ -95,6 +96,12 @@ class RagzipCompressor(BaseDocumentCompressor):
 
     _pipeline: Any = PrivateAttr(default=None)
     _lock: Any = PrivateAttr(default_factory=threading.Lock)
+
+    @model_validator(mode="after")
+    def _check(self) -> RagzipCompressor:
+        """Names, options and budget checked when the component is built (no model loads until first use)."""
+        check_method(self.method, self.options, self.budget)
+        return self
 
     @property
     def budget(self) -> Budget:

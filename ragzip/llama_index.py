@@ -29,10 +29,11 @@ from llama_index.core.llms.callbacks import llm_completion_callback
 from llama_index.core.llms.custom import CustomLLM
 from llama_index.core.postprocessor.types import BaseNodePostprocessor
 from llama_index.core.schema import MetadataMode, NodeWithScore, QueryBundle
-from pydantic import Field, PrivateAttr
+from pydantic import Field, PrivateAttr, model_validator
 
 from ragzip.budget import Budget
 from ragzip.contract import to_documents
+from ragzip.pipeline import check_method
 from ragzip.types import CompressionResult
 
 PROVENANCE_KEY = "ragzip"
@@ -58,6 +59,12 @@ class RagzipNodePostprocessor(BaseNodePostprocessor):
 
     _pipeline: Any = PrivateAttr(default=None)
     _lock: Any = PrivateAttr(default_factory=threading.Lock)
+
+    @model_validator(mode="after")
+    def _check(self) -> RagzipNodePostprocessor:
+        """Names, options and budget checked when the component is built (no model loads until first use)."""
+        check_method(self.method, self.options, self.budget)
+        return self
 
     @classmethod
     def class_name(cls) -> str:

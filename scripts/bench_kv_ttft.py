@@ -4,8 +4,9 @@ Each run is a fresh process (so the first request pays what a user's first reque
 the store), with the model loaded before timing. Per question (5 chunks of a MuSiQue-style context, as
 `ragzip ask -k 5` sends), side by side in that process: full prefill (no store) and the KV engine's default
 mode reading a disk store warmed with the default codec (`ragzip kv warm`'s: kvtc). "Busy" runs N pure-Python
-spinning processes beside it (another tenant on the same cores). `--blas-threads 0` leaves numpy's and faiss's
-BLAS pools at their defaults (the behaviour before `ragzip.threads`), to show what the policy changes.
+spinning processes beside it (another tenant on the same cores). Each run applies the thread policy of
+`ragzip.threads` as the CLI does; `--blas-threads 0` (numpy's and faiss's BLAS pools at their defaults) and
+`--wait-policy active` (spinning OpenMP threads) give the behaviour before it, to show what the policy changes.
 
     python scripts/bench_kv_ttft.py --data ../shared/data/musique_chunks_dev50 --questions 8 \
         --out docs/results/kv_ttft.json
@@ -31,12 +32,16 @@ def _spin() -> None:
         pass
 
 
-def measure(data: str, questions: int, chunks: int, busy: int, model: str) -> dict[str, Any]:
+def measure(data: str, questions: int, chunks: int, busy: int, model: str, threads: int) -> dict[str, Any]:
     """One configuration, in this process."""
     import torch
 
+    if threads:
+        torch.set_num_threads(threads)
+
     from ragzip.eval.datasets import load_examples
     from ragzip.kv_engine import KVReuseEngine, ReuseMode
+    from ragzip.kvstore.codecs import get_codec
     from ragzip.kvstore.stores.base import open_store
     from ragzip.registry import load_causal_lm
     from ragzip.threads import blas_threads
@@ -45,7 +50,9 @@ def measure(data: str, questions: int, chunks: int, busy: int, model: str) -> di
     examples = load_examples(data, limit=questions)
     lm, tokenizer = load_causal_lm(model)
     with tempfile.TemporaryDirectory() as tmp:
-        warm_engine = KVReuseEngine(lm, tokenizer, store=open_store(tmp, codec="kvtc"))
+        store = open_store(tmp)
+        store.codec = get_codec("kvtc", profile=model)  # what `ragzip kv warm --codec auto` picks
+        warm_engine = KVReuseEngine(lm, tokenizer, store=store)
         docs = [[Document(f"{ex.id}/{j}", c.text, c.title) for j, c in enumerate(ex.contexts[:chunks])]
                 for ex in examples]
         started = time.perf_counter()
@@ -75,6 +82,7 @@ def measure(data: str, questions: int, chunks: int, busy: int, model: str) -> di
     med = statistics.median
     return {
         "busy_processes": busy, "blas_threads": blas_threads(), "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset (active)"),
         "questions": len(rows), "chunks_per_question": chunks,
         "prompt_tokens_median": med(r["prompt_tokens"] for r in rows),
         "warm_s_per_chunk": round(warm_s, 3),
@@ -96,21 +104,29 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--busy", default="0,2", help="comma list of spinning processes beside the run")
     ap.add_argument("--blas-threads", default="1,0", help="comma list of RAGZIP_BLAS_THREADS values")
+    ap.add_argument("--torch-threads", default="0", help="comma list of torch thread counts (0: torch's default)")
+    ap.add_argument("--wait-policy", default="passive", help="comma list of OMP_WAIT_POLICY values (passive is "
+                                                               "what the CLI sets)")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child run: print one JSON line
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(measure(args.data, args.questions, args.chunks, int(args.busy), args.model)))
+        print(json.dumps(measure(args.data, args.questions, args.chunks, int(args.busy), args.model,
+                                 int(args.torch_threads))))
         return
     runs = []
-    for blas in args.blas_threads.split(","):
-        for busy in args.busy.split(","):
-            env = {**os.environ, "RAGZIP_BLAS_THREADS": blas, "HF_HUB_OFFLINE": "1"}
-            cmd = [sys.executable, __file__, "--one", "--data", args.data, "--questions", str(args.questions),
-                   "--chunks", str(args.chunks), "--model", args.model, "--busy", busy]
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(json.dumps(runs[-1]), flush=True)
+    for policy in args.wait_policy.split(","):
+        for blas in args.blas_threads.split(","):
+            for threads in args.torch_threads.split(","):
+                for busy in args.busy.split(","):
+                    env = {**os.environ, "RAGZIP_BLAS_THREADS": blas, "HF_HUB_OFFLINE": "1",
+                           "OMP_WAIT_POLICY": policy.upper()}
+                    cmd = [sys.executable, __file__, "--one", "--data", args.data, "--questions",
+                           str(args.questions), "--chunks", str(args.chunks), "--model", args.model, "--busy", busy,
+                           "--torch-threads", threads]
+                    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+                    runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                    print(json.dumps(runs[-1]), flush=True)
     result = {"machine": f"{os.cpu_count()} cores", "model": args.model, "runs": runs}
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")

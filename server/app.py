@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import uvicorn
-from fastapi import FastAPI, Header
+from fastapi import FastAPI, Header, Query
 from fastapi.responses import JSONResponse, Response
 
 from ragzip.contract import check_strings, parse_record, to_documents
@@ -36,12 +36,15 @@ from ragzip.server.schemas import (
     AddDocumentsResponse,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ClearedIndex,
     CompressRequest,
     CompressResponse,
+    DocumentList,
     ErrorResponse,
     Health,
     IndexedChunk,
     IndexedDocument,
+    ListedDocument,
     Readiness,
     plain_documents,
 )
@@ -124,7 +127,7 @@ async def _check_readiness(state: ServerState) -> dict[str, str]:
     cached = state.readiness
     if cached is not None and time.monotonic() - cached[0] < 1.0:
         return cached[1]
-    checks: dict[str, str] = {}
+    checks: dict[str, str] = {"compressor": state.compression.readiness}
     if state.upstream is not None:
         checks["upstream"] = await state.upstream.ping(state.config.readiness_timeout_s) or "ok"
     else:
@@ -170,6 +173,9 @@ def create_app(config: ServerConfig | None = None, *, settings: Settings | None 
         else:
             state.backend = await anyio.to_thread.run_sync(_load_backend, config, settings, engine, kv_store,
                                                              metrics)
+        if config.warm_compressor:  # in the background: the server answers probes (not ready) meanwhile
+            state.compression.readiness = "loading"
+            threading.Thread(target=state.compression.warm, name="ragzip-warm", daemon=True).start()
         try:
             yield
         finally:
@@ -220,6 +226,19 @@ def create_app(config: ServerConfig | None = None, *, settings: Settings | None 
         added = await state.index.add(docs)
         return AddDocumentsResponse(added_documents=len(docs), added_chunks=added, total_chunks=state.index.size,
                                     ids=[d.id for d in docs])
+
+    @app.get("/v1/documents", response_model=DocumentList, responses=_ERRORS,
+             summary="The documents of the proxy's index, a page at a time, in the order they were added")
+    async def list_documents(offset: Annotated[int, Query(ge=0)] = 0,
+                             limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> DocumentList:
+        rows, total = await state.index.list(offset, limit)
+        return DocumentList(data=[ListedDocument(id=i, title=t, chunks=n) for i, t, n in rows], total=total)
+
+    @app.delete("/v1/documents", response_model=ClearedIndex, responses=_ERRORS,
+                summary="Empty the proxy's index")
+    async def clear_documents() -> ClearedIndex:
+        documents, chunks = await state.index.clear()
+        return ClearedIndex(deleted_documents=documents, deleted_chunks=chunks)
 
     @app.get("/v1/documents/{document_id}", response_model=IndexedDocument, operation_id="get_document",
              responses={404: {"model": ErrorResponse}, 401: {"model": ErrorResponse}},
@@ -274,15 +293,31 @@ def serve(*, host: str = "127.0.0.1", port: int = 8000, upstream: str | None = N
     """
     cfg = load_config(config, **{"upstream": upstream, **(overrides or {})})
     settings = Settings()
+    _log_to_stderr()
     engine = store = None
     if cfg.upstream is None:  # fail here, with the reason, rather than as a traceback inside uvicorn's startup
+        log.info("loading the local engine %s (a packaged model's first run converts it once, up to a minute)",
+                 cfg.llm or settings.llm)
         engine = load_engine(cfg, settings)
         store = open_kv_store(cfg.kv_store) if cfg.kv_store else None
-    log.info("ragzip proxy on http://%s:%d (%s)", host, port, cfg.upstream or "local engine")
+    elif cfg.kv_store:
+        log.warning("kv_store %r is not used: KV reuse runs in the local engine, and this server forwards to %s",
+                    cfg.kv_store, cfg.upstream)
+    log.info("ragzip proxy on http://%s:%d (%s); /readyz turns ready once the %r compressor is loaded", host, port,
+             cfg.upstream or "local engine", cfg.method)
     # On SIGTERM uvicorn stops accepting, lets in-flight requests finish for up to drain_timeout_s, then we exit 0.
     app = create_app(cfg, settings=settings, engine=engine, kv_store=store)
     _DrainingServer(uvicorn.Config(app, host=host, port=port, log_level="info",
                                    timeout_graceful_shutdown=cfg.drain_timeout_s)).run()
+
+
+def _log_to_stderr() -> None:
+    """The server's own start-up lines on stderr beside uvicorn's (once, and only when nothing else handles them)."""
+    if not log.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
 
 
 class _DrainingServer(uvicorn.Server):

@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 
 from ragzip.budget import Budget
+from ragzip.compressors.registry import COMPRESSORS, canonical_method
 from ragzip.errors import ConfigError, RagzipError
 from ragzip.server.config import ServerConfig
 from ragzip.server.errors import APIError, redacted
@@ -67,8 +68,6 @@ class CompressionService:
 
     def __init__(self, config: ServerConfig, metrics: Metrics, *, tokenizer: str | None = None,
                  device: str | None = None) -> None:
-        from ragzip.compressors.registry import COMPRESSORS
-
         self.config = config
         self.metrics = metrics
         self.tokenizer = tokenizer
@@ -77,6 +76,21 @@ class CompressionService:
         self._counter: TokenCounter | None = None
         self._pipelines: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
+        # "ok", "loading" while `warm` runs, or why the default compressor failed to load.
+        self.readiness = "ok"
+
+    def warm(self) -> None:
+        """Build the default pipeline and run it once on a tiny input, so its models are loaded before the first
+        request (the readiness probe says "loading" until then). Never raises: `readiness` keeps the reason."""
+        self.readiness = "loading"
+        try:
+            plan = self.plan(None)
+            self._run(plan, "Where is the tower?", [Document("warm-up", "The tower is in Paris. It is tall.")])
+        except Exception as exc:  # noqa: BLE001 - reported by /readyz; requests still fall back to uncompressed
+            log.warning("the default compressor %r failed to load: %s", self.config.method, redacted(exc))
+            self.readiness = f"failed: {type(exc).__name__}: {exc}"[:300]
+            return
+        self.readiness = "ok"
 
     @property
     def counter(self) -> TokenCounter:
@@ -91,14 +105,17 @@ class CompressionService:
             APIError: 400 for a method that is not registered or not allowed, or options the server refuses.
         """
         opts = opts or RagzipOptions()
-        method = opts.method or self.config.method
+        method = canonical_method(opts.method) if opts.method is not None else self.config.method
         if opts.method is not None:
-            allowed = set(self.config.allowed_methods or self.registered)
-            names = [n.strip() for n in opts.method.split("+")]
-            bad = [n for n in names if n not in self.registered or n not in allowed]
-            if bad or not names:
-                valid = sorted(allowed & self.registered)
-                raise APIError(400, f"method {opts.method!r} is not available; valid: {valid}",
+            # With allowed_methods, a request names one of them exactly: allowing "exit" and "lingua2" does not
+            # allow their pipeline (which costs both); list "exit+lingua2" to allow it.
+            allowed = ({canonical_method(m) for m in self.config.allowed_methods}
+                       if self.config.allowed_methods is not None else None)
+            unknown = [n for n in method.split("+") if n not in self.registered]
+            if unknown or method.endswith(".json") or (allowed is not None and method not in allowed):
+                valid = sorted(allowed) if allowed is not None else sorted(self.registered)
+                raise APIError(400, f"method {opts.method!r} is not available; valid: {valid}"
+                                    f"{'' if allowed is not None else ', or a +-joined pipeline of them'}",
                                code="invalid_method", param="ragzip.method")
         options: dict[str, Any] = dict(self.config.options) if method == self.config.method else {}
         if opts.options:

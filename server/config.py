@@ -39,8 +39,11 @@ class ServerConfig(BaseModel):
     target_tokens: int | None = Field(default=None, gt=0)
     tokenizer: str | None = Field(default=None, description="Tokenizer that counts budgets (default: the LLM's)")
     options: dict[str, object] = Field(default_factory=dict, description="Options of the default method")
-    allowed_methods: list[str] | None = Field(default=None, description="Registered names requests may use")
+    allowed_methods: list[str] | None = Field(default=None, description="The methods requests may name: "
+                                              "registered names, or pipelines listed whole ('exit+lingua2')")
     allow_request_options: bool = Field(default=False, description="Let requests pass compressor options")
+    warm_compressor: bool = Field(default=True, description="Load the default compressor's models at start; "
+                                                            "/readyz is 503 until they are loaded")
 
     # The proxy's own index.
     embedder: str | None = None
@@ -77,10 +80,10 @@ class ServerConfig(BaseModel):
             raise ValueError("max_document_chars must be <= max_context_chars")
         if self.default_max_new_tokens > self.max_new_tokens:
             raise ValueError("default_max_new_tokens must be <= max_new_tokens")
-        from ragzip.compressors.registry import COMPRESSORS
+        from ragzip.compressors.registry import COMPRESSORS, canonical_method
 
         if not (self.method.endswith(".json") and Path(self.method).is_file()):
-            unknown = [n for n in self.method.split("+") if n.strip() not in COMPRESSORS]
+            unknown = [n for n in canonical_method(self.method).split("+") if n not in COMPRESSORS]
             if unknown:
                 raise ValueError(f"unknown method {self.method!r} ({', '.join(map(repr, unknown))}); valid: "
                                  f"{sorted(COMPRESSORS)}, '+'-joined, or a pipeline JSON file")

@@ -55,6 +55,35 @@ class IndexService:
                 return []
             return [c for c in self._retriever.index.documents if c.metadata.get("source_id") == document_id]
 
+    def _list(self, offset: int, limit: int) -> tuple[list[tuple[str, str, int]], int]:
+        with self._lock:
+            if self._retriever is None:
+                return [], 0
+            found: dict[str, tuple[str, int]] = {}  # source id -> (title, chunks), in the order they were added
+            for c in self._retriever.index.documents:
+                source = str(c.metadata.get("source_id", c.id))
+                title, n = found.get(source, (c.title, 0))
+                found[source] = (title, n + 1)
+            rows = [(doc_id, title, n) for doc_id, (title, n) in found.items()]
+            return rows[offset:offset + limit], len(rows)
+
+    async def list(self, offset: int, limit: int) -> tuple[list[tuple[str, str, int]], int]:
+        """A page of the added documents as (id, title, chunks), in the order they were added, and their total."""
+        return await anyio.to_thread.run_sync(self._list, offset, limit)
+
+    def _clear(self) -> tuple[int, int]:
+        with self._lock:
+            if self._retriever is None:
+                return 0, 0
+            chunks = len(self._retriever.index)
+            documents = len({c.metadata.get("source_id", c.id) for c in self._retriever.index.documents})
+            self._retriever = None  # the next add starts a new index (the embedder stays loaded: it is cached)
+            return documents, chunks
+
+    async def clear(self) -> tuple[int, int]:
+        """Empty the index; returns the (documents, chunks) removed. New ids keep counting (never reused)."""
+        return await anyio.to_thread.run_sync(self._clear)
+
     async def get(self, document_id: str) -> list[Document]:
         """The indexed chunks of one added document, in order (empty when no document has that id)."""
         return await anyio.to_thread.run_sync(self._get, document_id)

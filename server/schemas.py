@@ -141,6 +141,23 @@ class IndexedDocument(BaseModel):
     chunks: list[IndexedChunk]
 
 
+class ListedDocument(BaseModel):
+    id: str
+    title: str
+    chunks: int
+
+
+class DocumentList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ListedDocument]
+    total: int = Field(description="Documents in the index (all pages)")
+
+
+class ClearedIndex(BaseModel):
+    deleted_documents: int
+    deleted_chunks: int
+
+
 class KVInfo(BaseModel):
     """What the KV-reuse backend did for one answer (chunk caches from the store)."""
 

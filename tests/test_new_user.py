@@ -3,13 +3,22 @@ Python, and (in tests/server) HTTP with the openai SDK."""
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import os
+import re
+import shlex
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
+import tomllib
+from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from ragzip import RagZip
@@ -78,3 +87,173 @@ def test_index_append_of_files_without_ids(tmp_path: Path) -> None:
     assert len(set(ids)) == 5 and all(i.startswith("doc-") for i in ids)
     res = runner.invoke(app, ["index", str(first), "-o", str(idx), "--append"])  # the same file again
     assert res.exit_code == 0 and "2 already indexed" in res.output and "(5 chunks in" in res.output
+
+
+def test_every_install_line_in_the_readme_can_run() -> None:
+    root = Path(__file__).resolve().parents[1]
+    extras = set(tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    commands = re.findall(r"pip install ([^`\n]+)", (root / "README.md").read_text(encoding="utf-8"))
+    assert len(commands) >= 8
+    for command in commands:
+        for arg in shlex.split(command.split("#")[0]):
+            if arg.startswith("-"):
+                continue
+            checkout = re.fullmatch(r"(\.|/path/to/ragzip)\[([\w,.-]+)\]", arg)
+            if checkout:  # ragzip itself: from the clone, with extras that exist
+                assert set(checkout.group(2).split(",")) <= extras, command
+            else:  # anything else: a package pinned by name on the registry
+                assert re.fullmatch(r"[A-Za-z][\w.-]*==[\w.]+", arg) and not arg.startswith("ragzip"), command
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]["langchain"]
+    assert any(d.startswith("langchain-classic") for d in deps)  # where LangChain 1.x keeps the retriever
+
+
+def test_install_hints_name_this_checkout() -> None:
+    from ragzip.errors import extra_hint
+
+    hint = extra_hint("server")
+    path = hint.split("'")[1].removesuffix("[server]")
+    assert (Path(path) / "pyproject.toml").exists() and hint == f"pip install '{path}[server]'"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_serve_says_what_it_loads_shows_no_bars_and_is_ready_only_with_its_compressor() -> None:
+    port = _free_port()
+    proc = subprocess.Popen([*RAGZIP, "serve", "--port", str(port), "--method", "exit"], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url, seen = f"http://127.0.0.1:{port}", []
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                r = httpx.get(f"{url}/readyz", timeout=5)
+                seen.append(r.json()["checks"].get("compressor"))
+                if r.status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        assert r.json()["checks"] == {"compressor": "ok", "engine": "ok"}
+        assert set(seen) <= {"loading", "ok"}
+        # Ready means loaded: the first compression needs no model load (EXIT's encoder loads in ~1-3 s here).
+        started = time.monotonic()
+        body = {"question": "Where does the Rhine end?", "contexts": ["The Rhine ends in the North Sea. It is long."]}
+        assert httpx.post(f"{url}/v1/compress", json=body, timeout=60).status_code == 200
+        assert time.monotonic() - started < 1.0
+    finally:
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=30)
+    assert "loading the local engine smollm2-135m-instruct" in stderr
+    assert "Loading weights" not in stderr and "Converting" not in stderr and "it/s]" not in stderr
+
+
+def test_readiness_reports_a_default_compressor_that_cannot_load() -> None:
+    from ragzip.server.app import create_app
+    from ragzip.server.config import ServerConfig
+
+    app = create_app(ServerConfig(upstream="http://127.0.0.1:9/v1", method="exit",
+                                  options={"weights": "/nonexistent/exit-weights"}))
+    with TestClient(app) as client:
+        deadline = time.monotonic() + 60
+        while (checks := client.get("/readyz").json()["checks"])["compressor"] == "loading":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        r = client.get("/readyz")
+        assert r.status_code == 503 and checks["compressor"].startswith("failed: ")
+
+
+def test_model_loads_from_python_draw_no_bars_unless_verbose() -> None:
+    code = ("from ragzip import RagZip; "
+            "print(RagZip('exit').compress('Where?', ['The Rhine ends in the North Sea. It is long.']).text)")
+    quiet = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=300)
+    loud = subprocess.run([sys.executable, "-c", code], env={**ENV, "RAGZIP_VERBOSE": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert quiet.returncode == loud.returncode == 0, quiet.stderr + loud.stderr
+    assert quiet.stdout == loud.stdout and "North Sea" in quiet.stdout
+    assert "Loading weights" not in quiet.stderr and "Loading weights" in loud.stderr
+
+
+def test_quiet_loading_reaches_the_gguf_conversion_bar() -> None:
+    import transformers.modeling_gguf_pytorch_utils as gguf
+
+    from ragzip.registry import quiet_loading
+
+    with quiet_loading():
+        assert gguf.tqdm(range(2)).disable
+    assert not gguf.tqdm(range(2), file=io.StringIO()).disable  # restored afterwards
+
+
+def test_method_names_are_case_and_space_insensitive_and_async_compress_matches() -> None:
+    rz = RagZip(" Embed-TopK + TRUNCATE ", tokenizer="whitespace")
+    docs = ["The Rhine ends in the North Sea. It is long.", "Paris is in France. It has museums."]
+    sync = rz.compress("Where does the Rhine end?", docs, rate=0.5)
+    assert sync.method == "embed-topk+truncate"
+
+    async def many() -> list[object]:
+        return list(await asyncio.gather(*(rz.acompress("Where does the Rhine end?", docs, rate=0.5)
+                                           for _ in range(3))))
+
+    assert [r.to_contract()["text"] for r in asyncio.run(many())] == [sync.to_contract()["text"]] * 3  # type: ignore[attr-defined]
+
+
+def test_allowed_methods_name_pipelines_whole() -> None:
+    from ragzip.server.app import create_app
+    from ragzip.server.config import ServerConfig
+
+    body = {"question": "Where?", "contexts": ["The Rhine ends in the North Sea. It is long."]}
+    for allowed, method, status in ((["truncate", "embed-topk"], "TRUNCATE", 200),
+                                    (["truncate", "embed-topk"], "embed-topk+truncate", 400),
+                                    (["truncate", "embed-topk"], "exit", 400),
+                                    (["truncate", "Embed-TopK + truncate"], "embed-topk+truncate", 200),
+                                    (None, "embed-topk+truncate", 200)):
+        app = create_app(ServerConfig(upstream="http://127.0.0.1:9/v1", tokenizer="whitespace", method="truncate",
+                                      allowed_methods=allowed, warm_compressor=False))
+        with TestClient(app) as client:
+            r = client.post("/v1/compress", json={**body, "ragzip": {"method": method, "rate": 0.5}})
+        assert r.status_code == status, (allowed, method, r.text)
+        if status == 400:
+            assert r.json()["error"]["code"] == "invalid_method"
+
+
+def test_the_proxy_index_can_be_listed_and_emptied() -> None:
+    from ragzip.server.app import create_app
+    from ragzip.server.config import ServerConfig
+
+    app = create_app(ServerConfig(upstream="http://127.0.0.1:9/v1", tokenizer="whitespace", method="truncate",
+                                  warm_compressor=False, chunk_tokens=6))
+    with TestClient(app) as client:
+        assert client.get("/v1/documents").json() == {"object": "list", "data": [], "total": 0}
+        docs = [{"id": "tower", "title": "Tower", "text": "The Eiffel Tower is in Paris. It was completed in 1889."},
+                "Bread is baked.", {"text": "Oxygen has atomic number 8."}]
+        ids = client.post("/v1/documents", json={"documents": docs}).json()["ids"]
+        listed = client.get("/v1/documents").json()
+        assert listed["total"] == 3 and [d["id"] for d in listed["data"]] == ids
+        assert listed["data"][0] == {"id": "tower", "title": "Tower", "chunks": 2}
+        page = client.get("/v1/documents", params={"offset": 1, "limit": 1}).json()
+        assert [d["id"] for d in page["data"]] == ids[1:2] and page["total"] == 3
+        assert client.get("/v1/documents", params={"limit": 0}).status_code == 400
+        assert client.delete("/v1/documents").json() == {"deleted_documents": 3, "deleted_chunks": 4}
+        assert client.get("/v1/documents").json()["total"] == 0
+        assert client.get("/healthz").json()["index_chunks"] == 0
+        again = client.post("/v1/documents", json={"documents": ["Rome is in Italy."]}).json()["ids"]
+        assert again[0] not in ids  # ids are never reused
+
+
+@pytest.mark.parametrize("kwargs", [{"method": "exitt"}, {"method": "exit", "options": {"hops": 5}},
+                                    {"method": "exit", "rate": 0.5, "target_tokens": 10},
+                                    {"method": "exit+lingua2", "options": {"hops": 2}}])
+def test_integrations_refuse_bad_settings_when_built(kwargs: dict[str, object]) -> None:
+    from pydantic import ValidationError
+
+    from ragzip.langchain import RagzipCompressor
+    from ragzip.llama_index import RagzipNodePostprocessor
+
+    for component in (RagzipCompressor, RagzipNodePostprocessor):
+        with pytest.raises(ValidationError):
+            component(**kwargs)
+    assert RagzipCompressor(method=" EXIT ", rate=0.5).method == " EXIT "  # a good one still builds (lazily)
