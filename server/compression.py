@@ -16,7 +16,7 @@ import anyio
 
 from ragzip.budget import Budget
 from ragzip.compressors.registry import COMPRESSORS, canonical_method
-from ragzip.errors import ConfigError, RagzipError
+from ragzip.errors import ConfigError, ModelNotFoundError, RagzipError, UnsupportedModelError
 from ragzip.server.config import ServerConfig
 from ragzip.server.errors import APIError, redacted
 from ragzip.server.metrics import Metrics
@@ -178,6 +178,10 @@ class CompressionService:
         """Compress or raise (the /v1/compress contract): a failure is a clear 500, bad options a 400."""
         try:
             result = await anyio.to_thread.run_sync(self._run, plan, query, documents)
+        except (ModelNotFoundError, UnsupportedModelError) as exc:  # the server's own models: its fault, not the
+            log.error("compressor %r cannot load: %s", plan.method, redacted(exc))  # request's (it names none)
+            raise APIError(500, f"compression with {plan.method!r} is unavailable on this server: {exc}",
+                           type="server_error", code="compressor_unavailable") from exc
         except RagzipError:
             raise
         except Exception as exc:  # a compressor bug must not look like a server crash without a message

@@ -14,8 +14,11 @@ DOCS = ["The Rhine rises in the Swiss Alps. It ends in the North Sea near Rotter
         "Oxygen is a chemical element. Its symbol is O. The Rhine is long."]
 
 
-def test_auto_is_cuda_when_there_is_one_else_cpu() -> None:
-    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+@pytest.mark.parametrize("has_cuda", [True, False])
+def test_auto_is_cuda_when_there_is_one_else_cpu(has_cuda: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: has_cuda)  # both answers, whatever this host has
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: int(has_cuda))
+    assert resolve_device("auto") == ("cuda" if has_cuda else "cpu")
     assert resolve_device(None) == resolve_device("auto")
     assert resolve_device("cpu") == "cpu"
 
@@ -42,9 +45,16 @@ def test_every_model_backed_method_takes_a_device(method: str) -> None:
         RagZip(method, tokenizer="whitespace", device="bogus").compress("Where?", DOCS, 0.5)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA to tell the devices apart")
 def test_a_stage_option_wins_over_the_pipeline_device() -> None:
-    rz = RagZip("exit+lingua2", tokenizer="whitespace", device="cpu", lingua2={"device": "cpu"})
+    # The pipeline asks for a device this machine lacks; only the stages' own "cpu" makes it build and run.
+    rz = RagZip("exit+lingua2", tokenizer="whitespace", device="cuda", exit={"device": "cpu"},
+                lingua2={"device": "cpu"})
     assert [s.options.device for s in rz.compressor.stages] == ["cpu", "cpu"]
+    assert rz.compress("Where does the Rhine end?", DOCS, 0.5).text
+    with pytest.raises(ConfigError, match="sees no CUDA device"):  # the stage without its own device gets cuda
+        RagZip("exit+lingua2", tokenizer="whitespace", device="cuda", lingua2={"device": "cpu"}).compress(
+            "Where does the Rhine end?", DOCS, 0.5)
 
 
 @pytest.mark.gpu

@@ -27,8 +27,24 @@ def test_cl100k_counts_equal_tiktoken() -> None:
     assert counter.count(TEXTS[-1]) > 1  # the special token's text is counted as text
 
 
-def test_openai_model_names_map_to_their_encoding() -> None:
-    assert get_token_counter("gpt-4").count("Hello world") == get_token_counter("cl100k_base").count("Hello world")
+# Token counts OpenAI publishes in its cookbook ("How to count tokens with tiktoken"): pinned figures, not ones the
+# code under test computes.
+PUBLISHED = {"antidisestablishmentarianism": {"gpt2": 5, "cl100k_base": 6},
+             "2 + 2 = 4": {"gpt2": 5, "cl100k_base": 7},
+             "お誕生日おめでとう": {"gpt2": 14, "cl100k_base": 9}}
+
+
+@pytest.mark.parametrize("text", list(PUBLISHED))
+def test_counts_equal_openais_published_figures(text: str) -> None:
+    for encoding, n in PUBLISHED[text].items():
+        assert get_token_counter(encoding).count(text) == n, encoding
+
+
+@pytest.mark.parametrize("model, encoding", [("gpt-4", "cl100k_base"), ("gpt-3.5-turbo", "cl100k_base"),
+                                             ("gpt2", "gpt2")])
+def test_openai_model_names_map_to_their_encoding(model: str, encoding: str) -> None:
+    # the texts count differently in gpt2 and cl100k_base, so a wrong mapping shows
+    assert [get_token_counter(model).count(t) for t in PUBLISHED] == [PUBLISHED[t][encoding] for t in PUBLISHED]
 
 
 def test_gpt2_offline_equals_the_gpt2_bpe() -> None:

@@ -18,7 +18,14 @@ from ragzip.tokens import HFTokenCounter, TokenCounter, WhitespaceCounter
 from ragzip.types import CompressionResult, Document
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
-SQUAD = json.loads((FIXTURES / "lingua2_squad.json").read_text(encoding="utf-8"))["squad"]
+_HELD_OUT = json.loads((FIXTURES / "lingua2_squad.json").read_text(encoding="utf-8"))  # see NOTICE.lingua2
+SQUAD = _HELD_OUT["squad"]
+SAME_PASSAGE = _HELD_OUT["same_passage"]
+# Measured on these held-out questions (2-core CPU, fp32): 15 of 16 answers survive rate 0.5 with the question
+# (11 without it), and each of the three questions on SAME_PASSAGE (129 tokens) keeps its answer down to a 20-token
+# cap. The bars leave one answer of slack for numerics (bf16 vs fp32), none for a query-blind regression.
+HALF_RATE_SURVIVED = 14
+TIGHT_CAP = 30
 
 STRUCTURED = """Install the client and call the endpoint described at https://example.com/api/v2/docs?lang=en today.
 
@@ -226,20 +233,21 @@ def test_cjk_is_split_into_pieces_without_mojibake(tiny_bert: str, subword_count
 
 def test_force_tokens_digits_and_query_aware(tiny_bert: str) -> None:
     text = SQUAD[0]["text"]
+    names = sorted({w for w in re.findall(r"\b[A-Z][a-z]{3,}\b", text)})[:2]  # two capitalised words of the text
     forced = Lingua2Compressor(counter=WhitespaceCounter(), model=tiny_bert, protect=False,
-                               force_tokens="Broncos,Super Bowl", keep_digits="1")
+                               force_tokens=",".join(names), keep_digits="1")
     res = forced.compress("", [Document("d", text)], Budget.ratio(0.5)).text
-    assert res.count("Broncos") == text.count("Broncos")
-    assert "Super Bowl" in res
+    for name in names:
+        assert len(re.findall(rf"\b{name}\b", res)) == len(re.findall(rf"\b{name}\b", text)), name
     assert all(w in res.split() for w in re.findall(r"\S*\d\S*", text))
-    question = "Which stadium in Santa Clara hosted the game?"
+    question = SQUAD[0]["question"]
     qa = Lingua2Compressor(counter=WhitespaceCounter(), model=tiny_bert, protect=False, relevance="lexical")
     agnostic = Lingua2Compressor(counter=WhitespaceCounter(), model=tiny_bert, protect=False, query_aware="false")
     kept = qa.compress(question, [Document("d", text)], Budget.ratio(0.3)).text.split()
     plain = agnostic.compress(question, [Document("d", text)], Budget.ratio(0.3)).text.split()
-    hits = [w for w in ("stadium", "Santa", "Clara") if w in text]
-    assert sum(any(h in k for k in kept) for h in hits) > sum(any(h in k for k in plain) for h in hits) or \
-        all(any(h in k for k in kept) for h in hits)
+    hits = [w for w in re.findall(r"[A-Za-z]{5,}", question) if w in text.split()]
+    assert hits
+    assert sum(h in kept for h in hits) > sum(h in plain for h in hits) or all(h in kept for h in hits)
 
 
 @pytest.fixture(scope="module")
@@ -249,26 +257,19 @@ def default_comp() -> Lingua2Compressor:
     return Lingua2Compressor(counter=get_token_counter(None))
 
 
-SUPER_BOWL_QUESTIONS = {
-    "Which NFL team represented the AFC at Super Bowl 50?": "Denver Broncos",
-    "Where was Super Bowl 50 played?": "Levi's Stadium",
-    "Which team did the Broncos defeat?": "Carolina Panthers",
-}
-
-
 def test_the_question_steers_what_is_kept_under_a_tight_budget(default_comp: Lingua2Compressor) -> None:
-    """The issue's case: under 30 tokens, numbers must not crowd out the words that answer the question."""
-    doc = Document("sb", SQUAD[0]["text"], SQUAD[0]["title"])
+    """Under a tight cap, each of three questions on one held-out passage keeps its own answer."""
+    doc = Document("p", SAME_PASSAGE["text"], SAME_PASSAGE["title"])
     outputs = {}
-    for question, answer in SUPER_BOWL_QUESTIONS.items():
-        res = default_comp.compress(question, [doc], Budget.tokens(30))
-        assert res.tokens_after <= 30
+    for q in SAME_PASSAGE["questions"]:
+        res = default_comp.compress(q["question"], [doc], Budget.tokens(TIGHT_CAP))
+        assert res.tokens_after <= TIGHT_CAP
         assert res.stages[0].info["query_aware"] is True
-        assert answer in res.text, (question, res.text)
-        outputs[question] = res.text
+        assert any(a in res.text for a in q["answers"]), (q["question"], res.text)
+        outputs[q["question"]] = res.text
         _check_faithful([doc], res)
     assert len(set(outputs.values())) == len(outputs)  # different questions keep different words
-    agnostic = default_comp.compress("", [doc], Budget.tokens(30))
+    agnostic = default_comp.compress("", [doc], Budget.tokens(TIGHT_CAP))
     assert agnostic.stages[0].info["query_aware"] is False
 
 
@@ -279,7 +280,7 @@ def test_query_aware_keeps_answers_at_half_rate(default_comp: Lingua2Compressor)
     off = Lingua2Compressor(counter=default_comp.counter, query_aware=False)
     agnostic = [any(a in off.compress(r["question"], [d], Budget.ratio(0.5)).text for a in r["answers"])
                 for r, d in docs]
-    assert sum(survived) >= 14 and sum(survived) > sum(agnostic)  # of 16 SQuAD questions
+    assert sum(survived) >= HALF_RATE_SURVIVED and sum(survived) > sum(agnostic)  # of 16 held-out questions
 
 
 def test_threshold_budget_and_drop_consecutive(tiny_bert: str) -> None:
@@ -380,8 +381,9 @@ def test_answer_head_loads_and_scores_answer_words_higher() -> None:
     words = [rec["text"][a:b] for a, b in units]
     p = unit_max(units, rel.token_starts[0], rel.token_probs[0])
     assert len(rel.sentences[0]) == len(split_sentences(rec["text"])) and 0 <= p.min() and p.max() <= 1
-    answer = [p[i] for i, w in enumerate(words) if w in ("Denver", "Broncos")]
-    assert min(answer) > np.median(p)
+    answer_words = set(rec["answers"][0].split())
+    answer = [p[i] for i, w in enumerate(words) if w.strip(".,;:") in answer_words]
+    assert answer and min(answer) > np.median(p)
 
 
 def test_forced_words_never_take_the_whole_budget(tiny_bert: str) -> None:
