@@ -90,6 +90,23 @@ def test_quality_improves_with_ratio(tiny_model: Any, family: str) -> None:
     assert kls[1.0] < 1e-8
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_default_configuration_beats_plain_reuse(tiny_model: Any, family: str) -> None:
+    """`BlendConfig()` as `KVReuseEngine` runs it (15 %, value deviation mixed with the question's attention) against
+    plain reuse of the same caches. (Against a random 15 % it does not win on these tiny random models, nor on
+    0.5B real ones: see issue 35's diagnosis; no claim is made here.)"""
+    adapter = HFAdapter(tiny_model(family))
+    default, reuse = BlendConfig(), BlendConfig(recompute_ratio=0.0, fresh_check_kv=False, check_layer=0)
+    kl_default = kl_reuse = 0.0
+    for seed in range(8):
+        tail, chunks = _prompt(seed + 100, sizes=(30, 40, 35, 25), tail=6)
+        ref = _reference(adapter, [t for c in chunks for t in c] + tail)
+        segs = _segments(adapter, chunks, tail)
+        kl_default += _kl(ref, blended_prefill(adapter, segs, default).logits)
+        kl_reuse += _kl(ref, blended_prefill(adapter, segs, reuse).logits)
+    assert kl_default < 0.8 * kl_reuse  # measured 0.30-0.69x across the three families
+
+
 def test_gradual_filtering_and_strategies_run(tiny_model: Any) -> None:
     adapter = HFAdapter(tiny_model("llama"))
     tail, chunks = _prompt(3)

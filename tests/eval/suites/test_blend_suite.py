@@ -21,7 +21,11 @@ def test_blend_suite_reports_methods_strategies_and_intervals(tiny_reader: str) 
                 "top1_agreement_full_reuse", "kl_blend_vs_full_reuse", "kl_full_reuse_alone", "kl_blend_15_alone",
                 "speedup_prefix", "strategy_kl_query", "strategy_kl_random_5", "load_s_blend_15"):
         assert key in out, key
-    assert out["kl_blend"] >= -1e-6 and 0 <= out["top1_agreement_blend"] <= 1
+    # recomputing the selected tokens brings the blend closer to full prefill than plain reuse (here by orders of
+    # magnitude: the tiny model's reused caches differ from full prefill's; the recomputed ones much less)
+    assert out["kl_full_reuse"] > 10 * out["kl_blend"] and out["kl_full_reuse"] > 0
+    assert out["kl_blend"] == pytest.approx(sum(out["per_method"]["blend_15"]["kl"]) /
+                                            len(out["per_method"]["blend_15"]["kl"]))
     assert len(out["kl_blend_vs_full_reuse_ci"]) == 2 and out["best_strategy"] in {"value", "random", "query"}
     assert out["blend_config"]["recompute_ratio"] == 0.15
     per = out["per_method"]

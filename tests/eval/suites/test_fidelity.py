@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import math
 import sqlite3
 from pathlib import Path
@@ -80,12 +81,15 @@ def test_suite_rows_keys_references_and_cache(tiny_reader: str, tmp_path: Path) 
     matched = f"{round(rows['exit']['rate'], 2):g}"
     assert {"exit@0.33", "random@0.33", "embed-topk@0.33", "lingua2@0.5", "random@0.5", "embed-topk@0.5", "exit",
             f"random@{matched}", f"embed-topk@{matched}"} <= set(rows)
+    none = rows["none"]
     for r in res["rows"]:
         assert ROW_KEYS <= set(r), r["label"]
-        lo, hi = r["f1_delta_ci"]
-        assert r["n"] == 2 and lo <= r["f1_delta"] <= hi
-    none = rows["none"]
-    assert none["rate"] == 1.0 and none["f1_delta"] == 0.0 and none["answer_survival"] == 1.0
+        assert r["n"] == 2
+        # each row's delta is paired against the uncompressed row, not against itself or another method
+        assert r["f1_delta"] == pytest.approx(r["f1"] - none["f1"], abs=1e-6), r["label"]
+        assert r["nll_delta"] == pytest.approx(r["nll"] - none["nll"], abs=1e-3), r["label"]
+    assert len({round(r["nll"], 4) for r in res["rows"]}) > 2  # the reader's NLL tells the contexts apart
+    assert none["rate"] == 1.0 and none["answer_survival"] == 1.0
     assert none["support_recall"] == 1.0 and math.isfinite(none["nll"])
     for label in ("exit@0.33", "random@0.33", "embed-topk@0.33"):
         assert rows[label]["tokens_kept"] <= 0.34 * none["tokens_kept"] + 1
@@ -103,6 +107,22 @@ def test_suite_rows_keys_references_and_cache(tiny_reader: str, tmp_path: Path) 
     again = run(HOTPOT, limit=2, seed=0, options=options)
     assert {a["answer"] for qs in again["answers"].values() for a in qs} == {"Martha Burns"}
     assert next(r for r in again["rows"] if r["label"] == "none")["f1"] == 50.0  # right on one of two questions
+    # ... but only for the same reads: another generation length is another read, never served from the cache
+    other = run(HOTPOT, limit=2, seed=0, options={**options, "max_new_tokens": "3"})
+    assert "Martha Burns" not in {a["answer"] for qs in other["answers"].values() for a in qs}
+
+
+def test_exclude_trained_skips_the_scorers_training_questions(tiny_reader: str, tmp_path: Path) -> None:
+    from ragzip.eval.suites.extractive import trained_ids
+
+    records = [json.loads(line) for line in (HOTPOT / "normalized.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(records) == 2 and not {r["id"] for r in records} & trained_ids()
+    records[1]["id"] = sorted(trained_ids())[0]  # a question the shipped EXIT scorer was trained on
+    data = tmp_path / "normalized.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    options = {"methods": "none", "reader": tiny_reader, "cache": "0", "dtype": "float32", "max_new_tokens": "2"}
+    assert run(data, limit=None, seed=0, options=options)["n"] == 1
+    assert run(data, limit=None, seed=0, options={**options, "exclude_trained": "0"})["n"] == 2
 
 
 def test_suite_rejects_unknown_options_and_bad_data(tiny_reader: str, tmp_path: Path) -> None:
