@@ -27,9 +27,11 @@ from ragzip.types import CompressionResult, Document
 
 log = logging.getLogger("ragzip.server")
 _MAX_PIPELINES = 16
-# Options that load models, name files or pick hardware: the server's config decides them, never a request.
+# Options that load models, name files or URLs or pick hardware: the server's config decides them, never a request
+# ("scorer": EXIT's causal-lm judge loads an LLM). tests/test_promises.py holds every option to this list or the
+# per-request one.
 SERVER_ONLY_OPTIONS = frozenset({"device", "model", "weights", "adapter", "embedder", "llm", "cache_dir", "api_key",
-                                 "dtype"})
+                                 "dtype", "scorer"})
 
 
 @dataclass(frozen=True, slots=True)

@@ -70,3 +70,14 @@ def test_context_round_trips_and_older_blobs_without_it_still_read(record_factor
     # a context edited in (without the key matching) is caught as a foreign entry
     with pytest.raises(ForeignModelError):
         decode_record(_with_header(base, context=[1, 2]))
+
+
+def test_a_blob_of_another_codec_version_is_refused(record_factory: Callable[..., ChunkRecord]) -> None:
+    codec = get_codec("int8")
+
+    class NextInt8(type(codec)):  # type: ignore[misc]
+        version = codec.version + 1  # the same codec name, written by a newer release
+
+    with pytest.raises(CodecError, match="version"):
+        decode_record(encode_record(record_factory(), NextInt8()))
+    assert decode_record(encode_record(record_factory(), codec)).num_tokens > 0  # the current version reads
