@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import ray  # noqa: E402 - the ray extra, installed by setup: missing is a failure, not a skip
 
 from ragzip.batch import output_row
 from ragzip.budget import Budget
 from ragzip.errors import ConfigError, InputError
 from ragzip.pipeline import build_compressor
 from ragzip.tokens import get_token_counter
-
-ray = pytest.importorskip("ray")
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +106,32 @@ def test_cli_engine_ray(tmp_path: Path, local_ray: None) -> None:
                                       "--engine", "ray"])
     assert result.exit_code == 0, result.output
     assert without_timings(read(tmp_path / "out.jsonl")) == without_timings(single_process(lines))
+
+
+def test_the_device_reaches_each_worker_and_a_missing_one_fails_before_ray_starts(tmp_path: Path) -> None:
+    """Fast (no cluster): the worker Ray runs builds its stages on the device given, and a device this machine
+    lacks stops `--engine ray` with a clear error before any cluster work."""
+    from typer.testing import CliRunner
+
+    from ragzip.batch_ray import _Worker
+    from ragzip.cli import app
+
+    worker = _Worker("exit", {"rate": 0.5}, {}, "whitespace", "cpu")
+    assert [s.options.device for s in worker.compressor.stages] == ["cpu"]
+    src = tmp_path / "in.jsonl"
+    write_input(src)
+    res = CliRunner().invoke(app, ["compress", str(src), "-o", str(tmp_path / "out.jsonl"), "-m", "exit",
+                                   "--engine", "ray", "--device", "bogus", "--tokenizer", "whitespace"])
+    assert res.exit_code == 2 and "unknown device 'bogus'" in res.output and not ray.is_initialized()
+
+
+def test_streamed_input_is_batched_without_reading_it_all() -> None:
+    from ragzip.batch_ray import _batches
+
+    def records() -> Iterator[tuple[int, Any, str | None]]:
+        for n in range(1, 9):
+            yield n, {"id": str(n), "contexts": ["x"]}, None
+        raise AssertionError("read past what the first batches need")
+
+    first = list(itertools.islice(_batches(records(), 4), 2))  # what run_ray reads to size its pool
+    assert [[n for n, _, _ in b] for b in first] == [[1, 2, 3, 4], [5, 6, 7, 8]]

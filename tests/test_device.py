@@ -4,12 +4,12 @@ model loads, and every model-backed method takes it."""
 from __future__ import annotations
 
 import pytest
+import torch  # noqa: E402
 
 from ragzip import RagZip
 from ragzip.errors import ConfigError
 from ragzip.registry import resolve_device
 
-torch = pytest.importorskip("torch")
 DOCS = ["The Rhine rises in the Swiss Alps. It ends in the North Sea near Rotterdam. Paris is in France.",
         "Oxygen is a chemical element. Its symbol is O. The Rhine is long."]
 

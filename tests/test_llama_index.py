@@ -3,10 +3,8 @@ provenance."""
 
 from __future__ import annotations
 
+import llama_index.core  # noqa: E402, F401 - the llama-index extra, installed by setup
 import pytest
-
-pytest.importorskip("llama_index.core")
-
 from llama_index.core import Document, VectorStoreIndex  # noqa: E402
 from llama_index.core.node_parser import SentenceSplitter  # noqa: E402
 from llama_index.core.query_engine import RetrieverQueryEngine  # noqa: E402

@@ -257,3 +257,26 @@ def test_integrations_refuse_bad_settings_when_built(kwargs: dict[str, object]) 
         with pytest.raises(ValidationError):
             component(**kwargs)
     assert RagzipCompressor(method=" EXIT ", rate=0.5).method == " EXIT "  # a good one still builds (lazily)
+
+
+def test_exit_joins_cjk_sentences_without_adding_spaces() -> None:
+    text = "长江是中国最长的河流。它流入东海。黄河是中国第二长的河流。北京是中国的首都。"
+    res = RagZip("exit").compress("长江流入哪里？", [text], rate=0.6)
+    assert " " not in res.text and len(res.documents[0].spans) >= 2  # two sentences or more, joined as written
+    assert all(text[s.start:s.end] in res.text for s in res.documents[0].spans)
+
+
+def test_the_thread_policy_limits_blas_pools_and_sets_passive_omp_waits() -> None:
+    code = ("import os; from ragzip.threads import process_defaults; print(sorted(process_defaults())); "
+            "import numpy, threadpoolctl; from ragzip.threads import limit_blas_threads; limit_blas_threads(); "
+            "print(sorted({i['num_threads'] for i in threadpoolctl.threadpool_info() if i['user_api'] == 'blas'})); "
+            "print(os.environ['OMP_WAIT_POLICY'])")
+    env = {k: v for k, v in ENV.items() if k not in ("OMP_WAIT_POLICY", "RAGZIP_BLAS_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split("\n")[:3] == ["['OMP_WAIT_POLICY']", "[1]", "PASSIVE"], out.stdout + out.stderr
+    mine = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE",
+                                                             "RAGZIP_BLAS_THREADS": "0"},
+                          capture_output=True, text=True, timeout=120)
+    lines = mine.stdout.split("\n")
+    assert lines[0] == "[]" and lines[2] == "ACTIVE"  # a user's own settings win
+    assert lines[1] != "[1]" or (os.cpu_count() or 1) == 1  # the libraries' own default: one per core

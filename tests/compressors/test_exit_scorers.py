@@ -41,9 +41,8 @@ def tiny_tokenizer(extra_words: list[str] | None = None) -> Any:
 @pytest.fixture(scope="module")
 def tiny_gemma(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A randomly initialised Gemma-family model and a random LoRA adapter for it, saved locally."""
+    import peft  # setup installs it (the exit extra): missing is a failure, not a skip
     import torch
-
-    peft = pytest.importorskip("peft")
     from transformers import GemmaConfig, GemmaForCausalLM
 
     torch.manual_seed(0)

