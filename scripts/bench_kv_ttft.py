@@ -32,23 +32,25 @@ def _spin() -> None:
         pass
 
 
-def measure(data: str, questions: int, chunks: int, busy: int, model: str, threads: int) -> dict[str, Any]:
-    """One configuration, in this process."""
+def measure(data: str, questions: int, chunks: int, busy: int, model: str, threads: int,
+            dtype: str = "auto") -> dict[str, Any]:
+    """One configuration, in this process, with the model loaded as `ragzip ask` loads it (`LocalEngine`)."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
 
+    from ragzip.engine import LocalEngine
     from ragzip.eval.datasets import load_examples
     from ragzip.kv_engine import KVReuseEngine, ReuseMode
     from ragzip.kvstore.codecs import get_codec
     from ragzip.kvstore.stores.base import open_store
-    from ragzip.registry import load_causal_lm
     from ragzip.threads import blas_threads
     from ragzip.types import Document
 
     examples = load_examples(data, limit=questions)
-    lm, tokenizer = load_causal_lm(model)
+    engine_llm = LocalEngine(model, dtype=dtype, device="cpu")  # what `ragzip ask` builds (auto: bf16 where native)
+    lm, tokenizer = engine_llm.model, engine_llm.tokenizer
     with tempfile.TemporaryDirectory() as tmp:
         store = open_store(tmp)
         store.codec = get_codec("kvtc", profile=model)  # what `ragzip kv warm --codec auto` picks
@@ -82,7 +84,7 @@ def measure(data: str, questions: int, chunks: int, busy: int, model: str, threa
     med = statistics.median
     return {
         "busy_processes": busy, "blas_threads": blas_threads(), "torch_threads": torch.get_num_threads(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset (active)"),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset (active)"), "dtype": str(lm.dtype),
         "questions": len(rows), "chunks_per_question": chunks,
         "prompt_tokens_median": med(r["prompt_tokens"] for r in rows),
         "warm_s_per_chunk": round(warm_s, 3),
@@ -102,6 +104,7 @@ def main() -> None:
     ap.add_argument("--questions", type=int, default=8)
     ap.add_argument("--chunks", type=int, default=5)
     ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--dtype", default="auto", help="as `ragzip ask` (auto: bf16 on a CPU with native bf16)")
     ap.add_argument("--busy", default="0,2", help="comma list of spinning processes beside the run")
     ap.add_argument("--blas-threads", default="1,0", help="comma list of RAGZIP_BLAS_THREADS values")
     ap.add_argument("--torch-threads", default="0", help="comma list of torch thread counts (0: torch's default)")
@@ -112,7 +115,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.one:
         print(json.dumps(measure(args.data, args.questions, args.chunks, int(args.busy), args.model,
-                                 int(args.torch_threads))))
+                                 int(args.torch_threads), args.dtype)))
         return
     runs = []
     for policy in args.wait_policy.split(","):
@@ -123,7 +126,7 @@ def main() -> None:
                            "OMP_WAIT_POLICY": policy.upper()}
                     cmd = [sys.executable, __file__, "--one", "--data", args.data, "--questions",
                            str(args.questions), "--chunks", str(args.chunks), "--model", args.model, "--busy", busy,
-                           "--torch-threads", threads]
+                           "--torch-threads", threads, "--dtype", args.dtype]
                     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
                     runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
                     print(json.dumps(runs[-1]), flush=True)
