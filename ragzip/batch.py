@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ragzip.budget import Budget
-from ragzip.contract import SupportsCompress, compress_record, documents_of_line, parse_record
+from ragzip.contract import SupportsCompress, check_strings, compress_record, documents_of_line, parse_record
 from ragzip.errors import ConfigError, InputError
 from ragzip.types import Document
 
@@ -275,7 +275,7 @@ def counter_name(compressor: Any) -> str | None:
 def content_id(obj: Any) -> str:
     """A default id for a corpus line without one: a digest of its content, so that documents of different files
     (or of one file appended twice) never collide by position, and the same document always gets the same id."""
-    blob = json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    blob = json.dumps(obj, sort_keys=True, ensure_ascii=True, separators=(",", ":")).encode("ascii")
     return "doc-" + hashlib.blake2b(blob, digest_size=8).hexdigest()
 
 
@@ -290,6 +290,7 @@ def read_corpus(path: str | Path) -> list[Document]:
         try:
             if problem:
                 raise InputError(problem)
+            check_strings(obj, "line")  # before anything hashes or tokenizes it
             for doc in documents_of_line(obj, content_id(obj)):
                 if (doc.id, doc.title, doc.text) not in seen:
                     seen.add((doc.id, doc.title, doc.text))

@@ -10,8 +10,8 @@ _CHECKOUT = Path(__file__).resolve().parents[1]
 
 def extra_hint(extra: str) -> str:
     """The command that installs one of ragzip's extras here: from the checkout this copy runs from when there is
-    one (an editable install), else by name (a wheel built from it)."""
-    where = str(_CHECKOUT) if (_CHECKOUT / "pyproject.toml").exists() else "ragzip"
+    one (an editable install). Never by name: "ragzip" on a registry is not this project."""
+    where = str(_CHECKOUT) if (_CHECKOUT / "pyproject.toml").exists() else "/path/to/your/ragzip/checkout"
     return f"pip install '{where}[{extra}]'"
 
 

@@ -212,6 +212,26 @@ def _with_device(spec: StageSpec, device: str | None) -> dict[str, Any]:
     return options
 
 
+def method_specs(method: str, options: Mapping[str, Any] | None = None
+                 ) -> tuple[list[StageSpec], Budget | None, float]:
+    """The stages `method` names ('exit', 'crag+exit', or a JSON pipeline config's path), each with its options,
+    and the config's own budget and slack: what `build_compressor` builds and `check_method` checks. Options apply
+    to a single method; for '+'-joined methods use `{stage_name: {...}}` or a config file."""
+    options = dict(options or {})
+    if method.endswith(".json") or Path(method).is_file():
+        if options:
+            raise ConfigError("options for a pipeline config file go in the file's stages")
+        return load_pipeline_config(method)
+    names = canonical_method(method).split("+")
+    if len(names) == 1:
+        return [StageSpec(names[0], options)], None, DEFAULT_STAGE_SLACK
+    flat = sorted(k for k, v in options.items() if not isinstance(v, Mapping))
+    if flat:
+        raise ConfigError(f"options {flat} are ambiguous for a multi-stage method; use a pipeline config file")
+    return ([StageSpec(n, dict(options[n]) if isinstance(options.get(n), Mapping) else {}) for n in names], None,
+            DEFAULT_STAGE_SLACK)
+
+
 def check_method(method: str, options: Mapping[str, Any] | None = None, budget: Budget | None = None) -> None:
     """What `build_compressor(method, options=options)` and a compression under `budget` would refuse, found
     without loading a model: unknown names, unknown or malformed options, a budget kind the method does not take.
@@ -220,50 +240,23 @@ def check_method(method: str, options: Mapping[str, Any] | None = None, budget: 
     Raises:
         ConfigError / BudgetError: as `build_compressor` and `compress` would.
     """
-    options = dict(options or {})
-    if method.endswith(".json") or Path(method).is_file():
-        if options:
-            raise ConfigError("options for a pipeline config file go in the file's stages")
-        load_pipeline_config(method)
-        return
-    names = canonical_method(method).split("+")
-    for name in names:
-        if name not in COMPRESSORS:
-            raise ConfigError(f"unknown compressor {name!r}; valid: {sorted(COMPRESSORS)}")
-    if len(names) == 1:
-        per_stage = {names[0]: options}
-    else:
-        flat = sorted(k for k, v in options.items() if not isinstance(v, Mapping))
-        if flat:
-            raise ConfigError(f"options {flat} are ambiguous for a multi-stage method; use a pipeline config file")
-        per_stage = {n: dict(options.get(n, {})) for n in names}
-    for name, values in per_stage.items():
-        cls = COMPRESSORS[name]
-        parse_options(cls.Options, {k: v for k, v in values.items() if k != "device"}, owner=f"compressor {name!r}")
+    specs, _, _ = method_specs(method, options)
+    for spec in specs:
+        if spec.method not in COMPRESSORS:
+            raise ConfigError(f"unknown compressor {spec.method!r}; valid: {sorted(COMPRESSORS)}")
+        parse_options(COMPRESSORS[spec.method].Options, {k: v for k, v in spec.options.items() if k != "device"},
+                      owner=f"compressor {spec.method!r}")
     if budget is not None:
-        check_budget_kind(names[-1], budget, COMPRESSORS[names[-1]].budget_kinds)
+        check_budget_kind(specs[-1].method, budget, COMPRESSORS[specs[-1].method].budget_kinds)
 
 
 def build_compressor(method: str, *, counter: TokenCounter | None = None,
                      options: Mapping[str, Any] | None = None, device: str | None = None) -> Pipeline:
-    """A pipeline for `method` ('exit', 'crag+exit', or a path to a JSON pipeline config). Options apply to every
-    stage that is a single method; for '+'-joined methods use `{stage_name: {...}}` or a config file. `device`
-    ("auto", "cpu", "cuda", ...) goes to every model-backed stage whose options do not name one."""
-    options = dict(options or {})
-    if method.endswith(".json") or Path(method).is_file():
-        if options:
-            raise ConfigError("options for a pipeline config file go in the file's stages")
-        specs, budget, slack = load_pipeline_config(method)
-        return Pipeline.from_specs(specs, counter=counter, budget=budget, stage_slack=slack, device=device)
-    method = canonical_method(method)
-    names = method.split("+")
-    if len(names) == 1:
-        return Pipeline.from_specs([StageSpec(method, options)], counter=counter, device=device)
-    per_stage = {n: dict(options.get(n, {})) if isinstance(options.get(n), Mapping) else {} for n in names}
-    flat = {k: v for k, v in options.items() if not isinstance(v, Mapping)}
-    if flat:
-        raise ConfigError(f"options {sorted(flat)} are ambiguous for a multi-stage method; use a pipeline config file")
-    return Pipeline.from_specs([StageSpec(n, per_stage[n]) for n in names], counter=counter, device=device)
+    """A pipeline for `method` (see `method_specs`). `device` ("auto", "cpu", "cuda", ...) goes to every
+    model-backed stage whose options do not name one."""
+    specs, budget, slack = method_specs(method, options)
+    return Pipeline.from_specs(specs, counter=counter, budget=budget, stage_slack=slack, device=device)
 
 
-__all__ = ["Pipeline", "StageSpec", "build_compressor", "check_method", "load_pipeline_config", "parse_budget"]
+__all__ = ["Pipeline", "StageSpec", "build_compressor", "check_method", "load_pipeline_config", "method_specs",
+           "parse_budget"]

@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache, partial
@@ -41,13 +42,24 @@ def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
 
 
+_QUIET_LOCK = threading.RLock()  # the settings below are process-wide: one quiet load at a time restores them
+
+
 @contextlib.contextmanager
 def quiet_loading() -> Iterator[None]:
     """Model loading without transformers' and the hub's progress bars and info logs (an application's stderr
-    is not ours to fill), unless `RAGZIP_VERBOSE` is set. The previous settings come back afterwards."""
+    is not ours to fill), unless `RAGZIP_VERBOSE` is set. The previous settings come back afterwards; concurrent
+    loads (a server's warm-up beside a first request) take turns, so neither restores the other's settings."""
     if verbose():
         yield
         return
+    with _QUIET_LOCK:
+        with _quiet():
+            yield
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
     from transformers.utils import logging as hf_logging
 
     bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()

@@ -4,7 +4,9 @@ torch does the heavy work (prefill, encoders) on its own intra-op pool. numpy an
 whose idle workers keep spinning after every call: on a machine with few cores they take the cores torch's
 threads are about to use, and a 0.2 s matrix inverse took 10 s beside a loaded model. So the BLAS pools of the
 libraries loaded beside torch run on one thread (their work here is small: KV codec transforms, index search),
-and torch keeps the cores. `RAGZIP_BLAS_THREADS=N` sets another count; `0` leaves the libraries' own defaults.
+and torch keeps the cores (torch's own BLAS, where it is a separate library, is left alone). The limit is
+process-wide: an application that wants numpy's own threading sets `RAGZIP_BLAS_THREADS=0` (the libraries' own
+defaults) or `RAGZIP_BLAS_THREADS=N`.
 
 `limit_blas_threads()` is called where such a library is first used (KV codec profiles, the vector index, model
 loads); it is cheap and idempotent, and covers each library loaded since the last call.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 BLAS_THREADS_ENV = "RAGZIP_BLAS_THREADS"
@@ -51,6 +54,13 @@ def blas_threads() -> int:
         return 1
 
 
+def _torchs(filepath: str) -> bool:
+    """torch's own BLAS (MKL in some builds, OpenBLAS in aarch64 wheels): it does the heavy work, so it keeps its
+    threads."""
+    path = filepath.lower()
+    return "mkl" in path or any(part in ("torch", "torch.libs") for part in Path(path).parts)
+
+
 def limit_blas_threads() -> list[str]:
     """Apply the policy to every BLAS library loaded in this process that it has not reached yet; returns the
     file paths newly limited."""
@@ -61,7 +71,8 @@ def limit_blas_threads() -> list[str]:
 
     with _lock:
         controller = ThreadpoolController().select(user_api="blas")
-        fresh = [lib for lib in controller.lib_controllers if lib.filepath not in _limited]
+        fresh = [lib for lib in controller.lib_controllers
+                 if lib.filepath not in _limited and not _torchs(lib.filepath)]
         for lib in fresh:
             lib.set_num_threads(threads)
             _limited.add(lib.filepath)

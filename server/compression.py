@@ -90,7 +90,7 @@ class CompressionService:
             self._run(plan, "Where is the tower?", [Document("warm-up", "The tower is in Paris. It is tall.")])
         except Exception as exc:  # noqa: BLE001 - reported by /readyz; requests still fall back to uncompressed
             log.warning("the default compressor %r failed to load: %s", self.config.method, redacted(exc))
-            self.readiness = f"failed: {type(exc).__name__}: {exc}"[:300]
+            self.readiness = f"failed: {type(exc).__name__} (see the server log)"  # /readyz is public: no message
             return
         self.readiness = "ok"
 
@@ -111,8 +111,7 @@ class CompressionService:
         if opts.method is not None:
             # With allowed_methods, a request names one of them exactly: allowing "exit" and "lingua2" does not
             # allow their pipeline (which costs both); list "exit+lingua2" to allow it.
-            allowed = ({canonical_method(m) for m in self.config.allowed_methods}
-                       if self.config.allowed_methods is not None else None)
+            allowed = set(self.config.allowed_methods) if self.config.allowed_methods is not None else None
             unknown = [n for n in method.split("+") if n not in self.registered]
             if unknown or method.endswith(".json") or (allowed is not None and method not in allowed):
                 valid = sorted(allowed) if allowed is not None else sorted(self.registered)
@@ -199,9 +198,14 @@ class CompressionService:
         started = time.perf_counter()
         if not documents:
             return Outcome(CompressionResult(plan.method, (), 0, 0, 0.0))
-        await anyio.to_thread.run_sync(self.pipeline, plan)  # ConfigError here is a 400, not a fallback
         try:
+            await anyio.to_thread.run_sync(self.pipeline, plan)  # bad options (ConfigError) are a 400 ...
             result = await anyio.to_thread.run_sync(self._run, plan, query, documents)
+        except (ModelNotFoundError, UnsupportedModelError) as exc:  # ... the server's own missing models are not
+            log.warning("compressor %r cannot load, serving the uncompressed context: %s", plan.method, redacted(exc))
+            self.metrics.fallbacks.labels(plan.method).inc()
+            result = await anyio.to_thread.run_sync(self._uncompressed, documents, started)
+            return Outcome(result, f"{type(exc).__name__}: the compressor's models are unavailable on this server")
         except ConfigError:
             raise
         except Exception as exc:  # any compressor failure: serve the full context instead, and say so

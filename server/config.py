@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ragzip.compressors.registry import COMPRESSORS, canonical_method
 from ragzip.errors import ConfigError
 
 
@@ -68,6 +69,22 @@ class ServerConfig(BaseModel):
                                                                    "finish before the server exits")
     readiness_timeout_s: float = Field(default=2.0, gt=0, description="Timeout of /readyz's upstream probe")
 
+    @field_validator("method")
+    @classmethod
+    def _canonical_method(cls, value: str) -> str:
+        return canonical_method(value)  # as requests' methods are compared: "EXIT" is "exit"
+
+    @field_validator("allowed_methods")
+    @classmethod
+    def _canonical_allowed(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        names = [canonical_method(m) for m in value]
+        unknown = sorted({n for m in names for n in m.split("+") if n not in COMPRESSORS})
+        if unknown:
+            raise ValueError(f"allowed_methods names unknown compressors {unknown}; valid: {sorted(COMPRESSORS)}")
+        return names
+
     @model_validator(mode="after")
     def _check(self) -> ServerConfig:
         if self.rate is not None and self.target_tokens is not None:
@@ -80,10 +97,8 @@ class ServerConfig(BaseModel):
             raise ValueError("max_document_chars must be <= max_context_chars")
         if self.default_max_new_tokens > self.max_new_tokens:
             raise ValueError("default_max_new_tokens must be <= max_new_tokens")
-        from ragzip.compressors.registry import COMPRESSORS, canonical_method
-
         if not (self.method.endswith(".json") and Path(self.method).is_file()):
-            unknown = [n for n in canonical_method(self.method).split("+") if n not in COMPRESSORS]
+            unknown = [n for n in self.method.split("+") if n not in COMPRESSORS]
             if unknown:
                 raise ValueError(f"unknown method {self.method!r} ({', '.join(map(repr, unknown))}); valid: "
                                  f"{sorted(COMPRESSORS)}, '+'-joined, or a pipeline JSON file")

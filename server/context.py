@@ -24,7 +24,7 @@ from typing import Any
 from ragzip.contract import to_documents
 from ragzip.types import CompressedDocument, Document
 
-_BLOCK = re.compile(r"<documents\b([^>]*)>(.*?)</documents>", re.DOTALL | re.IGNORECASE)
+_BLOCK = re.compile(r"<documents(\s[^>]*)?>(.*?)</documents>", re.DOTALL | re.IGNORECASE)
 COMPRESSED_MARK = 'compressed-by="ragzip"'  # on the blocks ragzip renders: already compressed
 _DOC = re.compile(r"<document\b([^>]*)>(.*?)</document>", re.DOTALL | re.IGNORECASE)
 _ATTR = re.compile(r'([A-Za-z_][\w-]*)\s*=\s*"([^"]*)"')
@@ -132,7 +132,7 @@ def extract(messages: list[dict[str, Any]], documents: list[Document] | None) ->
         return ChatContext(messages, query.strip())
     loc, match = found
     docs = parse_block(match.group(2))
-    marked = {k.lower(): v for k, v in _ATTR.findall(match.group(1))}.get("compressed-by") == "ragzip"
+    marked = {k.lower(): v for k, v in _ATTR.findall(match.group(1) or "")}.get("compressed-by") == "ragzip"
     text = _get_text(messages, loc)
     # Keep a placeholder where the block was so the compressed block goes back in the same place.
     _set_text(messages, loc, text[: match.start()] + "\x00RAGZIP\x00" + text[match.end():])

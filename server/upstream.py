@@ -86,8 +86,8 @@ class Upstream:
             raise UpstreamError(502, message, code=failure.code or "upstream_error", param=failure.param,
                                 ragzip_code="upstream_error")
         if resp.status_code in (401, 403):  # the proxy's own upstream key is wrong: not the client's fault
-            raise UpstreamError(502, message + " (check the proxy's upstream_api_key)",
-                                code=failure.code or "upstream_auth", ragzip_code="upstream_auth")
+            # the proxy's own key is wrong: the upstream's "invalid_api_key" would point the client at its key
+            raise UpstreamError(502, message + " (check the proxy's upstream_api_key)", code="upstream_auth")
         if resp.status_code == 429:
             raise APIError(429, message, type=failure.type or "rate_limit_error",
                            code=failure.code or "rate_limit_exceeded", param=failure.param, headers=failure.headers,

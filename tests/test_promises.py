@@ -70,7 +70,7 @@ def test_a_full_queue_refuses_at_once_when_the_wait_would_outlast_the_timeout() 
         return why, time.monotonic() - started, slots.retry_after_s()
 
     why, waited, retry = asyncio.run(scenario())
-    assert why == "overloaded" and waited < 0.1 and retry >= 2
+    assert why == "overloaded" and waited < 0.5 and retry >= 2  # refused at once, not after the 1 s wait
 
 
 def test_a_client_that_leaves_the_queue_frees_its_place_and_takes_no_slot() -> None:

@@ -176,3 +176,18 @@ def test_a_lone_surrogate_is_a_400_on_every_route(live_server: Any) -> None:
         assert resp.status_code == 400, (route, resp.status_code, resp.text)
         assert "surrogate" in resp.json()["error"]["message"]
     assert not seen  # nothing was forwarded
+
+
+def test_chat_falls_back_when_the_servers_compressor_cannot_load(live_server: Any) -> None:
+    seen: list[dict[str, Any]] = []
+    upstream = live_server(recording_upstream(seen))
+    proxy = live_server(create_app(ServerConfig(upstream=f"{upstream.url}/v1", tokenizer="whitespace",
+                                                method="exit", options={"weights": "/nonexistent/exit-weights"},
+                                                warm_compressor=False)))
+    client = openai.OpenAI(base_url=f"{proxy.url}/v1", api_key="x", max_retries=0)
+    reply = client.chat.completions.with_raw_response.create(
+        model="m", messages=[{"role": "user", "content": QUESTION}], extra_body={"documents": CONTEXTS})
+    assert reply.http_response.status_code == 200 and reply.headers["x-ragzip-fallback"] == "uncompressed"
+    info = reply.parse().model_extra["ragzip"]  # type: ignore[index]
+    assert info["method"] == "none" and "unavailable" in info["fallback"] and "/nonexistent" not in info["fallback"]
+    assert seen and "North Sea" in seen[-1]["messages"][-1]["content"]  # the model got the whole context
