@@ -19,6 +19,7 @@ from ragzip.errors import UnsupportedModelError
 
 _DIGIT = re.compile(r"\d")
 _CJK = re.compile(r"[\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef\U00020000-\U0002fa1f]")
+_HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f]")  # Chinese characters
 _SENT_END = frozenset(".!?;:。！？；\n")
 
 
@@ -208,17 +209,42 @@ def is_cjk(ch: str) -> bool:
     return bool(_CJK.match(ch))
 
 
+def _han(ch: str) -> bool:
+    return bool(_HAN.match(ch))
+
+
+def chinese_word_starts(text: str) -> set[int] | None:
+    """Where Chinese words start inside runs of Han characters (jieba's segmentation), or None without jieba (the
+    `cjk` extra). A BERT-style tokenizer splits Han text into single characters, which would let a pruner keep
+    "江" of "长江"."""
+    try:
+        import jieba  # heavy: a dictionary loads on first use
+    except ImportError:
+        return None
+    jieba.setLogLevel(60)
+    return {start for _, start, _ in jieba.tokenize(text)}
+
+
 def text_units(text: str, token_starts: np.ndarray) -> np.ndarray:
     """Word units of `text` as an [U, 2] array of char ranges: whitespace-separated words, with runs of CJK
-    characters further split where a token starts (CJK has no spaces, so the tokenizer's pieces are the words).
+    characters further split into words: Chinese by jieba's segmentation when installed, other scripts (and Chinese
+    without jieba) where a token starts (CJK has no spaces, so the tokenizer's pieces stand in for words).
     """
     spans = [(m.start(), m.end()) for m in re.finditer(r"\S+", text)]
     if not spans:
         return np.zeros((0, 2), dtype=np.int64)
     if not _CJK.search(text):
         return np.array(spans, dtype=np.int64)
-    cuts = np.array(sorted({int(s) for s in token_starts
-                            if 0 < s < len(text) and (is_cjk(text[s]) or is_cjk(text[s - 1]))}), dtype=np.int64)
+    words = chinese_word_starts(text) if _HAN.search(text) else None
+
+    def cut(s: int) -> bool:
+        if words is not None and _han(text[s]) and _han(text[s - 1]):
+            return s in words  # inside a Han run: only at a word start
+        return is_cjk(text[s]) or is_cjk(text[s - 1])
+
+    cuts = np.array(sorted({int(s) for s in token_starts if 0 < s < len(text) and cut(int(s))}
+                           | ({w for w in words if 0 < w < len(text) and _han(text[w]) and _han(text[w - 1])}
+                              if words is not None else set())), dtype=np.int64)
     out: list[tuple[int, int]] = []
     for s, e in spans:
         inner = cuts[np.searchsorted(cuts, s, side="right"):np.searchsorted(cuts, e, side="left")].tolist()

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import httpx
+import jieba  # the cjk extra, installed by setup
 import pytest
 import tomllib
 from fastapi.testclient import TestClient
@@ -292,3 +293,13 @@ def test_a_lone_surrogate_in_a_corpus_is_a_clear_error(tmp_path: Path, command: 
     res = CliRunner().invoke(app, [*command, str(src), *where])
     assert res.exit_code == 2 and f"{src}:2:" in res.output and "surrogate" in res.output, res.output
     assert res.exception is None or isinstance(res.exception, SystemExit)  # no traceback
+
+
+def test_lingua2_keeps_chinese_words_whole() -> None:
+    text = "长江是中国最长的河流，它流入东海。黄河是中国第二长的河流。北京是中国的首都，也是政治中心。"
+    words = [(s, e) for _, s, e in jieba.tokenize(text) if e - s > 1]  # the multi-character words
+    res = RagZip("lingua2").compress("长江流入哪里？", [text], rate=0.5)
+    kept = {i for sp in res.documents[0].spans for i in range(sp.start, sp.end)}
+    assert " " not in res.text and 0 < len(kept) < len(text)
+    for s, e in words:  # each word is kept whole or not at all
+        assert {i for i in range(s, e)} & kept in (set(), set(range(s, e))), text[s:e]
