@@ -50,7 +50,9 @@ PLAN: tuple[SuiteRun, ...] = (
     # Quick runs reuse the shipped sensitivity profile; the full run measures it again.
     SuiteRun("kvcodec", "kvcodec", "musique_chunks_dev50", 2, 12,
              {"profile": "smollm2-135m-instruct", "calib": "0", "blend": "1"}, {}),
-    SuiteRun("blend", "blend", "musique_chunks_dev50", 1, 5, {"strategies": "false", "max_new_tokens": "16"}, {}),
+    # Quick: no untimed warm-up pass and no previous-version caches (smoke figures; the full run measures both).
+    SuiteRun("blend", "blend", "musique_chunks_dev50", 1, 5,
+             {"strategies": "false", "max_new_tokens": "16", "warmup": "false", "previous": "false"}, {}),
 )
 
 
