@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ragzip.cli import app
+from ragzip.eval.harness import free_port
 
 RAGZIP = [sys.executable, "-m", "ragzip.cli"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "40"}
@@ -62,14 +62,8 @@ def test_the_summary_is_one_line_however_narrow_the_terminal(tmp_path: Path) -> 
     assert len(lines[0]) > 40
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_serve_flags_set_method_budget_tokenizer_and_keys(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     env = {**ENV, "PROXY_KEYS": "sk-a, sk-b"}
     proc = subprocess.Popen([*RAGZIP, "serve", "--port", str(port), "--upstream", "http://127.0.0.1:9/v1",
                              "--method", "truncate", "--target-tokens", "6", "--tokenizer", "cl100k_base",

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from typer.testing import CliRunner
 from ragzip import RagZip
 from ragzip.cli import app
 from ragzip.errors import InputError
+from ragzip.eval.harness import free_port
 from ragzip.types import Document
 
 RAGZIP = [sys.executable, "-m", "ragzip.cli"]
@@ -116,14 +116,8 @@ def test_install_hints_name_this_checkout() -> None:
     assert (Path(path) / "pyproject.toml").exists() and hint == f"pip install '{path}[server]'"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_serve_says_what_it_loads_shows_no_bars_and_is_ready_only_with_its_compressor() -> None:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([*RAGZIP, "serve", "--port", str(port), "--method", "exit"], env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url, seen = f"http://127.0.0.1:{port}", []
