@@ -30,19 +30,22 @@ def tiny_reader(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(path)
 
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOC_PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]  # the README and the docs pages
 
 
 @pytest.fixture(scope="session")
 def readme_example() -> object:
-    """`readme_example(name)`: the README's python block that follows `<!-- example: name -->`, as written."""
+    """`readme_example(name)`: the python block that follows `<!-- example: name -->` in the README or a docs page,
+    as written (each name once)."""
     import re
 
-    text = README.read_text(encoding="utf-8")
+    text = "\n".join(p.read_text(encoding="utf-8") for p in DOC_PAGES)
 
     def get(name: str) -> str:
-        match = re.search(rf"<!-- example: {re.escape(name)} -->\n```python\n(.*?)\n```", text, re.S)
-        assert match, f"README has no example {name!r}"
-        return match.group(1)
+        found = re.findall(rf"<!-- example: {re.escape(name)} -->\n```python\n(.*?)\n```", text, re.S)
+        assert len(found) == 1, f"{len(found)} examples named {name!r} in the README and docs pages"
+        return found[0]
 
     return get

@@ -93,7 +93,8 @@ def test_index_append_of_files_without_ids(tmp_path: Path) -> None:
 def test_every_install_line_in_the_readme_can_run() -> None:
     root = Path(__file__).resolve().parents[1]
     extras = set(tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"])
-    commands = re.findall(r"pip install ([^`\n]+)", (root / "README.md").read_text(encoding="utf-8"))
+    pages = [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+    commands = [c for p in pages for c in re.findall(r"pip install ([^`\n]+)", p.read_text(encoding="utf-8"))]
     assert len(commands) >= 8
     for command in commands:
         for arg in shlex.split(command.split("#")[0]):
