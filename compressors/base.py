@@ -71,6 +71,11 @@ class BaseCompressor:
     # The uncompressed baseline: keeps every document whatever the budget (no fit, no cap).
     keeps_everything = False
 
+    @property
+    def default_budget(self) -> Budget:
+        """The budget used when a call gives none: `auto` for compressors that take it, else the empty default."""
+        return Budget.auto() if "auto" in self.budget_kinds else Budget()
+
     def __init__(self, counter: TokenCounter, options: Any = None, **values: Any) -> None:
         """`options` is an `Options` instance or a mapping; keyword `values` (strings from the CLI are fine)
         override it. An unknown key or a bad value is a ConfigError."""
@@ -84,13 +89,16 @@ class BaseCompressor:
 
     def compress(self, query: str | None, documents: Sequence[DocumentLike], budget: BudgetLike = None, *,
                  input_tokens: Sequence[int] | None = None, rate: float | None = None,
-                 target_tokens: int | None = None, threshold: float | None = None) -> CompressionResult:
+                 target_tokens: int | None = None, threshold: float | None = None,
+                 coverage: float | None = None) -> CompressionResult:
         """Compress `documents` (as `RagZip.compress` takes them) for `query` under the budget.
 
         `count(result.text) <= limit` holds exactly (separators included) for a rate or target_tokens budget, where
         the limit is computed from the count of the joined input text.
         """
-        budget = to_budget(budget, rate=rate, target_tokens=target_tokens, threshold=threshold) or Budget()
+        budget = to_budget(budget, rate=rate, target_tokens=target_tokens, threshold=threshold, coverage=coverage)
+        if budget is None or budget.kind is None:
+            budget = self.default_budget
         check_budget_kind(self.name, budget, self.budget_kinds)
         query, documents = to_question(query), to_documents(documents)
         start = time.perf_counter()
@@ -126,7 +134,7 @@ class BaseCompressor:
         if not self.counts_separators:
             pieces = sum(1 for d in documents if d.text.strip())
             limit -= separator_tokens(self.counter) * max(0, pieces - 1)
-        return Budget.tokens(max(1, limit))
+        return budget.with_cap(max(1, limit)) if budget.is_auto else Budget.tokens(max(1, limit))
 
     def compress_batch(
         self, queries: Sequence[str], documents: Sequence[Sequence[Document]], budget: Budget | None = None

@@ -26,8 +26,11 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+import numpy as np
+
 from ragzip.budget import Budget
 from ragzip.compressors.base import BaseCompressor, joined_tokens, separator_tokens
+from ragzip.compressors.calibration import auto_select
 from ragzip.compressors.exit_scorers import CausalLMScorer, EncoderScorer, SentenceScorer, fuse_scores
 from ragzip.errors import ConfigError
 from ragzip.options import bounds
@@ -41,6 +44,7 @@ from ragzip.types import CompressedDocument, Document
 DEFAULT_DOC_WEIGHT = 0.0
 DEFAULT_NEIGHBOR_WEIGHT = 0.0
 DEFAULT_HOPS = 1
+DEFAULT_THRESHOLD = 0.5  # threshold mode's cut-off on the raw sentence probability
 
 # A sentence that opens like this leans on the one before it ("He was born...", "However, ...").
 _ANAPHORIC = re.compile(r"^[\"'(\[]*(he|she|it|its|they|them|their|his|her|hers|this|these|that|those|such|there|"
@@ -97,7 +101,7 @@ class ExitOptions:
     model: str | None = None
     adapter: str | None = field(default=None, metadata={"parse": _adapter})
     weights: str | None = None
-    threshold: float = 0.5
+    threshold: float | None = None
     doc_weight: float = field(default=DEFAULT_DOC_WEIGHT, metadata=bounds(low=0.0, high=1.0))
     neighbor_weight: float = field(default=DEFAULT_NEIGHBOR_WEIGHT, metadata=bounds(low=0.0, high=1.0))
     hops: int = field(default=DEFAULT_HOPS, metadata=bounds(low=1, high=2))
@@ -122,8 +126,9 @@ class ExitCompressor(BaseCompressor):
             zero-shot); "exit-gemma-2b" loads the published EXIT release (gemma-2b-it + LoRA) where available.
         adapter: a PEFT adapter applied on top of `model`.
         weights: encoder-scorer weights folder (default: the weights shipped in the package).
-        threshold: keep sentences scoring at least this in threshold mode (default 0.5; `Budget.threshold`
-            overrides it).
+        threshold: a default budget of threshold mode: keep sentences scoring at least this when a call gives no
+            budget (default None: the calibrated `auto` budget; `Budget.threshold` overrides it; a threshold budget
+            without a value uses DEFAULT_THRESHOLD).
         min_keep: keep at least this many of the best sentences per query, even over a budget (default 1).
         doc_weight: blend of each sentence's score with its document's score (the document head's, else its best
             sentence score; see `fuse_scores`; default DEFAULT_DOC_WEIGHT = off).
@@ -145,6 +150,12 @@ class ExitCompressor(BaseCompressor):
     name = "exit"
     Options = ExitOptions
     options: ExitOptions
+    budget_kinds = frozenset({"rate", "target_tokens", "threshold", "auto"})
+
+    @property
+    def default_budget(self) -> Budget:
+        """auto, unless the options name a threshold (threshold mode, as before auto existed)."""
+        return Budget.auto() if self.options.threshold is None else Budget.score(self.options.threshold)
     counts_separators = True  # `_fill_budget` prices the separator a new document adds
 
     def __init__(self, counter: TokenCounter | None = None, options: ExitOptions | Mapping[str, Any] | None = None,
@@ -217,8 +228,13 @@ class ExitCompressor(BaseCompressor):
         per_doc = self.score(query, documents)
         flat = [c for cands in per_doc for c in cands]
         limit = budget.token_limit(sum(tokens))
-        if limit is None:
-            threshold = self.options.threshold if budget.threshold is None else float(budget.threshold)
+        auto: dict[str, object] | None = None
+        if budget.is_auto:
+            chosen, auto = self._auto(documents, per_doc, flat, budget, limit)
+            threshold, mode = None, "auto"
+        elif limit is None:
+            threshold = (float(budget.threshold) if budget.threshold is not None else
+                         self.options.threshold if self.options.threshold is not None else DEFAULT_THRESHOLD)
             chosen = {(c.doc, c.index) for c in flat if c.score >= threshold}
             if self.options.keep_antecedents:
                 chosen |= {key for c in flat if (c.doc, c.index) in chosen
@@ -240,7 +256,27 @@ class ExitCompressor(BaseCompressor):
             "sentence_scores": {documents[i].id: [round(c.score, 4) for c in cands]
                                 for i, cands in enumerate(per_doc)},
         }
+        if auto is not None:
+            info["auto"] = auto
         return kept, info
+
+    def _auto(self, documents: Sequence[Document], per_doc: list[list[Candidate]], flat: list[Candidate],
+              budget: Budget, limit: int | None) -> tuple[set[tuple[int, int]], dict[str, object]]:
+        """The auto budget: sentences in score order until the calibrated expected coverage of the needed
+        sentences reaches the target (the guard may keep more), then cut to `limit` (max_tokens) if one is set."""
+        calibration = getattr(self.scorer, "calibration", None)
+        raw = np.array([c.score for c in flat], dtype=np.float64)
+        probs = calibration(raw) if calibration is not None else np.clip(raw, 0.0, 1.0)
+        costs = self.counter.count_batch([documents[c.doc].text[c.start:c.end] for c in flat]) if flat else []
+        order = sorted(range(len(flat)), key=lambda i: (-flat[i].score, flat[i].doc, flat[i].index))
+        choice = auto_select(probs, costs, budget, order=order)
+        keys = {(flat[i].doc, flat[i].index) for i in choice.keep}
+        if limit is not None and keys and self._count(documents, flat, keys) > limit:
+            keys = self._fill_budget(documents, per_doc, [flat[i] for i in choice.keep], limit)
+        total = float(probs.sum())
+        reached = float(sum(p for c, p in zip(flat, probs) if (c.doc, c.index) in keys) / total) if total else 1.0
+        return keys, {"coverage": budget.coverage, "expected_coverage": round(reached, 4), "guard": choice.guard,
+                      "calibrated": calibration is not None}
 
     def _antecedents(self, documents: Sequence[Document], per_doc: list[list[Candidate]], c: Candidate,
                      chosen: set[tuple[int, int]]) -> list[tuple[int, int]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ragzip.compressors.calibration import load_calibration
 from ragzip.errors import ConfigError, InputError, ModelNotFoundError, UnsupportedModelError, extra_hint
 from ragzip.registry import quiet_loading
 
@@ -52,16 +53,19 @@ class EncoderScorer:
 
     def __init__(self, weights: str | None = None, *, batch_size: int = 16, dtype: str = "auto",
                  device: str | None = "auto") -> None:
-        from ragzip.compressors.exit_encoder import load_scorer
+        from ragzip.compressors.exit_encoder import WEIGHTS_DIR, load_scorer
 
         self.model, self.tokenizer = load_scorer(weights, dtype=dtype, device=device)
         self.batch_size = batch_size
+        # Sentence score -> P(the sentence is needed evidence), fitted for these weights (None: not calibrated).
+        self.calibration = load_calibration(weights if weights is not None else WEIGHTS_DIR)
 
     @classmethod
     def from_model(cls, model: Any, tokenizer: Any, *, batch_size: int = 16) -> EncoderScorer:
         """A scorer over an already loaded `SentenceSpanScorer` (the training script calibrates through this)."""
         scorer = cls.__new__(cls)
         scorer.model, scorer.tokenizer, scorer.batch_size = model, tokenizer, batch_size
+        scorer.calibration = None
         return scorer
 
     def score(self, query: str, documents: Sequence[DocSentences]) -> list[list[float]]:

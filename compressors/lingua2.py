@@ -26,9 +26,10 @@ from typing import Any
 import numpy as np
 
 from ragzip.budget import Budget
-from ragzip.compressors.base import BaseCompressor
-from ragzip.compressors.lingua2_model import DEFAULT_MODEL, TokenClassifier, load_token_classifier
-from ragzip.compressors.lingua2_select import UnitScores, kept_runs, run_scores, select_units
+from ragzip.compressors.base import BaseCompressor, joined_tokens
+from ragzip.compressors.calibration import Calibration, auto_select, load_calibration
+from ragzip.compressors.lingua2_model import DEFAULT_MODEL, WEIGHTS_DIR, TokenClassifier, load_token_classifier
+from ragzip.compressors.lingua2_select import UnitScores, kept_runs, render, run_scores, select_units
 from ragzip.compressors.lingua2_words import (
     build_tables,
     detect_rule,
@@ -39,7 +40,7 @@ from ragzip.compressors.lingua2_words import (
     word_strings,
 )
 from ragzip.compressors.protect import structure_groups, units_touching
-from ragzip.errors import ConfigError
+from ragzip.errors import BudgetError, ConfigError
 from ragzip.options import bounds, parse_bool
 from ragzip.spans import assemble
 from ragzip.tokens import TokenCounter
@@ -204,6 +205,7 @@ class Lingua2Compressor(BaseCompressor):
     name = "lingua2"
     Options = Lingua2Options
     options: Lingua2Options
+    budget_kinds = frozenset({"rate", "target_tokens", "threshold", "auto"})
     fit_unit = "word"
     counts_separators = True  # exact mode's selection counts the joined context (lingua2_select)
 
@@ -215,6 +217,15 @@ class Lingua2Compressor(BaseCompressor):
         self.classifier: TokenClassifier = load_token_classifier(str(o.model), self.dtype, o.device)
         self.rule = detect_rule(self.classifier.tokenizer)
         self.tables = build_tables(self.classifier.tokenizer, self.rule, o.force_tokens)
+        # Word score -> P(the word is part of the answer), fitted for the shipped model with the default query
+        # blend (scripts/calibrate_auto.py); None for other models (their raw scores are used as they are).
+        shipped = o.model == DEFAULT_MODEL and o.mode is Mode.EXACT
+        self.calibration: Calibration | None = load_calibration(WEIGHTS_DIR) if shipped else None
+
+    @property
+    def default_budget(self) -> Budget:
+        """auto in exact mode; reference mode keeps llmlingua's default rate."""
+        return Budget() if self.options.mode is Mode.REFERENCE else Budget.auto()
 
     def _inner_budget(self, budget: Budget, limit: int | None, documents: Sequence[Document]) -> Budget:
         if self.options.mode is Mode.REFERENCE:  # the reference's own rate semantics (parity with llmlingua)
@@ -225,6 +236,9 @@ class Lingua2Compressor(BaseCompressor):
     def _compress(self, query: str, documents: Sequence[Document], budget: Budget, tokens: Sequence[int]
                   ) -> tuple[list[CompressedDocument], dict[str, object]]:
         if self.options.mode is Mode.REFERENCE:
+            if budget.is_auto:
+                raise BudgetError("lingua2 mode=reference takes a rate or target_tokens budget (llmlingua's); "
+                                  "auto needs mode=exact")
             labeled = self.label_words([d.text for d in documents], budget)
             out = [assemble(d, kept_runs(lw.spans, lw.labels)) for d, lw in zip(documents, labeled)]
             return out, {"mode": "reference", "words": int(sum(len(lw.words) for lw in labeled)),
@@ -317,8 +331,9 @@ class Lingua2Compressor(BaseCompressor):
         return keep, n_reserved
 
     # ------------------------------------------------------------------ exact mode
-    def _exact(self, query: str, documents: Sequence[Document], budget: Budget
-               ) -> tuple[list[CompressedDocument], dict[str, object]]:
+    def unit_scores(self, query: str, documents: Sequence[Document]) -> tuple[list[UnitScores], dict[str, object]]:
+        """Exact mode's scored word units of each document (classifier keep probability, blended with the
+        question's relevance when query-aware) and what was computed (for stats)."""
         opts, clf = self.options, self.classifier
         texts = [d.text for d in documents]
         encs = clf.encode(texts)
@@ -342,13 +357,60 @@ class Lingua2Compressor(BaseCompressor):
             scores.append(UnitScores(units, score, self._forced(doc.text, units),
                                      None if structure is None else structure.group,
                                      None if structure is None else structure.requires))
-        kept = select_units(texts, scores, budget, self.counter, default_rate=DEFAULT_RATE,
-                            drop_repeats=opts.force_tokens if opts.drop_consecutive else ())
+        return scores, {"query_aware": query_on, "windows": len(flat)}
+
+    def _exact(self, query: str, documents: Sequence[Document], budget: Budget
+               ) -> tuple[list[CompressedDocument], dict[str, object]]:
+        opts = self.options
+        texts = [d.text for d in documents]
+        scores, seen = self.unit_scores(query, documents)
+        drop = opts.force_tokens if opts.drop_consecutive else ()
+        auto: dict[str, object] | None = None
+        if budget.is_auto:
+            kept, auto = self._auto(texts, scores, budget, bool(seen["query_aware"]), drop)
+        else:
+            kept = select_units(texts, scores, budget, self.counter, default_rate=DEFAULT_RATE, drop_repeats=drop)
         out = [assemble(d, kept_runs(s.units, k), scores=run_scores(s.units, k, s.score), keep_line_breaks=True)
                for d, s, k in zip(documents, scores, kept)]
-        return [o for o in out if o.text], {
-            "mode": "exact", "query_aware": query_on, "words": int(sum(len(s.units) for s in scores)),
-            "kept_words": int(sum(k.sum() for k in kept)), "windows": len(flat)}
+        info: dict[str, object] = {
+            "mode": "exact", **seen, "words": int(sum(len(s.units) for s in scores)),
+            "kept_words": int(sum(k.sum() for k in kept))}
+        if auto is not None:
+            info["auto"] = auto
+        return [o for o in out if o.text], info
+
+    def _auto(self, texts: Sequence[str], scores: Sequence[UnitScores], budget: Budget, query_on: bool,
+              drop: Sequence[str]) -> tuple[list[np.ndarray], dict[str, object]]:
+        """The auto budget over words: with a question, the words in score order until the calibrated expected
+        coverage of the answer's words reaches the target (the guard may keep everything); without one there is
+        no evidence to cover, so the previous default rate applies. `max_tokens` caps either."""
+        cap = budget.max_tokens
+        if not query_on:
+            limit = Budget.ratio(DEFAULT_RATE).token_limit(joined_tokens(self.counter, list(texts))) or 1
+            kept = select_units(texts, scores, Budget.tokens(min(limit, cap or limit)), self.counter,
+                                default_rate=DEFAULT_RATE, drop_repeats=drop)
+            return kept, {"coverage": budget.coverage, "fallback": f"rate={DEFAULT_RATE:g} (no question to cover)"}
+        raw = np.concatenate([s.score for s in scores]) if scores else np.zeros(0)
+        calibration = self.calibration
+        probs = calibration(raw) if calibration is not None else np.clip(raw, 0.0, 1.0)
+        lengths = np.concatenate([s.units[:, 1] - s.units[:, 0] for s in scores]) if scores else np.zeros(0)
+        choice = auto_select(probs, lengths.tolist(), budget)
+        if choice.guard is not None and budget.on_unsure == "keep":
+            kept = [np.ones(len(s.units), dtype=bool) for s in scores]
+        elif not choice.keep:  # no words at all
+            kept = [np.zeros(len(s.units), dtype=bool) for s in scores]
+        else:
+            floor = float(raw[choice.keep].min()) if choice.keep else float("inf")
+            kept = select_units(texts, scores, Budget.score(floor), self.counter, default_rate=DEFAULT_RATE,
+                                drop_repeats=drop)
+        if cap is not None and joined_tokens(self.counter, _rendered(texts, scores, kept)) > cap:
+            kept = select_units(texts, scores, Budget.tokens(cap), self.counter, default_rate=DEFAULT_RATE,
+                                drop_repeats=drop)
+        flat_kept = np.concatenate(kept) if kept else np.zeros(0, dtype=bool)
+        total = float(probs.sum())
+        reached = float(probs[flat_kept].sum() / total) if total else 1.0
+        return kept, {"coverage": budget.coverage, "expected_coverage": round(reached, 4), "guard": choice.guard,
+                      "calibrated": calibration is not None}
 
     def _relevance(self, query: str, documents: Sequence[Document], encs: Sequence[Any]) -> list[Any]:
         """Per document, a function units [U, 2] -> [U] query relevance in [0, 1] (the coarse stage).
@@ -395,6 +457,10 @@ class Lingua2Compressor(BaseCompressor):
             pattern = "|".join(re.escape(t) for t in sorted(self.options.force_tokens, key=len, reverse=True))
             forced |= units_touching(_pattern_mask(text, pattern), units)
         return forced
+
+
+def _rendered(texts: Sequence[str], scores: Sequence[UnitScores], kept: Sequence[np.ndarray]) -> list[str]:
+    return [render(t, s.units, k) for t, s, k in zip(texts, scores, kept)]
 
 
 def _pattern_mask(text: str, pattern: str) -> np.ndarray:

@@ -42,13 +42,15 @@ class RagZip:
 
     def compress(self, query: str | None, documents: Sequence[DocumentLike], budget: BudgetLike = None, *,
                  rate: float | None = None, target_tokens: int | None = None,
-                 threshold: float | None = None) -> CompressionResult:
+                 threshold: float | None = None, coverage: float | None = None) -> CompressionResult:
         """Compress `documents` (Documents, strings or `{"id"?, "title"?, "text"}` dicts) for `query` (a string, or
         None for no question).
 
-        The budget is a `Budget`, a bare rate (`0.3`), a bare token cap (`512`), or one of the `rate=`,
-        `target_tokens=`, `threshold=` keywords; none means the method's default (a pipeline file's own budget).
-        With a rate or token cap, `count(result.text) <= limit` holds, separators included.
+        The budget is a `Budget`, a bare rate (`0.3`), a bare token cap (`512`), `"auto"`, or one of the `rate=`,
+        `target_tokens=`, `threshold=`, `coverage=` keywords; none means the method's default: `auto` (keep until the
+        calibrated expected coverage of the needed evidence reaches 0.95) for EXIT, lingua2 and their pipelines, a
+        pipeline file's own budget where it has one. With a rate or token cap (or auto's `max_tokens`),
+        `count(result.text) <= limit` holds, separators included.
 
         Raises:
             InputError: a malformed document or question. BudgetError: a malformed budget, or a budget kind the
@@ -56,15 +58,15 @@ class RagZip:
         """
         with self._lock:
             return self.compressor.compress(query, documents, budget, rate=rate, target_tokens=target_tokens,
-                                            threshold=threshold)
+                                            threshold=threshold, coverage=coverage)
 
     async def acompress(self, query: str | None, documents: Sequence[DocumentLike], budget: BudgetLike = None, *,
                         rate: float | None = None, target_tokens: int | None = None,
-                        threshold: float | None = None) -> CompressionResult:
+                        threshold: float | None = None, coverage: float | None = None) -> CompressionResult:
         """`compress` for async applications: it runs in a worker thread, so the event loop keeps serving while
         the models work. Concurrent calls on one `RagZip` run one after another."""
         return await asyncio.to_thread(self.compress, query, documents, budget, rate=rate,
-                                       target_tokens=target_tokens, threshold=threshold)
+                                       target_tokens=target_tokens, threshold=threshold, coverage=coverage)
 
     def compress_batch(self, queries: Sequence[str | None], documents: Sequence[Sequence[DocumentLike]],
                        budget: BudgetLike = None) -> list[CompressionResult]:

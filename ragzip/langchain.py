@@ -77,7 +77,8 @@ class RagzipCompressor(BaseDocumentCompressor):
 
     Args:
         method: compressor name, '+'-joined pipeline, or pipeline JSON path.
-        rate / target_tokens / threshold: the budget (at most one).
+        rate / target_tokens / threshold / coverage: the budget (at most one; none: `auto`, the calibrated default;
+            `coverage` sets auto's target, default 0.95).
         tokenizer: tokenizer that counts budgets (default: the local LLM's; "whitespace" counts words).
         options: compressor options.
     """
@@ -88,6 +89,7 @@ class RagzipCompressor(BaseDocumentCompressor):
     rate: float | None = None
     target_tokens: int | None = None
     threshold: float | None = None
+    coverage: float | None = None
     tokenizer: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
     base_url: str | None = None
@@ -105,7 +107,8 @@ class RagzipCompressor(BaseDocumentCompressor):
 
     @property
     def budget(self) -> Budget:
-        return Budget(rate=self.rate, target_tokens=self.target_tokens, threshold=self.threshold)
+        return Budget(rate=self.rate, target_tokens=self.target_tokens, threshold=self.threshold,
+                      coverage=self.coverage)
 
     def _compressor(self) -> Any:
         from ragzip.api import RagZip
@@ -122,7 +125,7 @@ class RagzipCompressor(BaseDocumentCompressor):
 
     def _request(self, documents: Sequence[LCDocument], query: str) -> tuple[dict[str, Any], dict[str, str]]:
         budget = {k: v for k, v in (("rate", self.rate), ("target_tokens", self.target_tokens),
-                                    ("threshold", self.threshold)) if v is not None}
+                                    ("threshold", self.threshold), ("coverage", self.coverage)) if v is not None}
         body = {"question": query, "contexts": [{"id": d.id, "title": d.title, "text": d.text}
                                                 for d in to_ragzip(documents)],
                 "ragzip": {"method": self.method, **budget, **({"options": self.options} if self.options else {})}}

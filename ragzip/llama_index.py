@@ -44,7 +44,8 @@ class RagzipNodePostprocessor(BaseNodePostprocessor):
 
     Args:
         method: compressor name, '+'-joined pipeline, or pipeline JSON path.
-        rate / target_tokens / threshold: the budget (at most one; none: the method's default).
+        rate / target_tokens / threshold / coverage: the budget (at most one; none: the method's default, `auto` for
+            the calibrated methods; `coverage` sets auto's target, default 0.95).
         tokenizer: what budgets are counted in (default: the local LLM's; "cl100k_base" for a GPT-class LLM).
         options: compressor options. device: "auto" (cuda when available), "cpu", "cuda", ...
     """
@@ -53,6 +54,7 @@ class RagzipNodePostprocessor(BaseNodePostprocessor):
     rate: float | None = None
     target_tokens: int | None = None
     threshold: float | None = None
+    coverage: float | None = None
     tokenizer: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
     device: str | None = None
@@ -72,7 +74,8 @@ class RagzipNodePostprocessor(BaseNodePostprocessor):
 
     @property
     def budget(self) -> Budget:
-        return Budget(rate=self.rate, target_tokens=self.target_tokens, threshold=self.threshold)
+        return Budget(rate=self.rate, target_tokens=self.target_tokens, threshold=self.threshold,
+                      coverage=self.coverage)
 
     def _compressor(self) -> Any:
         from ragzip.api import RagZip

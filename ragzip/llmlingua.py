@@ -106,8 +106,9 @@ class PromptCompressor:
         return self._compressors[key]
 
     def compress_prompt(self, context: str | Sequence[DocumentLike], instruction: str = "", question: str = "",
-                        rate: float = 0.5, target_token: float = -1, force_context_ids: Sequence[int] | None = None,
-                        use_context_level_filter: bool | None = None, **kwargs: Any) -> dict[str, Any]:
+                        rate: float | None = None, target_token: float = -1,
+                        force_context_ids: Sequence[int] | None = None, use_context_level_filter: bool | None = None,
+                        **kwargs: Any) -> dict[str, Any]:
         """Compress `context` (a string or a list of strings / documents) for `question`.
 
         Returns:
@@ -163,14 +164,20 @@ class PromptCompressor:
                 "ragzip": {**result.to_contract(), "tokenizer": rz.counter.name}}
 
     @staticmethod
-    def _context_budget(rz: RagZip, docs: Sequence[Document], fixed: list[str], rate: float,
+    def _context_budget(rz: RagZip, docs: Sequence[Document], fixed: list[str], rate: float | None,
                         target_token: float) -> Budget:
         """The contexts' token cap: the whole prompt's (`target_token`, else `rate` of the whole prompt), less the
-        instruction and question, which are kept whole (at least 1 token is left to the contexts)."""
+        instruction and question, which are kept whole (at least 1 token is left to the contexts). With neither,
+        the method's default: `auto` for the calibrated methods, else llmlingua's rate 0.5."""
         fixed_text = sum(rz.counter.count_batch(fixed))
         fixed_tokens = fixed_text + len(fixed) * rz.counter.count(CONTEXT_SEPARATOR)
         if target_token is not None and target_token > 0:
             return Budget.tokens(max(1, int(target_token) - fixed_tokens))
+        if rate is None:
+            default = rz.compressor.default_budget()
+            if default.is_auto:
+                return default
+            rate = 0.5
         if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 < rate <= 1:
             raise BudgetError(f"rate must be in (0, 1], got {rate!r} (llmlingua's rate is the fraction kept)")
         if not fixed:

@@ -123,12 +123,35 @@ class Pipeline:
         return cls(stages, counter=counter, stage_budgets=[s.budget for s in specs], budget=budget,
                    stage_slack=stage_slack)
 
+    def _auto_stages(self) -> list[int]:
+        """The stages an auto budget is shared among: those that take one and have no budget of their own."""
+        return [i for i, (stage, own) in enumerate(zip(self.stages, self.stage_budgets))
+                if own is None and "auto" in getattr(stage, "budget_kinds", ())]
+
+    def default_budget(self) -> Budget:
+        """What a call without a budget gets: this pipeline's own budget, else auto when a stage takes it."""
+        if self.budget is not None:
+            return self.budget
+        return Budget.auto() if self._auto_stages() else Budget()
+
     def _stage_budget(self, i: int, budget: Budget, limit: int | None, tokens_before: int) -> tuple[Budget, str]:
         own, last = self.stage_budgets[i], len(self.stages) - 1
         if own is not None:
             return own, "own"
         if getattr(self.stages[i], "keeps_everything", False):
             return Budget(), "keeps everything"
+        if budget.is_auto:
+            # Each stage keeps what it keeps with its own coverage; the evidence reaching the reader is the product,
+            # so k auto stages each get coverage ** (1 / k). A cap (max_tokens) is shared as a token cap would be.
+            shared = self._auto_stages()
+            if i not in shared:
+                return Budget(), "default"
+            coverage = float(budget.coverage or 1.0) ** (1.0 / len(shared))
+            cap = None if limit is None else (limit if i == last else
+                                              min(tokens_before, math.ceil(limit * self.stage_slack ** (last - i))))
+            return Budget(coverage=round(coverage, 6), max_tokens=cap,
+                          min_rate=budget.min_rate if i == shared[-1] else None,
+                          on_unsure=budget.on_unsure), "auto share"
         if limit is None:
             return (budget, "final") if i == last else (Budget(), "default")
         if limit == 0:
@@ -142,17 +165,21 @@ class Pipeline:
 
     def compress(self, query: str | None, documents: Sequence[DocumentLike], budget: BudgetLike = None, *,
                  input_tokens: Sequence[int] | None = None, rate: float | None = None,
-                 target_tokens: int | None = None, threshold: float | None = None) -> CompressionResult:
+                 target_tokens: int | None = None, threshold: float | None = None,
+                 coverage: float | None = None) -> CompressionResult:
         """Compress `documents` (as `RagZip.compress` takes them); the budget as `ragzip.budget.to_budget` takes
         it, else this pipeline's own budget, else the default."""
-        given = to_budget(budget, rate=rate, target_tokens=target_tokens, threshold=threshold)
-        budget = given if given is not None and given.kind else (self.budget or Budget())
+        given = to_budget(budget, rate=rate, target_tokens=target_tokens, threshold=threshold, coverage=coverage)
+        budget = given if given is not None and given.kind else self.default_budget()
         query, documents = to_question(query), to_documents(documents)
         start = time.perf_counter()
         # Counted once here; every stage then counts only its output, which is the next stage's input.
         counts = list(input_tokens) if input_tokens is not None else self.counter.count_batch(
             [d.text for d in documents])
         tokens_before = joined_tokens(self.counter, [d.text for d in documents], counts)
+        if budget.is_auto and not self._auto_stages():
+            raise BudgetError(f"{self.name!r} does not take an auto budget (no calibrated stage); use rate or "
+                              f"target_tokens")
         limit = budget.token_limit(tokens_before)
         current = [replace(assemble(d, [(0, len(d.text))]), tokens=n) for d, n in zip(documents, counts)]
         stats: list[StageStats] = []
@@ -246,7 +273,11 @@ def check_method(method: str, options: Mapping[str, Any] | None = None, budget: 
             raise ConfigError(f"unknown compressor {spec.method!r}; valid: {sorted(COMPRESSORS)}")
         parse_options(COMPRESSORS[spec.method].Options, {k: v for k, v in spec.options.items() if k != "device"},
                       owner=f"compressor {spec.method!r}")
-    if budget is not None:
+    if budget is not None and budget.is_auto:
+        if not any("auto" in COMPRESSORS[s.method].budget_kinds for s in specs if s.budget is None):
+            raise BudgetError(f"{method!r} does not take an auto budget (no calibrated stage); use rate or "
+                              f"target_tokens")
+    elif budget is not None:
         check_budget_kind(specs[-1].method, budget, COMPRESSORS[specs[-1].method].budget_kinds)
 
 

@@ -129,8 +129,9 @@ class CompressionService:
                 raise APIError(400, f"options {refused} are set in the server's config, not per request",
                                code="options_not_allowed", param="ragzip.options")
             options.update(opts.options)
-        if opts.rate is not None or opts.target_tokens is not None or opts.threshold is not None:
-            budget = Budget(rate=opts.rate, target_tokens=opts.target_tokens, threshold=opts.threshold)
+        if any(x is not None for x in (opts.rate, opts.target_tokens, opts.threshold, opts.coverage)):
+            budget = Budget(rate=opts.rate, target_tokens=opts.target_tokens, threshold=opts.threshold,
+                            coverage=opts.coverage)
         else:
             budget = Budget(rate=self.config.rate, target_tokens=self.config.target_tokens)
         return Plan(method, budget, options)

@@ -31,14 +31,16 @@ class RagzipOptions(BaseModel):
     rate: float | None = Field(default=None, gt=0, le=1, description="Fraction of tokens to keep")
     target_tokens: int | None = Field(default=None, gt=0, le=10_000_000, description="Hard cap on context tokens")
     threshold: float | None = Field(default=None, allow_inf_nan=False, description="Score threshold")
+    coverage: float | None = Field(default=None, gt=0, le=1, description=(
+        "auto budget: the calibrated expected share of the needed evidence to keep (default when no budget: 0.95)"))
     options: dict[str, Any] | None = Field(default=None, description="Compressor options (if the server allows)")
     retrieve: bool | None = Field(default=None, description="Use the proxy index when no documents are given")
     top_k: int | None = Field(default=None, gt=0, le=100)
 
     @model_validator(mode="after")
     def _one_budget(self) -> RagzipOptions:
-        if sum(x is not None for x in (self.rate, self.target_tokens, self.threshold)) > 1:
-            raise ValueError("give at most one of rate, target_tokens and threshold")
+        if sum(x is not None for x in (self.rate, self.target_tokens, self.threshold, self.coverage)) > 1:
+            raise ValueError("give at most one of rate, target_tokens, threshold and coverage")
         return self
 
 

@@ -144,12 +144,14 @@ def test_demo_reports_rate_and_f1_in_its_last_line_with_no_progress_bar_noise(ti
                           check=False)
     assert proc.returncode == 0, proc.stderr
     last = proc.stdout.strip().splitlines()[-1]
-    m = re.fullmatch(r"mean rate (\d\.\d\d); answer F1 full (\d\.\d\d) vs compressed (\d\.\d\d) \((\d+) questions\)",
-                     last)
+    m = re.fullmatch(r"mean rate (\d\.\d\d); answer F1 full (\d\.\d\d) vs compressed (\d\.\d\d) \((\d+) questions\); "
+                     r"paired difference ([+-]\d\.\d\d) \(95% CI \[([+-]\d\.\d\d), ([+-]\d\.\d\d)\]\)", last)
     assert m, last
-    assert float(m.group(1)) <= 0.5 and int(m.group(4)) == 12  # at least 2x fewer tokens on the bundled questions
+    # The auto default keeps under 0.6 of the tokens on the bundled questions, all of which are scored.
+    assert float(m.group(1)) <= 0.6 and int(m.group(4)) == 38
+    assert float(m.group(6)) <= float(m.group(5)) <= float(m.group(7))
     assert "Loading weights" not in proc.stderr and "it/s]" not in proc.stderr
-    assert "rate=0.4" in proc.stderr
+    assert "auto(coverage=0.95)" in proc.stderr
 
 
 def test_eval_fidelity_cli_prints_rows_and_writes_the_json(tiny_reader: str, tmp_path: Path) -> None:

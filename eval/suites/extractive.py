@@ -1,7 +1,8 @@
 """Eval suite "extractive": EXIT-style sentence selection on data with sentence-level supporting facts.
 
-`ragzip eval extractive --data PATH --limit N --json OUT [--option k=v ...]` reports, for the encoder scorer at the
-default threshold and at token budgets (default 1/3 and 1/5 of the tokens):
+`ragzip eval extractive --data PATH --limit N --json OUT [--option k=v ...]` reports, for the encoder scorer at its
+default budget (`auto`: calibrated coverage 0.95; ``default_budget`` says which) and at token budgets (default 1/3
+and 1/5 of the tokens):
 
 * ``support_recall``: share of gold supporting sentences kept (a sentence counts when >= 90% of its characters are
   in kept spans); ``support_precision``: share of kept sentences that are mostly supporting text;
@@ -19,6 +20,12 @@ baseline on the same questions and budget (``embed-topk.support_recall@rate0.33`
 difference and its CI (``vs_embed-topk.support_recall_delta@rate0.33``, ``..._delta_ci@...``), and, with
 ``previous_weights``, for the previous scorer (``previous.*``: those weights, one pass, no document blend, no
 antecedents).
+
+At the default budget, also: ``support_recall_ci``, ``answer_survival_of_present`` (among the questions whose
+answer is in the uncompressed context; ``num_answer_present``), ``guarded_share`` (the guard kept more),
+``expected_coverage_mean``, each baseline at the tokens the default kept on each question
+(``embed-topk.support_recall@default``, ``..._delta_ci@default``) and the previous default budget, the 0.5
+threshold (``previous_default.*``).
 
 Options (strings): ``threshold`` (0.5), ``rates`` ("0.3333,0.2"), ``scorers`` ("encoder,causal-lm"),
 ``causal_model`` (default: the embedded SmolLM2), ``causal_limit`` (questions for the slow scorer, default 5),
@@ -147,7 +154,9 @@ def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) ->
     from ragzip.compressors.exit import ExitCompressor
 
     refuse_unknown(options, _KEYS, "eval suite 'extractive'")
-    threshold = float(options.get("threshold", "0.5"))
+    # A threshold option makes threshold mode the encoder's default budget (as before auto); none: auto.
+    given_threshold = float(options["threshold"]) if options.get("threshold") else None
+    threshold = given_threshold if given_threshold is not None else 0.5
     rates = [float(r) for r in options.get("rates", "0.3333,0.2").split(",") if r]
     scorers = [s.strip() for s in options.get("scorers", "encoder,causal-lm").split(",") if s.strip()]
     weights = options.get("weights") or None
@@ -157,7 +166,7 @@ def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) ->
     if not examples:
         raise InputError(f"{data}: no examples with sentence-level supporting facts (after excluding trained ids)")
 
-    encoder = ExitCompressor(scorer="encoder", weights=weights, threshold=threshold, hops=options.get("hops"))
+    encoder = ExitCompressor(scorer="encoder", weights=weights, threshold=given_threshold, hops=options.get("hops"))
     out: dict[str, Any] = {"data": str(data), "seed": seed, "num_excluded_trained": len(skip),
                            "threshold": threshold, "scorers": scorers}
     docs_of = {ex.id: ex.documents() for ex in examples}
@@ -169,6 +178,8 @@ def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) ->
         enc_ms.append(1000 * (time.perf_counter() - start))
         default_rows.append((ex, docs_of[ex.id], res))
     out.update(_aggregate(default_rows))
+    out["default_budget"] = encoder.default_budget.describe()
+    out.update(_auto_figures(default_rows))
     out["encoder_ms_per_query"] = statistics.fmean(enc_ms)
     out["encoder_ms_per_query_median"] = statistics.median(enc_ms)
     out["uncompressed_answer_survival"] = statistics.fmean(
@@ -176,6 +187,17 @@ def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) ->
     budget_rows: dict[float, list[tuple[Example, list[Document], CompressionResult]]] = {}
     timed_scorer, encoder.scorer = encoder.scorer, _MemoScorer(encoder.scorer)
     others = _comparisons(options, encoder.counter)
+    mine_n, mine_d = _per_question(default_rows)
+    previous = [(ex, docs, encoder.compress(ex.question, docs, Budget.score(threshold)))
+                for ex, docs, _ in default_rows]
+    out.update({f"previous_default.{k}": v for k, v in _aggregate(previous).items()})
+    for name, compressor in others.items():  # the baselines at the tokens the default (auto) kept, per question
+        theirs = [(ex, docs, compressor.compress(ex.question, docs, Budget.tokens(max(1, res.tokens_after))))
+                  for ex, docs, res in default_rows]
+        out.update({f"{name}.{k}@default": v for k, v in _aggregate(theirs).items()})
+        their_n, their_d = _per_question(theirs)
+        out[f"vs_{name}.support_recall_delta_ci@default"] = list(
+            ratio_bootstrap_ci(mine_n, mine_d, baseline=(their_n, their_d), seed=seed))
     for rate in rates:
         rows = [(ex, docs_of[ex.id], encoder.compress(ex.question, docs_of[ex.id], Budget.ratio(rate)))
                 for ex in examples]
@@ -200,6 +222,22 @@ def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) ->
     if options.get("reader", "0") not in ("0", "false", ""):
         reader_examples = examples[: int(options["reader_limit"])] if options.get("reader_limit") else examples
         out.update(_reader(reader_examples, docs_of, default_rows, budget_rows, options.get("reader_model") or None))
+    return out
+
+
+def _auto_figures(rows: list[tuple[Example, list[Document], CompressionResult]]) -> dict[str, Any]:
+    """For an auto budget: the recall CI, how often the guard kept more, the mean expected coverage reached and
+    the answer survival among questions whose answer is in the uncompressed context."""
+    autos = [r.stages[-1].info.get("auto") for _, _, r in rows]
+    present = [(ex, r) for ex, docs, r in rows if answer_survival("\n\n".join(d.text for d in docs), ex.answers)]
+    out: dict[str, Any] = {"support_recall_ci": list(ratio_bootstrap_ci(*_per_question(rows))),
+                           "answer_survival_of_present": (statistics.fmean(answer_survival(r.text, ex.answers)
+                                                                           for ex, r in present)
+                                                          if present else float("nan")),
+                           "num_answer_present": len(present)}
+    if all(isinstance(a, dict) for a in autos) and autos:
+        out["guarded_share"] = sum(1 for a in autos if a.get("guard")) / len(autos)
+        out["expected_coverage_mean"] = statistics.fmean(float(a.get("expected_coverage", 1.0)) for a in autos)
     return out
 
 

@@ -62,10 +62,14 @@ class MethodSpec:
 
 
 def parse_budget_text(text: str) -> Budget:
-    """`0.33` a rate, `200` target tokens, `t0.5` a threshold, `` the default budget."""
+    """`0.33` a rate, `200` target tokens, `t0.5` a threshold, `auto` / `auto0.9` the auto budget (its coverage),
+    `` the default budget."""
     try:
         if not text:
             return Budget()
+        if text.lower().startswith("auto"):
+            rest = text[4:]
+            return Budget.auto(float(rest)) if rest else Budget.auto()
         if text[0] in "tT":
             return Budget.score(float(text[1:]))
         if _INT.match(text):
@@ -74,7 +78,8 @@ def parse_budget_text(text: str) -> Budget:
     except BudgetError as exc:
         raise BudgetError(f"budget {text!r}: {exc}") from None
     except ValueError:
-        raise ConfigError(f"budget {text!r} is not a rate (0.33), a token count (200) or a threshold (t0.5)") from None
+        raise ConfigError(f"budget {text!r} is not a rate (0.33), a token count (200), a threshold (t0.5) or auto "
+                          f"(auto, auto0.9)") from None
 
 
 def parse_methods(text: str) -> list[MethodSpec]:

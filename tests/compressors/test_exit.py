@@ -152,14 +152,19 @@ def _support(example: Any, docs: list[Document], result: Any) -> tuple[int, int]
 
 def test_shipped_encoder_keeps_the_supporting_sentences_of_held_out_questions() -> None:
     comp = get_compressor("exit")  # the defaults: shipped weights, the local LLM's tokenizer for budgets
-    kept_threshold = kept_at_fifth = 0
+    kept_threshold = kept_at_fifth = kept_auto = 0
     for example, docs in _fixture_examples():
-        result = comp.compress(example.question, docs)  # threshold mode
+        result = comp.compress(example.question, docs, Budget.score(0.5))  # threshold mode
         kept_threshold += _support(example, docs, result)[0]
         assert result.tokens_after < 0.6 * result.tokens_before
+        auto = comp.compress(example.question, docs)  # the default: auto, coverage 0.95
+        assert auto.stages[0].info["mode"] == "auto"
+        kept_auto += _support(example, docs, auto)[0]
+        assert auto.tokens_after < 0.8 * auto.tokens_before
         # A quarter, counted exactly (separators included; at 0.2 the old count overshot the cap by ~10 tokens).
         kept_at_fifth += _support(example, docs, comp.compress(example.question, docs, Budget.ratio(0.25)))[0]
     assert kept_threshold >= 3 and kept_at_fifth >= 3  # of the 4 supporting sentences
+    assert kept_auto == 4
 
 
 @pytest.mark.parametrize("hops", [1, 2])
