@@ -124,7 +124,7 @@ class BaseCompressor:
         after = joined_tokens(self.counter, [d.text for d in kept], counts)
         stage = StageStats(self.name, before, after, seconds, info)
         return CompressionResult(self.name, tuple(kept), before, after, seconds, (stage,),
-                                 {d.id: n for d, n in zip(documents, tokens)})
+                                 {d.id: n for d, n in zip(documents, tokens)}, budget.as_dict())
 
     def _inner_budget(self, budget: Budget, limit: int | None, documents: Sequence[Document]) -> Budget:
         """The budget `_compress` selects under: the exact limit as a token cap, less room for the separators

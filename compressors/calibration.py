@@ -148,8 +148,8 @@ def auto_select(probs: Sequence[float] | np.ndarray, costs: Sequence[int], budge
     target = float(budget.coverage or 1.0)
     keep: list[int] = []
     mass = 0.0
-    for i in ranked:
-        if keep and total > 0 and mass / total >= target - 1e-12:
+    for i in ranked:  # with no expected evidence at all (total 0), the best unit alone: never an empty context
+        if keep and (total <= 0 or mass / total >= target - 1e-12):
             break
         keep.append(i)
         mass += float(p[i])

@@ -10,7 +10,10 @@ turns its input into `Document`s here, so they accept and refuse the same things
 
 The answer is the record plus `"compressed"`: `CompressionResult.to_contract()`, whose contexts carry `id`, `title`,
 `text`, `spans` (char offsets into the original text), `scores` (per kept unit, may be empty), `members` (the input
-ids a merged piece stands for), `tokens_before` (of the input it replaces) and `tokens_after`.
+ids a merged piece stands for), `tokens_before` (of the input it replaces) and `tokens_after`; at the top level it
+carries `method`, `text`, `tokens_before`, `tokens_after`, `rate`, `seconds`, `stages`, the `budget` applied
+(`{"rate": 0.3}`, `{"auto": {"coverage": 0.95}}`, ...) and, for an auto budget, `auto`: `{"coverage",
+"expected_coverage", "guard"}` (the calibrated coverage reached, and why the guard kept more, or null).
 """
 
 from __future__ import annotations

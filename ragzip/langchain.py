@@ -57,8 +57,10 @@ def contract_to_lc(compressed: Mapping[str, Any], documents: Sequence[LCDocument
         meta["ragzip"] = {
             "method": compressed["method"], "spans": ctx["spans"], "scores": scores, "members": members,
             "tokens_before": ctx.get("tokens_before"), "tokens_after": ctx.get("tokens_after"),
-            "query_rate": compressed["rate"],
+            "query_rate": compressed["rate"], "query_budget": compressed.get("budget"),
         }
+        if compressed.get("auto") is not None:
+            meta["ragzip"]["query_auto"] = compressed["auto"]
         if scores:
             meta["relevance_score"] = max(scores)
         out.append(LCDocument(page_content=ctx["text"], metadata=meta, id=lc.id if lc is not None else None))
@@ -70,7 +72,8 @@ class RagzipCompressor(BaseDocumentCompressor):
 
     Each returned Document keeps its metadata and gains `metadata["ragzip"]`: `spans` (char offsets into the
     original text), `scores` (per kept unit, when the method scores), `tokens_before`/`tokens_after` of that
-    document, `method` and the query's achieved `query_rate`. Never returns an empty list when documents came in.
+    document, `method`, the query's achieved `query_rate`, its `query_budget` and (auto) `query_auto` (coverage
+    target, expected coverage reached, guard). Never returns an empty list when documents came in.
 
     With `base_url` the work is done by a ragzip server (`POST {base_url}/v1/compress`), with real async I/O in
     `acompress_documents`; without it, compression runs in-process (async runs it in a worker thread).

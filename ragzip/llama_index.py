@@ -115,7 +115,8 @@ def _compressed_node(source: NodeWithScore, ctx: dict[str, Any], members: list[s
     node.metadata[PROVENANCE_KEY] = {
         "method": result.method, "spans": ctx["spans"], "scores": ctx.get("scores") or [], "members": members,
         "tokens_before": ctx.get("tokens_before"), "tokens_after": ctx.get("tokens_after"),
-        "query_rate": result.rate,
+        "query_rate": result.rate, "query_budget": dict(result.budget),
+        **({"query_auto": result.auto} if result.auto is not None else {}),
     }
     for excluded in (node.excluded_llm_metadata_keys, node.excluded_embed_metadata_keys):
         if PROVENANCE_KEY not in excluded:

@@ -210,7 +210,7 @@ class Pipeline:
         tokens_after = joined_tokens(self.counter, [c.text for c in current], [c.tokens or 0 for c in current])
         return CompressionResult(self.name, tuple(current), tokens_before, tokens_after,
                                  time.perf_counter() - start, tuple(stats),
-                                 {d.id: n for d, n in zip(documents, counts)})
+                                 {d.id: n for d, n in zip(documents, counts)}, budget.as_dict())
 
     def _counted(self, docs: list[CompressedDocument]) -> list[CompressedDocument]:
         """`docs` with token counts; only pieces a stage left uncounted (a plug-in compressor, the fallback) are

@@ -93,6 +93,22 @@ class CompressionResult:
     seconds: float
     stages: tuple[StageStats, ...] = ()
     input_tokens: Mapping[str, int] = field(default_factory=dict)  # per input document id
+    budget: Mapping[str, Any] = field(default_factory=dict)  # the budget applied, as `Budget.as_dict()`
+
+    @property
+    def auto(self) -> dict[str, Any] | None:
+        """For an auto budget: the target `coverage`, the calibrated `expected_coverage` reached (the product over
+        the stages that took a share), and `guard` (why a stage kept more than the target asked, else None)."""
+        target = self.budget.get("auto") if self.budget else None
+        if not isinstance(target, Mapping):
+            return None
+        reached, guard = 1.0, None
+        for stage in self.stages:
+            info = stage.info.get("auto")
+            if isinstance(info, Mapping):
+                reached *= float(info.get("expected_coverage", 1.0))
+                guard = guard or info.get("guard") or info.get("fallback")
+        return {"coverage": target.get("coverage"), "expected_coverage": round(reached, 4), "guard": guard}
 
     @property
     def rate(self) -> float | None:
@@ -136,6 +152,8 @@ class CompressionResult:
             "tokens_after": self.tokens_after,
             "rate": None if self.rate is None else round(self.rate, 6),
             "seconds": round(self.seconds, 6),
+            **({"budget": dict(self.budget)} if self.budget else {}),
+            **({"auto": self.auto} if self.auto is not None else {}),
             "stages": [
                 {"name": s.name, "tokens_before": s.tokens_before, "tokens_after": s.tokens_after,
                  "seconds": round(s.seconds, 6), **dict(s.info)}

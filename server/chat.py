@@ -28,7 +28,7 @@ def ragzip_info(ctx: ChatContext, outcome: Outcome) -> dict[str, Any]:
     return {"method": r.method, "tokens_before": r.tokens_before, "tokens_after": r.tokens_after,
             "rate": None if r.rate is None else round(r.rate, 6), "seconds": round(r.seconds, 6), "source": ctx.source,
             "num_documents": len(ctx.documents), "fallback": outcome.fallback,
-            "already_compressed": ctx.already_compressed}
+            "already_compressed": ctx.already_compressed, "budget": dict(r.budget), "auto": r.auto}
 
 
 def ragzip_headers(info: dict[str, Any]) -> dict[str, str]:
