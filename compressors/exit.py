@@ -84,9 +84,47 @@ class Candidate:
     score: float
 
 
+# A line that is structure, not prose: a table row, a list item, JSON / code (brackets, quoted keys, indentation,
+# a trailing comma, colon or semicolon).
+_STRUCTURED_LINE = re.compile(r"^\s*(\||[-*+\u2022]\s|\d+[.)]\s|[{}\[\]\"]|#)|^\s{2,}\S|[,:;{(\[]\s*$")
+_TABLE_RULE = re.compile(r"^\s*\|?\s*:?-{3,}")
+
+
 def candidate_spans(doc: Document) -> list[tuple[int, int]]:
-    """Char spans of the sentences of `doc.text` (never the title), whitespace trimmed, in order."""
-    return split_sentences(doc.text) if doc.text.strip() else []
+    """Char spans of the candidate units of `doc.text` (never the title), whitespace trimmed, in order: its
+    sentences, except that a multi-line "sentence" made of structure (a table, a list, a JSON or code block) is
+    split into its lines, so a table's answer row or a JSON block's key can be kept without the whole block."""
+    if not doc.text.strip():
+        return []
+    out: list[tuple[int, int]] = []
+    for a, b in split_sentences(doc.text):
+        lines = [(a + m.start(), a + m.end()) for m in re.finditer(r"[^\n]*\S[^\n]*", doc.text[a:b])]
+        structured = sum(1 for x, y in lines if _STRUCTURED_LINE.search(doc.text[x:y]))
+        if len(lines) >= 2 and structured >= 0.6 * len(lines):
+            out.extend((x + len(doc.text[x:y]) - len(doc.text[x:y].lstrip()), y) for x, y in lines)
+        else:
+            out.append((a, b))
+    return out
+
+
+def table_header(text: str, spans: Sequence[tuple[int, int]], index: int) -> list[int]:
+    """For a table row (a line starting with '|'), the indices of its table's header line and rule line (the
+    lines a row cannot be read without), else []."""
+    def is_row(i: int) -> bool:
+        return text[spans[i][0]:spans[i][1]].lstrip().startswith("|")
+
+    def adjacent(i: int) -> bool:  # candidate i - 1 ends on the line just before candidate i starts
+        return text.count("\n", spans[i - 1][1], spans[i][0]) == 1
+
+    if not is_row(index):
+        return []
+    first = index
+    while first > 0 and is_row(first - 1) and adjacent(first):
+        first -= 1
+    header = [first]
+    if first + 1 < len(spans) and _TABLE_RULE.match(text[spans[first + 1][0]:spans[first + 1][1]]):
+        header.append(first + 1)
+    return [i for i in header if i != index and i < index]
 
 
 def _adapter(value: Any, name: str) -> str | None:
@@ -236,9 +274,8 @@ class ExitCompressor(BaseCompressor):
             threshold = (float(budget.threshold) if budget.threshold is not None else
                          self.options.threshold if self.options.threshold is not None else DEFAULT_THRESHOLD)
             chosen = {(c.doc, c.index) for c in flat if c.score >= threshold}
-            if self.options.keep_antecedents:
-                chosen |= {key for c in flat if (c.doc, c.index) in chosen
-                           for key in self._antecedents(documents, per_doc, c, chosen)}
+            chosen |= {key for c in flat if (c.doc, c.index) in chosen
+                       for key in self._required(documents, per_doc, c, chosen)}
             mode = "threshold"
         else:
             chosen = self._fill_budget(documents, per_doc, flat, limit)
@@ -271,12 +308,23 @@ class ExitCompressor(BaseCompressor):
         order = sorted(range(len(flat)), key=lambda i: (-flat[i].score, flat[i].doc, flat[i].index))
         choice = auto_select(probs, costs, budget, order=order)
         keys = {(flat[i].doc, flat[i].index) for i in choice.keep}
+        keys |= {key for i in choice.keep for key in self._required(documents, per_doc, flat[i], keys)}
         if limit is not None and keys and self._count(documents, flat, keys) > limit:
-            keys = self._fill_budget(documents, per_doc, [flat[i] for i in choice.keep], limit)
+            keys = self._fill_budget(documents, per_doc, flat, limit, allowed=keys)
         total = float(probs.sum())
         reached = float(sum(p for c, p in zip(flat, probs) if (c.doc, c.index) in keys) / total) if total else 1.0
         return keys, {"coverage": budget.coverage, "expected_coverage": round(reached, 4), "guard": choice.guard,
                       "calibrated": calibration is not None}
+
+    def _required(self, documents: Sequence[Document], per_doc: list[list[Candidate]], c: Candidate,
+                  chosen: set[tuple[int, int]]) -> list[tuple[int, int]]:
+        """What `c` cannot be read without, not yet chosen: its table's header lines, and (keep_antecedents) the
+        sentences before it that it leans on."""
+        spans = [(x.start, x.end) for x in per_doc[c.doc]]
+        out = [(c.doc, i) for i in table_header(documents[c.doc].text, spans, c.index) if (c.doc, i) not in chosen]
+        if self.options.keep_antecedents:
+            out += [k for k in self._antecedents(documents, per_doc, c, chosen) if k not in out]
+        return out
 
     def _antecedents(self, documents: Sequence[Document], per_doc: list[list[Candidate]], c: Candidate,
                      chosen: set[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -290,9 +338,9 @@ class ExitCompressor(BaseCompressor):
         return out
 
     def _fill_budget(self, documents: Sequence[Document], per_doc: list[list[Candidate]], flat: list[Candidate],
-                     limit: int) -> set[tuple[int, int]]:
-        """Highest-scoring sentences (each with the predecessors it leans on) until the cap, checked on the
-        assembled text (never over the cap)."""
+                     limit: int, allowed: set[tuple[int, int]] | None = None) -> set[tuple[int, int]]:
+        """Highest-scoring sentences (each with what it requires: a table row's header, the predecessors it leans
+        on) until the cap, checked on the assembled text (never over the cap); only `allowed` ones when given."""
         costs = dict(zip(((c.doc, c.index) for c in flat),
                          self.counter.count_batch([documents[c.doc].text[c.start:c.end] for c in flat])))
         keys: set[tuple[int, int]] = set()
@@ -301,11 +349,9 @@ class ExitCompressor(BaseCompressor):
         total = -sep  # the first document needs no separator before it
         priced = total  # separator tokens `total` holds as estimates (not yet counted exactly)
         for c in sorted(flat, key=lambda x: (-x.score, x.doc, x.index)):
-            if (c.doc, c.index) in keys:
+            if (c.doc, c.index) in keys or (allowed is not None and (c.doc, c.index) not in allowed):
                 continue
-            group = [(c.doc, c.index)]
-            if self.options.keep_antecedents:
-                group += self._antecedents(documents, per_doc, c, keys)
+            group = [(c.doc, c.index), *self._required(documents, per_doc, c, keys)]
             joins = 0 if c.doc in docs_used else sep  # a new document adds a separator (at most)
             for option in (group, group[:1]):  # with its antecedents, else the sentence alone
                 cost = sum(costs[k] for k in option)
@@ -330,13 +376,14 @@ class ExitCompressor(BaseCompressor):
         return keys
 
     def _count(self, documents: Sequence[Document], flat: list[Candidate], keys: set[tuple[int, int]]) -> int:
-        """Tokens of the kept sentences as they will be assembled (a space within a document, the context
-        separator between documents)."""
-        pieces: dict[int, list[str]] = {}
+        """Tokens of the kept sentences as they will be assembled (`_build`: within a document a space, or the
+        source's line breaks; the context separator between documents)."""
+        pieces: dict[int, list[tuple[int, int]]] = {}
         for c in flat:
             if (c.doc, c.index) in keys:
-                pieces.setdefault(c.doc, []).append(documents[c.doc].text[c.start:c.end])
-        return joined_tokens(self.counter, [" ".join(p) for p in pieces.values()])
+                pieces.setdefault(c.doc, []).append((c.start, c.end))
+        return joined_tokens(self.counter, [assemble(documents[d], sorted(p), sep=" ", keep_line_breaks=True).text
+                                            for d, p in sorted(pieces.items())])
 
 
 def _build(documents: Sequence[Document], per_doc: list[list[Candidate]],
@@ -346,5 +393,5 @@ def _build(documents: Sequence[Document], per_doc: list[list[Candidate]],
         kept = [c for c in cands if (c.doc, c.index) in chosen]
         if kept:
             out.append(assemble(documents[d], [(c.start, c.end) for c in kept], sep=" ",
-                                scores=[c.score for c in kept]))
+                                scores=[c.score for c in kept], keep_line_breaks=True))
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from ragzip.types import CompressedDocument, Document, Span
@@ -17,8 +18,9 @@ def assemble(
 ) -> CompressedDocument:
     """Join `doc.text[start:end]` for each (start, end) piece with `sep`, recording where each piece landed.
 
-    With `keep_line_breaks`, pieces whose source gap holds line breaks are joined by those line breaks (at most
-    two) instead of `sep`, so table rows, list items and code stay on their own lines.
+    With `keep_line_breaks`, pieces whose source gap holds line breaks are joined by one line break (a blank line
+    when the gap holds a paragraph break) instead of `sep`, so table rows, list items and code stay on their own
+    lines (see `piece_separator`).
     """
     parts: list[str] = []
     spans: list[Span] = []
@@ -47,10 +49,17 @@ def _spaced(text: str, prev_end: int, start: int) -> bool:
     return (prev_end < len(text) and text[prev_end].isspace()) or (start > 0 and text[start - 1].isspace())
 
 
+_BLANK_LINE = re.compile(r"\n[^\S\n]*\n")
+
+
 def piece_separator(text: str, prev_end: int, start: int, sep: str = " ") -> str:
-    """What joins two kept pieces: the line breaks of the source gap between them (at most two), else `sep`."""
-    breaks = text.count("\n", prev_end, start)
-    return "\n" * min(2, breaks) if breaks else sep
+    """What joins two kept pieces: a blank line when the source gap between them holds one (a paragraph break),
+    one line break when it holds only single ones (the rows of one table or lines of one block stay one block,
+    however many lines were dropped between them), else `sep`."""
+    gap = text[prev_end:start]
+    if "\n" not in gap:
+        return sep
+    return "\n\n" if _BLANK_LINE.search(gap) else "\n"
 
 
 def compose(previous: CompressedDocument, current: CompressedDocument) -> CompressedDocument:

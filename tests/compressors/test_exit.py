@@ -274,3 +274,43 @@ def test_doc_weight_blends_the_document_head_score_when_the_scorer_has_one() -> 
     assert scores["c"][0] == pytest.approx(0.6 * plain["c"][0], abs=1e-4)                # sentence of the document
     default = ExitCompressor(WS, scorer=DocHeadScorer({"Paris": 1.0, "Fruit": 0.0, "Rome": 0.0})).compress(QUERY, DOCS)
     assert default.stages[0].info["sentence_scores"] == plain  # off by default
+
+
+TABLE_DOC = Document("t", "Prices by city:\n\n| city | price |\n|---|---|\n| Paris | 10 |\n| Berlin | 12 |\n"
+                          "| Rome | 9 |\n| Madrid | 11 |\n| Oslo | 20 |\n\nOslo is the most expensive city in the "
+                          "table, and many people visit it every year for the fjords.", "Prices")
+
+
+def test_a_table_is_split_into_rows_and_a_kept_row_brings_its_header() -> None:
+    from ragzip.compressors.exit import candidate_spans, table_header
+
+    spans = candidate_spans(TABLE_DOC)
+    lines = [TABLE_DOC.text[a:b] for a, b in spans]
+    assert "| Rome | 9 |" in lines and "| city | price |" in lines  # rows are units, not one 40-token "sentence"
+    rome = lines.index("| Rome | 9 |")
+    assert [lines[i] for i in table_header(TABLE_DOC.text, spans, rome)] == ["| city | price |", "|---|---|"]
+    assert table_header(TABLE_DOC.text, spans, 0) == []  # prose has no header
+
+    class RowScorer:  # only the answer row looks relevant: the header must come with it all the same
+        name = "row"
+
+        def score(self, query: str, documents: Any) -> list[list[float]]:
+            return [[0.99 if "Rome" in text[a:b] else 0.01 for a, b in spans] for _, text, spans in documents]
+
+    for comp in (get_compressor("exit", counter=WS), ExitCompressor(WS, scorer=RowScorer())):
+        for budget in (None, Budget.ratio(0.4), Budget.score(0.5)):
+            result = comp.compress("What is the price in Rome?", [TABLE_DOC], budget)
+            text = result.text
+            assert "| city | price |\n|---|---|\n" in text and "| Rome | 9 |" in text  # one row a line
+            assert "\n\n|" not in text.split("| city")[1]  # no blank line inside the table
+
+
+def test_structure_lines_of_a_json_block_are_units() -> None:
+    from ragzip.compressors.exit import candidate_spans
+
+    doc = Document("j", 'The service is configured in JSON:\n{\n  "name": "gateway",\n  "port": 8080,\n'
+                        '  "workers": 4\n}')
+    lines = [doc.text[a:b] for a, b in candidate_spans(doc)]
+    assert '"port": 8080,' in lines and len(lines) >= 5
+    prose = Document("p", "A wrapped paragraph of prose\ncontinues on the next line and\nends here.")
+    assert len(candidate_spans(prose)) == 1  # wrapped prose stays one sentence

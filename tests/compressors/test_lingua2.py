@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from ragzip.budget import Budget
 from ragzip.compressors.lingua2 import Lingua2Compressor
 from ragzip.errors import ConfigError
-from ragzip.tokens import HFTokenCounter, TokenCounter, WhitespaceCounter
+from ragzip.tokens import HFTokenCounter, TokenCounter, WhitespaceCounter, get_token_counter
 from ragzip.types import CompressionResult, Document
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -416,3 +416,18 @@ def test_forced_words_never_take_the_whole_budget(tiny_bert: str) -> None:
     assert digits and len(words) - len(digits) >= 5  # forced words rank first for about half the budget only
     roomy = comp.compress("", [Document("n", text)], Budget.ratio(0.9)).text.split()
     assert all(w in roomy for w in re.findall(r"\S*\d\S*", text))  # with room, every digit word is kept
+
+
+def test_rows_of_one_table_stay_one_table_when_rows_between_are_dropped() -> None:
+    from ragzip.spans import piece_separator
+
+    text = "| a | b |\n|---|---|\n| 1 | 2 |\n| 3 | 4 |\n\nNext paragraph."
+    assert piece_separator(text, text.index("|---|") + 9, text.index("| 3")) == "\n"  # a dropped row: one break
+    assert piece_separator(text, text.index("| 4 |") + 5, text.index("Next")) == "\n\n"  # a paragraph break
+    assert piece_separator(text, 0, 2) == " "
+    table = ("Prices by city:\n\n| city | price |\n|---|---|\n| Paris | 10 |\n| Berlin | 12 |\n| Rome | 9 |\n"
+             "| Madrid | 11 |\n| Oslo | 20 |\n\nOslo is the most expensive city in the table, and many people visit "
+             "it every year for the fjords.")
+    result = Lingua2Compressor(get_token_counter("whitespace")).compress("What is the price in Rome?", [table], 0.5)
+    rows = result.text[result.text.index("| city"):]
+    assert "| Rome | 9 |" in rows and "\n\n" not in rows.rstrip()
