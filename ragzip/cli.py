@@ -294,11 +294,12 @@ def demo(
     if not s["n"]:
         return
     lo, hi = s["f1_delta_ci"]
-    verdict = ("compression kept the answers" if s["f1_delta"] >= 0 else
-               "compression LOST answers on these questions" if lo < -0.02 else "within noise of the full context")
+    verdict = ("the reader's F1 held" if s["f1_delta"] >= 0 else
+               "the reader's F1 dropped" if hi < 0 else "the reader's F1 is lower, within noise (the CI spans 0)")
     guarded = f"; the guard kept more on {s['guarded']}" if s["guarded"] else ""
-    out.print(f"{verdict}: tokens {s['tokens_before']} -> {s['tokens_after']} ({s['fewer_tokens']:.1f}x fewer)"
-              f"{guarded}; {min(show, s['n'])} of the {s['n']} questions shown")
+    out.print(f"answers kept in the compressed context: {s['answers_kept']} of the {s['answers_in_full']} in the "
+              f"retrieved context; {verdict}; tokens {s['tokens_before']} -> {s['tokens_after']} "
+              f"({s['fewer_tokens']:.1f}x fewer){guarded}; {min(show, s['n'])} of the {s['n']} questions shown")
     out.print(f"mean rate {s['mean_rate']:.2f}; answer F1 full {s['f1_full']:.2f} vs compressed "
               f"{s['f1_compressed']:.2f} ({s['n']} questions); paired difference {s['f1_delta']:+.2f} "
               f"(95% CI [{lo:+.2f}, {hi:+.2f}])")

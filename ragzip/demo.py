@@ -45,7 +45,7 @@ def run_demo(*, method: str = DEMO_METHOD, budget: Budget | None = None, llm: st
     default (auto for EXIT)."""
     from ragzip.answer import Answerer
     from ragzip.engine import LocalEngine
-    from ragzip.eval.metrics import f1_score
+    from ragzip.eval.metrics import answer_survival, f1_score
     from ragzip.pipeline import build_compressor
     from ragzip.retrieval.retriever import Retriever
     from ragzip.tokens import get_token_counter
@@ -77,6 +77,8 @@ def run_demo(*, method: str = DEMO_METHOD, budget: Budget | None = None, llm: st
             "rate": result.rate, "seconds": result.seconds, "answer_full": full, "answer_compressed": compressed,
             "gold": q["answers"][0], "f1_full": f1_score(full, q["answers"]),
             "f1_compressed": f1_score(compressed, q["answers"]), "guard": _guard(result),
+            "answer_in_full": bool(answer_survival("\n\n".join(h.text for h in hits), q["answers"])),
+            "answer_in_compressed": bool(answer_survival(result.text, q["answers"])),
         })
     return rows
 
@@ -104,4 +106,6 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "f1_compressed": sum(r["f1_compressed"] for r in rows) / n, "f1_delta": sum(diffs) / n,
             "f1_delta_ci": paired_bootstrap_ci(diffs), "mean_rate": sum(r["rate"] for r in rows) / n,
             "tokens_before": before, "tokens_after": after, "fewer_tokens": before / after if after else float("inf"),
-            "guarded": sum(1 for r in rows if r.get("guard"))}
+            "guarded": sum(1 for r in rows if r.get("guard")),
+            "answers_in_full": sum(1 for r in rows if r.get("answer_in_full")),
+            "answers_kept": sum(1 for r in rows if r.get("answer_in_full") and r.get("answer_in_compressed"))}

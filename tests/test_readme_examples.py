@@ -28,6 +28,12 @@ def test_python_example(readme_example: Any) -> None:
     assert "North Sea" in result.text
 
 
+def test_auto_example(readme_example: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    ns = _run(readme_example("auto"))  # docs/auto.md: its asserts are the claims it makes
+    assert ns["result"].auto["coverage"] == 0.95 and ns["capped"].budget["auto"]["max_tokens"] == 8
+    assert "'coverage': 0.95" in capsys.readouterr().out
+
+
 def test_langchain_example(readme_example: Any) -> None:
     ns = _run(readme_example("langchain"))
     docs = ns["docs"]
