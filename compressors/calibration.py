@@ -32,6 +32,13 @@ LOW_CONFIDENCE = 0.10
 FLAT_MARGIN = 0.05
 
 
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
 @dataclass(frozen=True, slots=True)
 class Calibration:
     """A monotone map raw score -> probability: linear between `(xs[i], ys[i])` knots, flat outside them."""
@@ -44,7 +51,7 @@ class Calibration:
         xs, ys = self.xs, self.ys
         if not xs or len(xs) != len(ys) or len(xs) > _MAX_KNOTS:
             raise ConfigError(f"calibration needs 1..{_MAX_KNOTS} knots with one probability each")
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (*xs, *ys)):
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v) for v in (*xs, *ys)):
             raise ConfigError("calibration knots must be finite numbers")
         if any(b < a for a, b in zip(xs, xs[1:])):
             raise ConfigError("calibration scores must be sorted ascending")

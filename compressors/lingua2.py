@@ -389,12 +389,14 @@ class Lingua2Compressor(BaseCompressor):
             limit = Budget.ratio(DEFAULT_RATE).token_limit(joined_tokens(self.counter, list(texts))) or 1
             kept = select_units(texts, scores, Budget.tokens(min(limit, cap or limit)), self.counter,
                                 default_rate=DEFAULT_RATE, drop_repeats=drop)
-            return kept, {"coverage": budget.coverage, "fallback": f"rate={DEFAULT_RATE:g} (no question to cover)"}
+            return kept, {"coverage": budget.coverage, "expected_coverage": None,
+                          "fallback": f"rate={DEFAULT_RATE:g} (no question to cover)"}
         raw = np.concatenate([s.score for s in scores]) if scores else np.zeros(0)
         calibration = self.calibration
         probs = calibration(raw) if calibration is not None else np.clip(raw, 0.0, 1.0)
         lengths = np.concatenate([s.units[:, 1] - s.units[:, 0] for s in scores]) if scores else np.zeros(0)
-        choice = auto_select(probs, lengths.tolist(), budget)
+        # Ties in calibrated probability (isotonic maps are flat in stretches) are broken by the raw score.
+        choice = auto_select(probs, lengths.tolist(), budget, order=np.lexsort((np.arange(len(raw)), -raw)).tolist())
         if choice.guard is not None and budget.on_unsure == "keep":
             kept = [np.ones(len(s.units), dtype=bool) for s in scores]
         elif not choice.keep:  # no words at all

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ragzip.batch import counter_name, iter_jsonl, output_row, plan_resume
-from ragzip.budget import Budget
+from ragzip.budget import Budget, to_budget
 from ragzip.errors import ConfigError, InputError, RagzipError, extra_hint
 
 # One batch: [(line number, JSON text, read error)]; one result: (line number, output JSON text, error).
@@ -32,7 +32,7 @@ class _Worker:
         from ragzip.pipeline import build_compressor
         from ragzip.tokens import get_token_counter
 
-        self.budget = Budget(**budget)
+        self.budget = to_budget(budget) or Budget()  # as `Budget.as_dict()` wrote it (auto nests its settings)
         self.options = options
         self.compressor = build_compressor(method, counter=get_token_counter(tokenizer), options=options,
                                            device=device)

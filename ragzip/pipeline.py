@@ -124,14 +124,21 @@ class Pipeline:
                    stage_slack=stage_slack)
 
     def _auto_stages(self) -> list[int]:
-        """The stages an auto budget is shared among: those that take one and have no budget of their own."""
+        """The stages an auto budget is shared among: those whose own default is auto (a calibrated method with its
+        default options: not EXIT with a `threshold` option, not lingua2's reference mode) and that have no budget
+        of their own."""
         return [i for i, (stage, own) in enumerate(zip(self.stages, self.stage_budgets))
-                if own is None and "auto" in getattr(stage, "budget_kinds", ())]
+                if own is None and "auto" in getattr(stage, "budget_kinds", ())
+                and getattr(getattr(stage, "default_budget", None), "is_auto", False)]
 
     def default_budget(self) -> Budget:
-        """What a call without a budget gets: this pipeline's own budget, else auto when a stage takes it."""
+        """What a call without a budget gets: this pipeline's own budget, else a single stage's own default (auto,
+        a threshold, llmlingua's rate), else auto when a stage shares it."""
         if self.budget is not None:
             return self.budget
+        if len(self.stages) == 1:
+            own = getattr(self.stages[0], "default_budget", None)
+            return own if isinstance(own, Budget) else Budget()
         return Budget.auto() if self._auto_stages() else Budget()
 
     def _stage_budget(self, i: int, budget: Budget, limit: int | None, tokens_before: int) -> tuple[Budget, str]:
@@ -147,9 +154,9 @@ class Pipeline:
             if i not in shared:
                 return Budget(), "default"
             coverage = float(budget.coverage or 1.0) ** (1.0 / len(shared))
-            cap = None if limit is None else (limit if i == last else
-                                              min(tokens_before, math.ceil(limit * self.stage_slack ** (last - i))))
-            return Budget(coverage=round(coverage, 6), max_tokens=cap,
+            cap = None if limit is None else max(1, limit if i == last else
+                                                 min(tokens_before, math.ceil(limit * self.stage_slack ** (last - i))))
+            return Budget(coverage=max(1e-6, round(coverage, 6)), max_tokens=cap,
                           min_rate=budget.min_rate if i == shared[-1] else None,
                           on_unsure=budget.on_unsure), "auto share"
         if limit is None:

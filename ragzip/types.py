@@ -102,13 +102,16 @@ class CompressionResult:
         target = self.budget.get("auto") if self.budget else None
         if not isinstance(target, Mapping):
             return None
-        reached, guard = 1.0, None
+        reached: float | None = 1.0
+        guard = None
         for stage in self.stages:
             info = stage.info.get("auto")
             if isinstance(info, Mapping):
-                reached *= float(info.get("expected_coverage", 1.0))
+                value = info.get("expected_coverage", 1.0)
+                reached = None if value is None or reached is None else reached * float(value)
                 guard = guard or info.get("guard") or info.get("fallback")
-        return {"coverage": target.get("coverage"), "expected_coverage": round(reached, 4), "guard": guard}
+        return {"coverage": target.get("coverage"), "expected_coverage": None if reached is None else round(reached, 4),
+                "guard": guard}
 
     @property
     def rate(self) -> float | None:

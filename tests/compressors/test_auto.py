@@ -189,3 +189,24 @@ def test_a_pipeline_shares_the_coverage_among_its_calibrated_stages() -> None:
     assert build_compressor("crag+exit", counter=get_token_counter("whitespace")).default_budget() == Budget.auto()
     with pytest.raises(BudgetError, match="does not take an auto budget"):
         build_compressor("embed-topk", counter=get_token_counter("whitespace")).compress(QUESTION, DOCS, "auto")
+
+
+def test_a_stage_with_a_default_of_its_own_keeps_it_on_every_surface() -> None:
+    from ragzip import RagZip
+    from ragzip.batch_ray import _Worker
+    from ragzip.llmlingua import PromptCompressor
+
+    legacy = RagZip("exit", tokenizer="whitespace", threshold=0.5).compress(QUESTION, DOCS)
+    assert legacy.budget == {"threshold": 0.5} and legacy.stages[0].info["mode"] == "threshold"
+    reference = RagZip("lingua2", tokenizer="whitespace", mode="reference").compress(None, DOCS)
+    assert reference.stages[0].info["mode"] == "reference" and reference.auto is None
+    dropin = PromptCompressor(use_llmlingua2=True, mode="reference").compress_prompt([d.text for d in DOCS])
+    assert dropin["ragzip"]["budget"] == {"rate": 0.5}  # llmlingua's own default, as before
+    assert _Worker("exit", Budget.auto(0.9).as_dict(), {}, "whitespace").budget == Budget.auto(0.9)  # Ray rows
+
+
+def test_auto_on_an_empty_context_and_a_tiny_cap() -> None:
+    pipe = build_compressor("exit+lingua2", counter=get_token_counter("whitespace"))
+    empty = pipe.compress(QUESTION, [Document("e", "   ")], Budget.auto(0.9, max_tokens=5))
+    assert empty.tokens_after == 0 and empty.text == ""
+    assert pipe.compress(QUESTION, DOCS, Budget.auto(1e-7)).tokens_after > 0
