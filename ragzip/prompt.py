@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ragzip.types import Document
+from ragzip.types import Document, titled
 
 SYSTEM_PROMPT = "Answer the question using only the documents. Reply with a short answer (a few words), no explanation."
 _PLACEHOLDER = "\uE000RAGZIP_DOCS\uE000"
@@ -45,7 +45,7 @@ class PromptPieces:
 
 def document_text(doc: Document) -> str:
     """A document as the prompt shows it: an optional title line, the text, a blank line."""
-    return (f"{doc.title}\n{doc.text}" if doc.title else doc.text).strip() + "\n\n"
+    return titled(doc.title, doc.text).strip() + "\n\n"
 
 
 class PromptBuilder:

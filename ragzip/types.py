@@ -12,6 +12,11 @@ TokenIds = Sequence[int]
 CONTEXT_SEPARATOR = "\n\n"  # between documents in `CompressionResult.text`, counted in every budget
 
 
+def titled(title: str, text: str) -> str:
+    """A piece as a reader is shown it: its title on a line of its own (when it has one), then its text."""
+    return f"{title}\n{text}" if title else text
+
+
 @dataclass(frozen=True, slots=True)
 class Document:
     """One retrieved item. `title` is context (never compressed away); `text` is what compressors narrow."""
@@ -123,6 +128,13 @@ class CompressionResult:
     def text(self) -> str:
         """The compressed context: non-blank pieces joined by a blank line; what every budget counts."""
         return CONTEXT_SEPARATOR.join(d.text for d in self.documents if d.text.strip())
+
+    def render(self, *, titles: bool = True) -> str:
+        """The compressed context as a reader should get it: each kept piece under its title (as ragzip's own
+        prompt shows documents), pieces separated by a blank line. `titles=False` is `text`. Titles are context,
+        not budget: the budget counts `text`."""
+        return CONTEXT_SEPARATOR.join(titled(d.title, d.text) if titles else d.text
+                                      for d in self.documents if d.text.strip())
 
     @property
     def spans(self) -> list[Span]:

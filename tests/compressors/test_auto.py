@@ -210,3 +210,13 @@ def test_auto_on_an_empty_context_and_a_tiny_cap() -> None:
     empty = pipe.compress(QUESTION, [Document("e", "   ")], Budget.auto(0.9, max_tokens=5))
     assert empty.tokens_after == 0 and empty.text == ""
     assert pipe.compress(QUESTION, DOCS, Budget.auto(1e-7)).tokens_after > 0
+
+
+def test_render_puts_each_kept_piece_under_its_title() -> None:
+    from ragzip.prompt import document_text
+
+    result = get_compressor("exit", counter=get_token_counter("whitespace")).compress(QUESTION, DOCS)
+    rendered = result.render()
+    assert rendered.startswith("Rhine\nThe Rhine") and "North Sea" in rendered
+    assert result.render(titles=False) == result.text and "Rhine\n" not in result.text
+    assert rendered == "\n\n".join(document_text(d.as_document()).strip() for d in result.documents)
