@@ -154,8 +154,8 @@ class Pipeline:
             if i not in shared:
                 return Budget(), "default"
             coverage = float(budget.coverage or 1.0) ** (1.0 / len(shared))
-            cap = None if limit is None else max(1, limit if i == last else
-                                                 min(tokens_before, math.ceil(limit * self.stage_slack ** (last - i))))
+            cap = None if limit is None else (
+                max(1, limit) if i == last else self._derived_cap(i, limit, tokens_before))
             return Budget(coverage=max(1e-6, round(coverage, 6)), max_tokens=cap,
                           min_rate=budget.min_rate if i == shared[-1] else None,
                           on_unsure=budget.on_unsure), "auto share"
@@ -167,8 +167,11 @@ class Pipeline:
             # A single stage takes the budget as given (the same limit on the same input; a method whose rate
             # means something of its own, as lingua2's reference mode, keeps that meaning).
             return (budget, "final") if i == 0 else (Budget.tokens(limit), "final")
-        derived = min(tokens_before, math.ceil(limit * self.stage_slack ** (last - i)))
-        return Budget.tokens(max(1, derived)), "derived"
+        return Budget.tokens(self._derived_cap(i, limit, tokens_before)), "derived"
+
+    def _derived_cap(self, i: int, limit: int, tokens_before: int) -> int:
+        """An earlier stage's token cap: `limit * stage_slack^(stages after it)`, at most the input, at least 1."""
+        return max(1, min(tokens_before, math.ceil(limit * self.stage_slack ** (len(self.stages) - 1 - i))))
 
     def compress(self, query: str | None, documents: Sequence[DocumentLike], budget: BudgetLike = None, *,
                  input_tokens: Sequence[int] | None = None, rate: float | None = None,

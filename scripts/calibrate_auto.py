@@ -28,7 +28,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
-from lingua2_splits import exit_trained_paragraphs, read_squad  # noqa: E402
+from lingua2_splits import fresh_passages, read_squad  # noqa: E402
 
 from ragzip.compressors.calibration import CALIBRATION_FILE, fit_isotonic  # noqa: E402
 from ragzip.compressors.exit import ExitCompressor  # noqa: E402
@@ -48,14 +48,7 @@ def sha_order(ids: list[str]) -> list[str]:
 
 def squad_tune(data_root: Path, n: int) -> list[dict]:
     """The tuning passages of scripts/lingua2_splits.py (one question per passage), rebuilt the same way."""
-    rows = read_squad(data_root)
-    seen = exit_trained_paragraphs(rows)
-    fresh = sorted((ex for ex in rows if ex["contexts"][0]["text"] not in seen),
-                   key=lambda ex: hashlib.sha1(ex["id"].encode()).hexdigest())
-    by_passage: dict[str, dict] = {}
-    for ex in fresh:
-        by_passage.setdefault(ex["contexts"][0]["text"], ex)
-    return list(by_passage.values())[:n]
+    return fresh_passages(read_squad(data_root))[:n]
 
 
 def answer_span(text: str, answers: list[str]) -> tuple[int, int] | None:

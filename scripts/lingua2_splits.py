@@ -34,6 +34,18 @@ def exit_trained_paragraphs(rows: list[dict]) -> set[str]:
     return {ex["contexts"][0]["text"] for ex in drawn[: cfg["squad_questions"]]}
 
 
+def fresh_passages(rows: list[dict]) -> list[dict]:
+    """One question per paragraph the EXIT encoder never trained on, in SHA-1 order of the question id: the first
+    200 are the tuning split, the next 300 the held-out one (so that n counts distinct passages)."""
+    seen = exit_trained_paragraphs(rows)
+    fresh = sorted((ex for ex in rows if ex["contexts"][0]["text"] not in seen),
+                   key=lambda ex: hashlib.sha1(ex["id"].encode()).hexdigest())
+    by_passage: dict[str, dict] = {}
+    for ex in fresh:
+        by_passage.setdefault(ex["contexts"][0]["text"], ex)
+    return list(by_passage.values())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data")
@@ -44,12 +56,7 @@ def main() -> None:
     rows = read_squad(args.data_root)
     seen = exit_trained_paragraphs(rows)
     fresh = [ex for ex in rows if ex["contexts"][0]["text"] not in seen]
-    fresh.sort(key=lambda ex: hashlib.sha1(ex["id"].encode()).hexdigest())
-    # one question per paragraph, so that n counts distinct passages
-    by_passage: dict[str, dict] = {}
-    for ex in fresh:
-        by_passage.setdefault(ex["contexts"][0]["text"], ex)
-    picked = list(by_passage.values())
+    picked = fresh_passages(rows)
     tune, held = picked[: args.tune], picked[args.tune: args.tune + args.held_out]
     args.out.mkdir(parents=True, exist_ok=True)
     for name, part in (("tune", tune), ("heldout", held)):
