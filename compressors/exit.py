@@ -21,7 +21,9 @@ Example:
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -29,9 +31,10 @@ from typing import Any
 import numpy as np
 
 from ragzip.budget import Budget
-from ragzip.compressors.base import BaseCompressor, joined_tokens, separator_tokens
+from ragzip.compressors.base import BaseCompressor, CompressionRequest, joined_tokens, separator_tokens
 from ragzip.compressors.calibration import auto_select
 from ragzip.compressors.exit_scorers import CausalLMScorer, EncoderScorer, SentenceScorer, fuse_scores
+from ragzip.contract import to_documents, to_question
 from ragzip.errors import ConfigError
 from ragzip.options import bounds
 from ragzip.spans import assemble
@@ -125,6 +128,19 @@ def table_header(text: str, spans: Sequence[tuple[int, int]], index: int) -> lis
     if first + 1 < len(spans) and _TABLE_RULE.match(text[spans[first + 1][0]:spans[first + 1][1]]):
         header.append(first + 1)
     return [i for i in header if i != index and i < index]
+
+
+# One scorer input document under a query: (query, title, text, candidate spans).
+_DocKey = tuple[str, str, str, tuple[tuple[int, int], ...]]
+# Per compressor (by id), the scores `prefetched` computed for the requests of a batch: sentence probabilities and the
+# document probability of each (query, document). A document's scores depend only on the query and the document
+# itself (its own encoder windows), so a memo hit is exactly what a fresh forward gives.
+_PREFETCHED: ContextVar[dict[int, dict[_DocKey, tuple[list[float], float | None]]] | None] = ContextVar(
+    "exit_prefetched", default=None)
+
+
+def _doc_key(query: str, title: str, text: str, spans: Sequence[tuple[int, int]]) -> _DocKey:
+    return query, title, text, tuple((int(a), int(b)) for a, b in spans)
 
 
 def _adapter(value: Any, name: str) -> str | None:
@@ -252,8 +268,44 @@ class ExitCompressor(BaseCompressor):
                 doc_scores[d] = max(doc_scores[d], second_docs[j])
         return sentences, doc_scores
 
+    @contextmanager
+    def prefetched(self, requests: Sequence[CompressionRequest]) -> Iterator[None]:
+        """The first pass of every request scored in one batched set of encoder forwards (`score_many`); the
+        `compress` calls inside the context read their scores from it. A request that cannot be parsed is left to
+        fail in its own `compress` call."""
+        score_many = getattr(self.scorer, "score_many", None)
+        if score_many is None or not requests:
+            yield
+            return
+        jobs = []
+        for r in requests:
+            try:
+                query, docs = to_question(r.query), to_documents(r.documents)
+            except (ValueError, TypeError):  # InputError is a ValueError: reported by that request's compress
+                continue
+            jobs.append((query, [(d.title, d.text, candidate_spans(d)) for d in docs]))
+        memo: dict[_DocKey, tuple[list[float], float | None]] = {}
+        for (query, inputs), result in zip(jobs, score_many(jobs)):
+            for d, (title, text, spans) in enumerate(inputs):
+                doc = result.documents[d] if result.documents is not None else None
+                memo[_doc_key(query, title, text, spans)] = (list(result.sentences[d]), doc)
+        outer = _PREFETCHED.get() or {}
+        token = _PREFETCHED.set({**outer, id(self): memo})
+        try:
+            yield
+        finally:
+            _PREFETCHED.reset(token)
+
     def _score_once(self, query: str, inputs: Sequence[tuple[str, str, Sequence[tuple[int, int]]]]
                     ) -> tuple[list[list[float]], list[float] | None]:
+        memo = (_PREFETCHED.get() or {}).get(id(self))
+        if memo is not None:
+            hits = [memo.get(_doc_key(query, *doc)) for doc in inputs]
+            if all(h is not None for h in hits):
+                found = [h for h in hits if h is not None]
+                docs = [h[1] for h in found]
+                return [list(h[0]) for h in found], (None if any(x is None for x in docs) else
+                                                     [float(x) for x in docs if x is not None])
         with_docs = getattr(self.scorer, "score_documents", None)
         if with_docs is None:
             return [list(s) for s in self.scorer.score(query, inputs)], None

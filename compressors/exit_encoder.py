@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -324,6 +325,30 @@ def load_scorer(folder: str | Path | None = None, *, dtype: str = "float32",
     return model, tokenizer
 
 
+_shared: dict[tuple[str, int, int, str, str], tuple[SentenceSpanScorer, Any]] = {}
+_shared_lock = threading.Lock()
+
+
+def shared_scorer(folder: str | Path | None = None, *, dtype: str = "float32",
+                  device: str | None = None) -> tuple[SentenceSpanScorer, Any]:
+    """`load_scorer`, loaded once per process for the same weights file, dtype and device: EXIT, lingua2's query
+    scorer and every pipeline stage read one copy (inference never writes to it). The key holds the weights file's
+    path, size and modification time, so weights replaced on disk load afresh. Callers must not train or modify the
+    returned model (training loads its own with `load_scorer`)."""
+    from ragzip.registry import resolve_device, resolve_dtype
+
+    folder = Path(folder) if folder is not None else WEIGHTS_DIR
+    weights = folder / _WEIGHTS_FILE
+    stat = weights.stat() if weights.is_file() else None
+    target = resolve_device(device) if device is not None else "cpu"
+    key = (str(weights.resolve()), stat.st_size if stat else -1, stat.st_mtime_ns if stat else -1,
+           str(resolve_dtype(dtype, target)), target)
+    with _shared_lock:  # one load even when several threads build compressors at once
+        if key not in _shared:
+            _shared[key] = load_scorer(folder, dtype=dtype, device=device)
+        return _shared[key]
+
+
 def score_documents(model: SentenceSpanScorer, tokenizer: Any, query: str,
                     documents: Sequence[tuple[str, str, Sequence[tuple[int, int]]]], *,
                     batch_size: int = 16, max_padding: float = 0.1) -> DocumentScores:
@@ -335,34 +360,54 @@ def score_documents(model: SentenceSpanScorer, tokenizer: Any, query: str,
     `max_padding` of their real tokens (padding is pure waste on CPU), so a 10-document question runs in a few
     nearly unpadded forwards.
     """
-    rows = build_rows(tokenizer, query, documents, model.config)
+    return score_many(model, tokenizer, [(query, documents)], batch_size=batch_size, max_padding=max_padding)[0]
+
+
+Job = tuple[str, Sequence[tuple[str, str, Sequence[tuple[int, int]]]]]  # (query, documents) of one request
+
+
+def score_many(model: SentenceSpanScorer, tokenizer: Any, jobs: Sequence[Job], *, batch_size: int = 16,
+               max_padding: float = 0.1, max_tokens: int | None = None) -> list[DocumentScores]:
+    """`score_documents` for several independent queries at once: the windows of all of them are sorted by length
+    together and batched, so many short requests fill a few large forwards (what a busy server and a streamed file
+    gain from) instead of many small ones. Each window's scores go back to its own request."""
+    rows = [(j, row) for j, (query, documents) in enumerate(jobs)
+            for row in build_rows(tokenizer, query, documents, model.config)]
     device = next(model.parameters()).device
-    scores = [[0.0] * len(spans) for _, _, spans in documents]
-    doc_scores: list[float] | None = [0.0] * len(documents) if model.doc_head is not None else None
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))
+    scores = [[[0.0] * len(spans) for _, _, spans in documents] for _, documents in jobs]
+    doc_scores: list[list[float] | None] = [[0.0] * len(documents) if model.doc_head is not None else None
+                                            for _, documents in jobs]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][1].input_ids))
     with torch.inference_mode():
-        for batch_ids in length_batches([len(rows[i].input_ids) for i in order], batch_size, max_padding):
-            chunk = [rows[order[i]] for i in batch_ids]
+        for batch_ids in length_batches([len(rows[i][1].input_ids) for i in order], batch_size, max_padding,
+                                        max_tokens):
+            owners = [rows[order[i]][0] for i in batch_ids]
+            chunk = [rows[order[i]][1] for i in batch_ids]
             batch = {k: v.to(device) for k, v in collate(chunk, int(tokenizer.pad_token_id or 0)).items()}
             logits, counts, doc_logits = model(**batch, num_slots=max(1, num_slots(chunk)))
             probs = torch.sigmoid(logits.float()).tolist()
-            for b, slots in enumerate(slot_map(chunk)):
+            for b, (job, slots) in enumerate(zip(owners, slot_map(chunk))):
                 for k, (d, s) in enumerate(slots):
                     if counts[b, k] > 0:
-                        scores[d][s] = max(scores[d][s], probs[b][k])
-            if doc_scores is not None and doc_logits is not None:
-                for row, p in zip(chunk, torch.sigmoid(doc_logits.float()).tolist()):
-                    doc_scores[row.doc] = max(doc_scores[row.doc], p)
-    return DocumentScores(scores, doc_scores)
+                        scores[job][d][s] = max(scores[job][d][s], probs[b][k])
+            if doc_logits is not None:
+                for job, row, p in zip(owners, chunk, torch.sigmoid(doc_logits.float()).tolist()):
+                    mine = doc_scores[job]
+                    if mine is not None:
+                        mine[row.doc] = max(mine[row.doc], p)
+    return [DocumentScores(s, d) for s, d in zip(scores, doc_scores)]
 
 
-def length_batches(lengths: Sequence[int], batch_size: int, max_padding: float) -> list[list[int]]:
-    """Consecutive index groups of ascending `lengths`: at most `batch_size` each, padding <= `max_padding` x real."""
+def length_batches(lengths: Sequence[int], batch_size: int, max_padding: float,
+                   max_tokens: int | None = None) -> list[list[int]]:
+    """Consecutive index groups of ascending `lengths`: at most `batch_size` each, padding <= `max_padding` x real,
+    and (with `max_tokens`) at most that many padded tokens per group."""
     batches: list[list[int]] = []
     current: list[int] = []
     real = 0
     for i, n in enumerate(lengths):
-        if current and (len(current) >= batch_size or n * (len(current) + 1) > (1 + max_padding) * (real + n)):
+        full = len(current) >= batch_size or (max_tokens is not None and n * (len(current) + 1) > max_tokens)
+        if current and (full or n * (len(current) + 1) > (1 + max_padding) * (real + n)):
             batches.append(current)
             current, real = [], 0
         current.append(i)

@@ -39,6 +39,12 @@ class SentenceScorer(Protocol):
     def score(self, query: str, documents: Sequence[DocSentences]) -> list[list[float]]: ...
 
 
+# Cross-request batches (measured on 2 cores, bf16: 64 windows per forward served 16 questions 2.2x faster than one
+# question at a time, 16 windows 1.7x); the token bound keeps a forward's activations small (~100 MB).
+MANY_BATCH_ROWS = 64
+MANY_BATCH_TOKENS = 16384
+
+
 class EncoderScorer:
     """One encoder forward per (query, document window) scores all its sentences (the fast default).
 
@@ -53,9 +59,9 @@ class EncoderScorer:
 
     def __init__(self, weights: str | None = None, *, batch_size: int = 16, dtype: str = "auto",
                  device: str | None = "auto") -> None:
-        from ragzip.compressors.exit_encoder import WEIGHTS_DIR, load_scorer
+        from ragzip.compressors.exit_encoder import WEIGHTS_DIR, shared_scorer
 
-        self.model, self.tokenizer = load_scorer(weights, dtype=dtype, device=device)
+        self.model, self.tokenizer = shared_scorer(weights, dtype=dtype, device=device)
         self.batch_size = batch_size
         # Sentence score -> P(the sentence is needed evidence), fitted for these weights (None: not calibrated).
         self.calibration = load_calibration(weights if weights is not None else WEIGHTS_DIR)
@@ -76,6 +82,15 @@ class EncoderScorer:
         from ragzip.compressors.exit_encoder import score_documents
 
         return score_documents(self.model, self.tokenizer, query, documents, batch_size=self.batch_size)
+
+    def score_many(self, jobs: Sequence[tuple[str, Sequence[DocSentences]]]) -> list[DocumentScores]:
+        """`score_documents` of several independent (query, documents) jobs, their windows batched together (up to
+        `MANY_BATCH_ROWS` windows and `MANY_BATCH_TOKENS` tokens per forward: larger forwards than one question
+        fills, which is where the batched throughput comes from)."""
+        from ragzip.compressors.exit_encoder import score_many
+
+        return score_many(self.model, self.tokenizer, jobs, batch_size=max(self.batch_size, MANY_BATCH_ROWS),
+                          max_tokens=MANY_BATCH_TOKENS)
 
 
 def fuse_scores(scores: Sequence[Sequence[float]], *, doc_weight: float = 0.0, neighbor_weight: float = 0.0,

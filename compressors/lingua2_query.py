@@ -103,9 +103,9 @@ class QueryScorer:
 
     def __init__(self, exit_weights: str | None = None, answer_weights: str | None = None, *,
                  dtype: str = "auto", batch_size: int = 16) -> None:
-        from ragzip.compressors.exit_encoder import load_scorer
+        from ragzip.compressors.exit_encoder import shared_scorer
 
-        self.model, self.tokenizer = load_scorer(exit_weights, dtype=dtype)
+        self.model, self.tokenizer = shared_scorer(exit_weights, dtype=dtype)  # the EXIT stage's copy, if loaded
         head = load_answer_head(answer_weights)
         if head.config.hidden_size != int(self.model.encoder.config.hidden_size):
             raise UnsupportedModelError("the answer head was trained on an encoder of another width")

@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Budget",
     "CompressedDocument",
+    "CompressionRequest",
     "CompressionResult",
     "Document",
     "LocalEngine",
@@ -26,6 +27,7 @@ __all__ = [
 _EXPORTS = {
     "Budget": "ragzip.budget",
     "CompressedDocument": "ragzip.types",
+    "CompressionRequest": "ragzip.compressors.base",
     "CompressionResult": "ragzip.types",
     "Document": "ragzip.types",
     "Span": "ragzip.types",
@@ -38,6 +40,7 @@ _EXPORTS = {
 if TYPE_CHECKING:
     from ragzip.api import RagZip
     from ragzip.budget import Budget
+    from ragzip.compressors.base import CompressionRequest
     from ragzip.engine import LocalEngine
     from ragzip.errors import RagzipError
     from ragzip.pipeline import Pipeline

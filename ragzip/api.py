@@ -8,7 +8,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from ragzip.budget import BudgetLike
+from ragzip.compressors.base import CompressionRequest, RequestLike, compress_many
 from ragzip.contract import DocumentLike, to_documents
+from ragzip.errors import ConfigError
 from ragzip.pipeline import build_compressor
 from ragzip.tokens import TokenCounter, get_token_counter
 from ragzip.types import CompressionResult
@@ -68,10 +70,25 @@ class RagZip:
         return await asyncio.to_thread(self.compress, query, documents, budget, rate=rate,
                                        target_tokens=target_tokens, threshold=threshold, coverage=coverage)
 
+    def compress_many(self, requests: Sequence[RequestLike], *, return_exceptions: bool = False) -> list[Any]:
+        """Compress several independent requests (`CompressionRequest`s or `(query, documents[, budget])` tuples)
+        with their encoder forwards batched together; each result is what `compress` returns for that request.
+
+        With `return_exceptions`, a request that fails (a malformed document, a budget the method refuses) holds its
+        exception in its slot and the others are still compressed; otherwise the first failure raises.
+
+        Example:
+            >>> rz.compress_many([("Who wrote Hamlet?", docs_a), ("Where is Paris?", docs_b, 0.5)])
+        """
+        with self._lock:
+            return compress_many(self.compressor, requests, return_exceptions=return_exceptions)
+
     def compress_batch(self, queries: Sequence[str | None], documents: Sequence[Sequence[DocumentLike]],
                        budget: BudgetLike = None) -> list[CompressionResult]:
-        with self._lock:
-            return self.compressor.compress_batch(queries, documents, budget)
+        """`compress_many` for one budget: one result per (query, documents) pair."""
+        if len(queries) != len(documents):
+            raise ConfigError(f"{len(queries)} queries but {len(documents)} document lists")
+        return self.compress_many([CompressionRequest(q, d, budget) for q, d in zip(queries, documents)])
 
 
-__all__ = ["RagZip", "to_documents"]
+__all__ = ["CompressionRequest", "RagZip", "to_documents"]

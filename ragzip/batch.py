@@ -18,14 +18,22 @@ import io
 import json
 import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from ragzip.budget import Budget
-from ragzip.contract import SupportsCompress, check_strings, compress_record, documents_of_line, parse_record
-from ragzip.errors import ConfigError, InputError
+from ragzip.compressors.base import CompressionRequest, compress_many
+from ragzip.contract import (
+    SupportsCompress,
+    check_strings,
+    compress_record,
+    documents_of_line,
+    parse_record,
+    record_row,
+)
+from ragzip.errors import ConfigError, InputError, RagzipError
 from ragzip.types import Document
 
 MAX_LINE_BYTES = 64 * 1024 * 1024
@@ -259,7 +267,38 @@ def output_row(compressor: SupportsCompress, obj: Mapping[str, Any], budget: Bud
                options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """One output row: the record, compressed, with what `--resume` checks recorded: the source line, the budget,
     the tokenizer that counted it and the options given (when any)."""
-    row = compress_record(compressor, obj, budget, source_line=source_line)
+    return _annotated(compress_record(compressor, obj, budget, source_line=source_line), compressor, budget, options)
+
+
+def output_rows(compressor: SupportsCompress, records: Sequence[tuple[int, Mapping[str, Any]]], budget: Budget,
+                options: Mapping[str, Any] | None = None) -> list[dict[str, Any] | RagzipError]:
+    """`output_row` for several records at once, their encoder forwards batched (`compress_many`); a record that
+    cannot be parsed or compressed holds its error in its slot (the others are unaffected). Errors that are not
+    the input's fault (a bug) are raised."""
+    parsed: list[tuple[str | None, list[Document]] | RagzipError] = []
+    for _, obj in records:
+        try:
+            parsed.append(parse_record(obj))
+        except RagzipError as exc:
+            parsed.append(exc)
+    good = [p for p in parsed if not isinstance(p, RagzipError)]
+    results = iter(compress_many(compressor, [CompressionRequest(q, d, budget) for q, d in good],
+                                 return_exceptions=True))
+    out: list[dict[str, Any] | RagzipError] = []
+    for (lineno, obj), item in zip(records, parsed):
+        result = item if isinstance(item, RagzipError) else next(results)
+        if isinstance(result, RagzipError):
+            out.append(result)
+            continue
+        if isinstance(result, BaseException):
+            raise result
+        row = record_row(obj, result, source_line=lineno)
+        out.append(_annotated(row, compressor, budget, options))
+    return out
+
+
+def _annotated(row: dict[str, Any], compressor: Any, budget: Budget, options: Mapping[str, Any] | None
+               ) -> dict[str, Any]:
     row["compressed"]["budget"] = budget.as_dict()
     row["compressed"]["tokenizer"] = counter_name(compressor)
     if options:

@@ -19,7 +19,7 @@ from ragzip.batch import (
     counter_name,
     iter_jsonl,
     open_output,
-    output_row,
+    output_rows,
     plan_resume,
     read_corpus,
 )
@@ -118,12 +118,16 @@ def compress(
     resume: bool = typer.Option(False, help="Append to OUTPUT, skipping the input lines it already holds (checked: "
                                             "same input records, method and budget)."),
     engine: str = typer.Option("local", help="local | ray"),
+    batch_size: int = typer.Option(16, "--batch-size", help="Records compressed together (their encoder forwards "
+                                                            "batched; 1: one at a time)."),
     device: str = DeviceOpt,
 ) -> None:
-    """Compress every record of a JSONL file, one record at a time (see README: CLI contract)."""
+    """Compress every record of a JSONL file, streamed, a batch of records at a time (see README: CLI contract)."""
     try:
         if on_error not in ("skip", "fail"):
             raise ConfigError(f"--on-error must be 'skip' or 'fail', got {on_error!r}")
+        if not 1 <= batch_size <= 1024:
+            raise ConfigError(f"--batch-size must be in [1, 1024], got {batch_size}")
         check_paths(input_path, output, resume=resume)
         options = parse_options(option)
         if scorer is not None:
@@ -143,27 +147,44 @@ def compress(
         skip = plan_resume(input_path, output, method=compressor.name, budget=budget,
                            tokenizer=counter_name(compressor), options=options) if resume else ResumePlan()
         num_ok = num_bad = tokens_in = tokens_out = 0
-        # Streamed: the number of records is not known.
+        pending: list[tuple[int, Any]] = []  # parsed records waiting for their batch (at most batch_size)
+
+        def bad(lineno: int, exc: Exception) -> None:
+            nonlocal num_bad
+            num_bad += 1
+            err.print(f"[yellow]{input_path}:{lineno}:[/yellow] {exc}", highlight=False, soft_wrap=True)
+            if on_error == "fail":
+                raise typer.Exit(1) from None
+
+        def flush(fh: Any) -> None:
+            nonlocal num_ok, tokens_in, tokens_out
+            rows = output_rows(compressor, pending, budget, options=options)
+            for (lineno, _), row in zip(pending, rows):
+                if isinstance(row, RagzipError):
+                    bad(lineno, row)
+                    continue
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                num_ok += 1
+                tokens_in += row["compressed"]["tokens_before"]
+                tokens_out += row["compressed"]["tokens_after"]
+            fh.flush()
+            pending.clear()
+
+        # Streamed (the number of records is not known); records are compressed `batch_size` at a time, their
+        # encoder forwards batched together, and written in input order.
         with open_output(output, append=resume) as fh, Progress("compressing") as bar:
             for lineno, obj, problem in iter_jsonl(input_path):
                 bar.advance(1, f"line {lineno}, {num_bad} bad")
                 if lineno in skip:
                     continue
-                try:
-                    if problem:
-                        raise InputError(problem)
-                    row = output_row(compressor, obj, budget, source_line=lineno, options=options)
-                except RagzipError as exc:
-                    num_bad += 1
-                    err.print(f"[yellow]{input_path}:{lineno}:[/yellow] {exc}", highlight=False, soft_wrap=True)
-                    if on_error == "fail":
-                        raise typer.Exit(1) from None
+                if problem:
+                    flush(fh)  # rows stay in input order
+                    bad(lineno, InputError(problem))
                     continue
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-                fh.flush()
-                num_ok += 1
-                tokens_in += row["compressed"]["tokens_before"]
-                tokens_out += row["compressed"]["tokens_after"]
+                pending.append((lineno, obj))
+                if len(pending) >= batch_size:
+                    flush(fh)
+            flush(fh)
     except RagzipError as exc:
         _fail(exc)
     rate_txt = f"{tokens_out / tokens_in:.3f}" if tokens_in else "n/a"

@@ -139,7 +139,12 @@ def compress_record(compressor: SupportsCompress, obj: Mapping[str, Any], budget
                     source_line: int | None = None) -> dict[str, Any]:
     """The output object for one input record (`source_line` lets a rerun resume where it stopped)."""
     question, docs = parse_record(obj)
-    compressed = compressor.compress(question, docs, budget).to_contract()
+    return record_row(obj, compressor.compress(question, docs, budget), source_line)
+
+
+def record_row(obj: Mapping[str, Any], result: CompressionResult, source_line: int | None = None) -> dict[str, Any]:
+    """The output object for one input record and its compression result."""
+    compressed = result.to_contract()
     if source_line is not None:
         compressed["source_line"] = source_line
     return {**obj, "compressed": compressed}
@@ -158,4 +163,4 @@ def documents_of_line(obj: Any, line_id: str) -> list[Document]:
 
 
 __all__ = ["DocumentLike", "SupportsCompress", "check_strings", "check_text", "compress_record", "documents_of_line",
-           "parse_record", "to_document", "to_documents", "to_question"]
+           "parse_record", "record_row", "to_document", "to_documents", "to_question"]

@@ -7,12 +7,21 @@ import json
 import math
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ragzip.budget import Budget, BudgetLike, to_budget
-from ragzip.compressors.base import check_budget_kind, fit_to_limit, joined_tokens
+from ragzip.compressors.base import (
+    CompressionRequest,
+    RequestLike,
+    as_request,
+    check_budget_kind,
+    compress_each,
+    fit_to_limit,
+    joined_tokens,
+)
 from ragzip.compressors.registry import COMPRESSORS, canonical_method, get_compressor
 from ragzip.contract import DocumentLike, to_documents, to_question
 from ragzip.errors import BudgetError, ConfigError
@@ -232,11 +241,24 @@ class Pipeline:
             docs[i] = replace(docs[i], tokens=n)
         return docs
 
+    def prefetched(self, requests: Sequence[CompressionRequest]) -> AbstractContextManager[None]:
+        """The first stage sees the requests' own documents, so its model work is batched across them (later
+        stages see what the stage before them kept, one request at a time)."""
+        first = getattr(self.stages[0], "prefetched", None)
+        return first(requests) if first is not None else nullcontext()
+
+    def compress_many(self, requests: Sequence[RequestLike], *, return_exceptions: bool = False) -> list[Any]:
+        """`compress` on several independent requests with the first stage's forwards batched across them (see
+        `BaseCompressor.compress_many`)."""
+        batch = [as_request(r) for r in requests]
+        with self.prefetched(batch):
+            return compress_each(self.compress, batch, return_exceptions=return_exceptions)
+
     def compress_batch(self, queries: Sequence[str | None], documents: Sequence[Sequence[DocumentLike]],
                        budget: BudgetLike = None) -> list[CompressionResult]:
         if len(queries) != len(documents):
             raise ConfigError(f"{len(queries)} queries but {len(documents)} document lists")
-        return [self.compress(q, d, budget) for q, d in zip(queries, documents)]
+        return self.compress_many([CompressionRequest(q, d, budget) for q, d in zip(queries, documents)])
 
 
 def _with_device(spec: StageSpec, device: str | None) -> dict[str, Any]:

@@ -15,8 +15,10 @@ from typing import Any
 import anyio
 
 from ragzip.budget import Budget
+from ragzip.compressors.base import CompressionRequest, compress_many
 from ragzip.compressors.registry import COMPRESSORS, canonical_method
 from ragzip.errors import ConfigError, ModelNotFoundError, RagzipError, UnsupportedModelError
+from ragzip.server.batching import MicroBatcher
 from ragzip.server.config import ServerConfig
 from ragzip.server.errors import APIError, redacted
 from ragzip.server.metrics import Metrics
@@ -65,8 +67,9 @@ def check_size(config: ServerConfig, documents: Sequence[Document], *, param: st
 
 
 class CompressionService:
-    """Builds pipelines once per (method, options) and runs them in worker threads, one at a time (tokenizers and
-    embedders are not safe to share between threads)."""
+    """Builds pipelines once per (method, options) and runs them in worker threads, one batch at a time per
+    pipeline (tokenizers and embedders are not safe to share between threads): requests that arrive together are
+    compressed together (`MicroBatcher`, `compress_many`), each getting what it alone would get."""
 
     def __init__(self, config: ServerConfig, metrics: Metrics, *, tokenizer: str | None = None,
                  device: str | None = None) -> None:
@@ -76,8 +79,10 @@ class CompressionService:
         self.device = device
         self.registered = set(COMPRESSORS)
         self._counter: TokenCounter | None = None
-        self._pipelines: OrderedDict[str, Any] = OrderedDict()
+        self._pipelines: OrderedDict[str, tuple[Any, MicroBatcher[CompressionRequest, CompressionResult]]] = \
+            OrderedDict()
         self._lock = threading.Lock()
+        self._run_lock = threading.Lock()  # one compression batch at a time across pipelines (shared encoders)
         # "ok", "loading" while `warm` runs, or why the default compressor failed to load.
         self.readiness = "ok"
 
@@ -138,6 +143,9 @@ class CompressionService:
 
     def pipeline(self, plan: Plan) -> Any:
         """The built pipeline for `plan` (ConfigError for options the compressor rejects)."""
+        return self._entry(plan)[0]
+
+    def _entry(self, plan: Plan) -> tuple[Any, MicroBatcher[CompressionRequest, CompressionResult]]:
         from ragzip.pipeline import build_compressor
 
         key = plan.method + "\x00" + json.dumps(plan.options, sort_keys=True, default=str)
@@ -153,15 +161,21 @@ class CompressionService:
                 if isinstance(exc, ConfigError):
                     raise
                 raise ConfigError(f"invalid options for {plan.method!r}: {type(exc).__name__}: {exc}") from None
-            self._pipelines[key] = built
+            batcher: MicroBatcher[CompressionRequest, CompressionResult] = MicroBatcher(
+                lambda requests, pipe=built: self._run_many(pipe, requests),
+                window_s=self.config.batch_window_ms / 1000.0, max_batch=self.config.max_batch)
+            self._pipelines[key] = (built, batcher)
             while len(self._pipelines) > _MAX_PIPELINES:
                 self._pipelines.popitem(last=False)
-            return built
+            return built, batcher
+
+    def _run_many(self, pipe: Any, requests: list[CompressionRequest]) -> list[Any]:
+        with self._run_lock:
+            return compress_many(pipe, requests, return_exceptions=True)
 
     def _run(self, plan: Plan, query: str, documents: Sequence[Document]) -> CompressionResult:
-        pipe = self.pipeline(plan)
-        with self._lock:
-            return pipe.compress(query, list(documents), plan.budget)  # type: ignore[no-any-return]
+        _, batcher = self._entry(plan)
+        return batcher.submit(CompressionRequest(query, list(documents), plan.budget))
 
     def _uncompressed(self, documents: Sequence[Document], started: float) -> CompressionResult:
         try:

@@ -45,6 +45,9 @@ class ServerConfig(BaseModel):
     allow_request_options: bool = Field(default=False, description="Let requests pass compressor options")
     warm_compressor: bool = Field(default=True, description="Load the default compressor's models at start; "
                                                             "/readyz is 503 until they are loaded")
+    batch_window_ms: float = Field(default=4.0, ge=0, le=100, description="Compressions that arrive within this "
+                                   "many ms of each other share batched encoder forwards (0: no waiting)")
+    max_batch: int = Field(default=16, gt=0, le=256, description="The most requests compressed in one batch")
 
     # The proxy's own index.
     embedder: str | None = None
