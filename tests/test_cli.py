@@ -170,3 +170,27 @@ def test_eval_fidelity_cli_prints_rows_and_writes_the_json(tiny_reader: str, tmp
     assert bad.exit_code == 2 and "rate must be in (0, 1]" in bad.output
     wrong = CliRunner().invoke(app, ["eval", "baselines", "--data", str(data), "--methods", "exit@0.5"])
     assert wrong.exit_code == 2 and "fidelity" in wrong.output
+
+
+def test_compress_batches_records_and_writes_what_one_at_a_time_writes(tmp_path: Path) -> None:
+    """--batch-size 3 (EXIT forwards of 3 records together) writes the rows --batch-size 1 writes, in input order,
+    with a bad line between batches reported at its own line."""
+    lines = [json.dumps({**RECORDS[i % 2], "id": f"q{i}"}) for i in range(5)]
+    lines.insert(3, json.dumps({"id": "bad", "contexts": [{"title": "no text"}]}))
+    src = _write(tmp_path / "in.jsonl", lines)
+    outs = {}
+    for size in ("1", "3"):
+        outs[size] = tmp_path / f"out{size}.jsonl"
+        res = CliRunner().invoke(app, ["compress", str(src), "-o", str(outs[size]), "-m", "exit", "--rate", "0.5",
+                                       "-O", "dtype=float32", "--batch-size", size])
+        assert res.exit_code == 0, res.output
+        assert ":4:" in res.output and "5 compressed, 1 bad" in res.output
+    one, three = _read(outs["1"]), _read(outs["3"])
+    assert [r["id"] for r in three] == ["q0", "q1", "q2", "q3", "q4"]
+    for a, b in zip(one, three):
+        a["compressed"].pop("seconds"), b["compressed"].pop("seconds")
+        for s in a["compressed"]["stages"] + b["compressed"]["stages"]:
+            s.pop("seconds", None)
+        assert a == b
+    res = CliRunner().invoke(app, ["compress", str(src), "-o", str(tmp_path / "x.jsonl"), "--batch-size", "0"])
+    assert res.exit_code == 2 and "--batch-size" in res.output
