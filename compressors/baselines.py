@@ -139,6 +139,7 @@ class EmbedTopKOptions:
     embedder: str | None = None  # sentence embedder: alias, path or hub name (default: the packaged MiniLM)
     device: str = "auto"  # where the embedder runs: auto (cuda when available) | cpu | cuda | cuda:N
     min_keep: int = field(default=1, metadata=bounds(low=0))  # best sentences kept even over the budget
+    dtype: str = "auto"  # auto: bf16 where the CPU (or GPU) has it natively, else fp32 | float32 | bfloat16
 
 
 class EmbedTopKCompressor(BaseCompressor):
@@ -160,8 +161,8 @@ class EmbedTopKCompressor(BaseCompressor):
         if not units:
             return [], {}
         texts = [documents[i].text[a:b] for i, a, b in units]
-        model: Any = load_embedder(self.options.embedder, self.options.device)
-        emb = model.encode([query, *texts], normalize_embeddings=True, convert_to_numpy=True)
+        model: Any = load_embedder(self.options.embedder, self.options.device, self.options.dtype)
+        emb = model.encode([query, *texts], batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
         scores = [float(x) for x in emb[1:] @ emb[0]]
         if budget.threshold is not None:
             chosen = [k for k, s in enumerate(scores) if s >= budget.threshold]

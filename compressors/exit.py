@@ -225,7 +225,7 @@ class ExitCompressor(BaseCompressor):
         if o.scorer is ScorerKind.ENCODER:
             if o.model or o.adapter:
                 raise ConfigError("model/adapter apply to scorer='causal-lm'; the encoder scorer takes 'weights'")
-            self.scorer = EncoderScorer(o.weights, batch_size=o.batch_size or 16, dtype=o.dtype, device=o.device)
+            self.scorer = EncoderScorer(o.weights, batch_size=o.batch_size, dtype=o.dtype, device=o.device)
         else:
             if o.weights:
                 raise ConfigError("'weights' applies to scorer='encoder'")

@@ -50,19 +50,21 @@ class EncoderScorer:
 
     Args:
         weights: folder with ``config.json`` and ``model.safetensors`` (default: the weights shipped in the package).
-        batch_size: windows per forward (at most; batches are also cut to keep padding low).
+        batch_size: windows per forward (at most; batches are also cut to keep padding low). Default: by dtype
+            (`exit_encoder.forward_shape`).
         dtype: "auto" (bf16 where the CPU has native bf16, about 2x faster; else fp32), "bfloat16" or "float32".
         device: "auto" (cuda when available, else cpu), "cpu", "cuda", "cuda:N".
     """
 
     name = "encoder"
 
-    def __init__(self, weights: str | None = None, *, batch_size: int = 16, dtype: str = "auto",
+    def __init__(self, weights: str | None = None, *, batch_size: int | None = None, dtype: str = "auto",
                  device: str | None = "auto") -> None:
-        from ragzip.compressors.exit_encoder import WEIGHTS_DIR, shared_scorer
+        from ragzip.compressors.exit_encoder import WEIGHTS_DIR, forward_shape, shared_scorer
 
         self.model, self.tokenizer = shared_scorer(weights, dtype=dtype, device=device)
-        self.batch_size = batch_size
+        rows, self.max_padding = forward_shape(self.model)
+        self.batch_size = batch_size or rows
         # Sentence score -> P(the sentence is needed evidence), fitted for these weights (None: not calibrated).
         self.calibration = load_calibration(weights if weights is not None else WEIGHTS_DIR)
 
@@ -71,6 +73,7 @@ class EncoderScorer:
         """A scorer over an already loaded `SentenceSpanScorer` (the training script calibrates through this)."""
         scorer = cls.__new__(cls)
         scorer.model, scorer.tokenizer, scorer.batch_size = model, tokenizer, batch_size
+        scorer.max_padding = 0.1
         scorer.calibration = None
         return scorer
 
@@ -81,7 +84,8 @@ class EncoderScorer:
         """Sentence probabilities and, when the weights have a document head, document probabilities."""
         from ragzip.compressors.exit_encoder import score_documents
 
-        return score_documents(self.model, self.tokenizer, query, documents, batch_size=self.batch_size)
+        return score_documents(self.model, self.tokenizer, query, documents, batch_size=self.batch_size,
+                               max_padding=self.max_padding)
 
     def score_many(self, jobs: Sequence[tuple[str, Sequence[DocSentences]]]) -> list[DocumentScores]:
         """`score_documents` of several independent (query, documents) jobs, their windows batched together (up to
@@ -90,7 +94,7 @@ class EncoderScorer:
         from ragzip.compressors.exit_encoder import score_many
 
         return score_many(self.model, self.tokenizer, jobs, batch_size=max(self.batch_size, MANY_BATCH_ROWS),
-                          max_tokens=MANY_BATCH_TOKENS)
+                          max_padding=self.max_padding, max_tokens=MANY_BATCH_TOKENS)
 
 
 def fuse_scores(scores: Sequence[Sequence[float]], *, doc_weight: float = 0.0, neighbor_weight: float = 0.0,

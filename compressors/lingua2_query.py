@@ -26,6 +26,7 @@ WEIGHTS_DIR = Path(__file__).parent / "weights" / "lingua2_answer"
 _MAX_WEIGHTS_BYTES = 16 << 20
 
 DocInput = tuple[str, str, Sequence[tuple[int, int]]]  # (title, text, sentence char spans)
+MAX_BATCH_TOKENS = 16384  # padded tokens per forward: bounds activation memory on long inputs
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +103,7 @@ class QueryScorer:
     """EXIT sentence probabilities and answer-token probabilities for a query, from one encoder pass."""
 
     def __init__(self, exit_weights: str | None = None, answer_weights: str | None = None, *,
-                 dtype: str = "auto", batch_size: int = 16) -> None:
+                 dtype: str = "auto", batch_size: int | None = None) -> None:
         from ragzip.compressors.exit_encoder import shared_scorer
 
         self.model, self.tokenizer = shared_scorer(exit_weights, dtype=dtype)  # the EXIT stage's copy, if loaded
@@ -110,7 +111,10 @@ class QueryScorer:
         if head.config.hidden_size != int(self.model.encoder.config.hidden_size):
             raise UnsupportedModelError("the answer head was trained on an encoder of another width")
         self.head = head
-        self.batch_size = batch_size
+        from ragzip.compressors.exit_encoder import forward_shape
+
+        rows, self.max_padding = forward_shape(self.model)
+        self.batch_size = batch_size or rows
 
     def score(self, query: str, documents: Sequence[DocInput]) -> QueryRelevance:
         from ragzip.compressors.exit_encoder import build_rows, collate, length_batches, num_slots, slot_map
@@ -120,7 +124,8 @@ class QueryScorer:
         tokens: list[dict[int, float]] = [{} for _ in documents]
         order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))
         with torch.inference_mode():
-            for batch_ids in length_batches([len(rows[i].input_ids) for i in order], self.batch_size, 0.1):
+            for batch_ids in length_batches([len(rows[i].input_ids) for i in order], self.batch_size,
+                                            self.max_padding, MAX_BATCH_TOKENS):
                 chunk = [rows[order[i]] for i in batch_ids]
                 batch = collate(chunk, int(self.tokenizer.pad_token_id or 0))
                 states = self.model.states(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])

@@ -68,6 +68,7 @@ EVAL_SUITES: dict[str, str] = {
     "baselines": "ragzip.eval.suites.baselines:run",
     "budgets": "ragzip.eval.suites.budgets:run",
     "fidelity": "ragzip.eval.suites.fidelity:run",
+    "speed": "ragzip.eval.suites.speed:run",
 }
 
 
