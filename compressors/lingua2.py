@@ -134,6 +134,7 @@ class Lingua2Options:
     query_weight: float = field(default=DEFAULT_QUERY_WEIGHT, metadata=bounds(low=0.0, high=1.0))
     answer_share: float = field(default=DEFAULT_ANSWER_SHARE, metadata=bounds(low=0.0, high=1.0))
     answer_gap_fill: bool = True
+    one_pass: bool = True
     batch_size: int = field(default=4, metadata=bounds(low=1))
     window_tokens: int = field(default=DEFAULT_WINDOW_TOKENS, metadata=bounds(low=16))
     dtype: str = "auto"
@@ -188,6 +189,9 @@ class Lingua2Compressor(BaseCompressor):
         query_weight: weight of query relevance when query-aware (0..1, default DEFAULT_QUERY_WEIGHT).
         answer_share: share of the answer-token probability (vs the sentence probability) in the relevance
             (0..1, default DEFAULT_ANSWER_SHARE; "exit" relevance only).
+        one_pass: query-aware with "exit" relevance and the shipped classifier: read P(keep) from the keep head
+            on the relevance forward (the classifier distilled onto the EXIT encoder, `weights/lingua2_keep`) instead
+            of a second encoder pass (default True; False: the classifier's own pass, as before).
         batch_size: encoder windows per forward pass.
         window_tokens: exact mode's encoder window for documents longer than one full window, cut at sentence ends
             (default DEFAULT_WINDOW_TOKENS; shorter windows are faster on CPU, where attention over 512 tokens is
@@ -334,19 +338,17 @@ class Lingua2Compressor(BaseCompressor):
     def unit_scores(self, query: str, documents: Sequence[Document]) -> tuple[list[UnitScores], dict[str, object]]:
         """Exact mode's scored word units of each document (classifier keep probability, blended with the
         question's relevance when query-aware) and what was computed (for stats)."""
-        opts, clf = self.options, self.classifier
+        opts = self.options
         texts = [d.text for d in documents]
-        encs = clf.encode(texts)
-        full = clf.max_seq_len - 2  # a document that fits one window is read whole; a longer one in shorter windows
-        windows = [sentence_windows(t, offs, full if len(offs) <= full else min(opts.window_tokens, full))
-                   for t, (_, offs) in zip(texts, encs)]
-        flat = [(d, a, b) for d, ws in enumerate(windows) for a, b in ws]
-        probs = clf.keep_probs([encs[d][0][a:b] for d, a, b in flat], batch_size=opts.batch_size)
-        tok_probs = [np.zeros(len(ids), dtype=np.float32) for ids, _ in encs]
-        for (d, a, b), p in zip(flat, probs):
-            tok_probs[d][a:b] = p
         query_on = opts.query_aware is not QueryAware.OFF and bool(query.strip())
-        relevance = self._relevance(query, documents, encs) if query_on else [None] * len(documents)
+        exit_rel = self._exit_relevance(query, documents) if query_on and opts.relevance is Relevance.EXIT else None
+        keep = exit_rel[1].token_keep if exit_rel is not None and self.one_pass else None
+        if keep is not None:  # one pass: P(keep) from the keep head on the relevance forward
+            encs = self.classifier.encode(texts)
+            tok_probs, num_windows = self._keep_from_forward(texts, encs, exit_rel[1].token_starts, keep)
+        else:
+            encs, tok_probs, num_windows = self.token_keep_probs(texts)
+        relevance = self._relevance(query, documents, exit_rel) if query_on else [None] * len(documents)
         scores = []
         for doc, (ids, offs), p, rel in zip(documents, encs, tok_probs, relevance):
             units = text_units(doc.text, offs[:, 0])
@@ -357,7 +359,50 @@ class Lingua2Compressor(BaseCompressor):
             scores.append(UnitScores(units, score, self._forced(doc.text, units),
                                      None if structure is None else structure.group,
                                      None if structure is None else structure.requires))
-        return scores, {"query_aware": query_on, "windows": len(flat)}
+        return scores, {"query_aware": query_on, "windows": num_windows, "one_pass": keep is not None}
+
+    @property
+    def one_pass(self) -> bool:
+        """Whether query-aware scoring reads P(keep) from the relevance forward (the keep head, distilled from the
+        shipped classifier) instead of running the classifier: the shipped model with `one_pass` on."""
+        return self.options.one_pass and self.options.model == DEFAULT_MODEL
+
+    def _keep_from_forward(self, texts: Sequence[str], encs: Sequence[Any], starts: Sequence[np.ndarray],
+                           keep: Sequence[np.ndarray]) -> tuple[list[np.ndarray], int]:
+        """The classifier's tokens' P(keep) from the keep head's, matched by char start (both tokenizers are the
+        same MiniLM vocabulary). A text with a token the forward did not read (the tail of a sentence longer than
+        the encoder window) is scored by the classifier instead, whole."""
+        out: list[np.ndarray] = []
+        missing: list[int] = []
+        for d, ((_, offs), st, kp) in enumerate(zip(encs, starts, keep)):
+            pos = np.searchsorted(st, offs[:, 0]) if len(st) else np.zeros(len(offs), dtype=np.int64)
+            found = (pos < len(st)) & (st[np.minimum(pos, max(0, len(st) - 1))] == offs[:, 0]) if len(st) else \
+                np.zeros(len(offs), dtype=bool)
+            probs = np.where(found, kp[np.minimum(pos, max(0, len(kp) - 1))] if len(kp) else 0.0, np.nan)
+            if np.isnan(probs).any():
+                missing.append(d)
+            out.append(probs.astype(np.float32))
+        if missing:
+            _, fallback, windows = self.token_keep_probs([texts[d] for d in missing])
+            for d, p in zip(missing, fallback):
+                out[d] = p
+            return out, windows
+        return out, 0
+
+    def token_keep_probs(self, texts: Sequence[str]) -> tuple[list[Any], list[np.ndarray], int]:
+        """The classifier's P(keep) for every token of each text: (encodings, probabilities, windows read). A text
+        that fits one window is read whole; a longer one in sentence-aligned windows of `window_tokens`."""
+        opts, clf = self.options, self.classifier
+        encs = clf.encode(texts)
+        full = clf.max_seq_len - 2
+        windows = [sentence_windows(t, offs, full if len(offs) <= full else min(opts.window_tokens, full))
+                   for t, (_, offs) in zip(texts, encs)]
+        flat = [(d, a, b) for d, ws in enumerate(windows) for a, b in ws]
+        probs = clf.keep_probs([encs[d][0][a:b] for d, a, b in flat], batch_size=opts.batch_size)
+        tok_probs = [np.zeros(len(ids), dtype=np.float32) for ids, _ in encs]
+        for (d, a, b), p in zip(flat, probs):
+            tok_probs[d][a:b] = p
+        return encs, tok_probs, len(flat)
 
     def _exact(self, query: str, documents: Sequence[Document], budget: Budget
                ) -> tuple[list[CompressedDocument], dict[str, object]]:
@@ -414,22 +459,28 @@ class Lingua2Compressor(BaseCompressor):
         return kept, {"coverage": budget.coverage, "expected_coverage": round(reached, 4), "guard": choice.guard,
                       "calibrated": calibration is not None}
 
-    def _relevance(self, query: str, documents: Sequence[Document], encs: Sequence[Any]) -> list[Any]:
+    def _exit_relevance(self, query: str, documents: Sequence[Document]
+                        ) -> tuple[list[list[tuple[int, int]]], Any]:
+        """Each document's sentence spans and the EXIT forward's relevance (`QueryRelevance`) for `query`."""
+        from ragzip.text import split_sentences
+
+        spans = [split_sentences(d.text) if d.text.strip() else [] for d in documents]
+        return spans, relevance_scorer().score(query, [(d.title, d.text, s) for d, s in zip(documents, spans)])
+
+    def _relevance(self, query: str, documents: Sequence[Document], exit_rel: Any = None) -> list[Any]:
         """Per document, a function units [U, 2] -> [U] query relevance in [0, 1] (the coarse stage).
 
         "exit": every sentence gets the EXIT encoder's probability of helping answer the query, in the context of
         its document; a word inherits its sentence's probability, so answer-bearing sentences keep more words.
-        "lexical": query-word overlap (`_query_relevance`).
+        "lexical": query-word overlap (`_query_relevance`). `exit_rel`: `_exit_relevance`'s result, when computed.
         """
         if self.options.relevance is Relevance.LEXICAL:
             qwords = {w for w in re.findall(r"\w+", query.lower()) if w not in _STOP}
             return [(lambda units, t=d.text: _query_relevance(t, units, qwords)) if qwords else None
                     for d in documents]
         from ragzip.compressors.lingua2_query import unit_max
-        from ragzip.text import split_sentences
 
-        spans = [split_sentences(d.text) if d.text.strip() else [] for d in documents]
-        rel = relevance_scorer().score(query, [(d.title, d.text, s) for d, s in zip(documents, spans)])
+        spans, rel = exit_rel if exit_rel is not None else self._exit_relevance(query, documents)
         share = self.options.answer_share
         out = []
         for d, doc_spans in enumerate(spans):

@@ -23,6 +23,9 @@ from torch import nn
 from ragzip.errors import ModelNotFoundError, UnsupportedModelError
 
 WEIGHTS_DIR = Path(__file__).parent / "weights" / "lingua2_answer"
+# The keep head: lingua2's token classifier distilled onto the EXIT encoder's states (scripts/train_lingua2_keep.py),
+# so the query-aware path reads P(keep) from the forward it already runs for relevance.
+KEEP_WEIGHTS_DIR = Path(__file__).parent / "weights" / "lingua2_keep"
 _MAX_WEIGHTS_BYTES = 16 << 20
 
 DocInput = tuple[str, str, Sequence[tuple[int, int]]]  # (title, text, sentence char spans)
@@ -92,27 +95,32 @@ def load_answer_head(folder: str | Path | None = None) -> AnswerHead:
 
 @dataclass(frozen=True, slots=True)
 class QueryRelevance:
-    """Per document: sentence probabilities, and the char starts and answer probabilities of its text tokens."""
+    """Per document: sentence probabilities, and the char starts, answer probabilities and (with a keep head) keep
+    probabilities of its text tokens."""
 
     sentences: list[list[float]]
     token_starts: list[np.ndarray]  # [T_d] int, sorted
     token_probs: list[np.ndarray]  # [T_d] float
+    token_keep: list[np.ndarray] | None = None  # [T_d] float, aligned with token_starts
 
 
 class QueryScorer:
-    """EXIT sentence probabilities and answer-token probabilities for a query, from one encoder pass."""
+    """EXIT sentence probabilities, answer-token probabilities and (with the shipped encoder) lingua2's keep
+    probabilities for a query, all from one encoder pass."""
 
     def __init__(self, exit_weights: str | None = None, answer_weights: str | None = None, *,
                  dtype: str = "auto", batch_size: int | None = None) -> None:
-        from ragzip.compressors.exit_encoder import shared_scorer
+        from ragzip.compressors.exit_encoder import forward_shape, shared_scorer
 
         self.model, self.tokenizer = shared_scorer(exit_weights, dtype=dtype)  # the EXIT stage's copy, if loaded
+        width = int(self.model.encoder.config.hidden_size)
         head = load_answer_head(answer_weights)
-        if head.config.hidden_size != int(self.model.encoder.config.hidden_size):
+        if head.config.hidden_size != width:
             raise UnsupportedModelError("the answer head was trained on an encoder of another width")
         self.head = head
-        from ragzip.compressors.exit_encoder import forward_shape
-
+        # The keep head was distilled on the shipped encoder's states: with other EXIT weights it does not apply.
+        shipped = exit_weights is None and (KEEP_WEIGHTS_DIR / "model.safetensors").is_file()
+        self.keep_head: AnswerHead | None = load_answer_head(KEEP_WEIGHTS_DIR) if shipped else None
         rows, self.max_padding = forward_shape(self.model)
         self.batch_size = batch_size or rows
 
@@ -122,6 +130,7 @@ class QueryScorer:
         rows = build_rows(self.tokenizer, query, documents, self.model.config)
         sentences = [[0.0] * len(spans) for _, _, spans in documents]
         tokens: list[dict[int, float]] = [{} for _ in documents]
+        keeps: list[dict[int, float]] = [{} for _ in documents]
         order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))
         with torch.inference_mode():
             for batch_ids in length_batches([len(rows[i].input_ids) for i in order], self.batch_size,
@@ -132,8 +141,10 @@ class QueryScorer:
                 logits, counts, _ = self.model.heads(states, batch["attention_mask"], batch["token_type_ids"],
                                                      batch["sentence_ids"], max(1, num_slots(chunk)))
                 states = states.float()
-                answer = torch.sigmoid(self.head(states, query_mean(states, batch["attention_mask"],
-                                                                    batch["token_type_ids"]), states[:, 0]))
+                qm = query_mean(states, batch["attention_mask"], batch["token_type_ids"])
+                answer = torch.sigmoid(self.head(states, qm, states[:, 0]))
+                keep = (torch.sigmoid(self.keep_head(states, qm, states[:, 0])).tolist()
+                        if self.keep_head is not None else None)
                 probs, answer_p = torch.sigmoid(logits.float()).tolist(), answer.tolist()
                 for b, slots in enumerate(slot_map(chunk)):
                     for k, (d, s) in enumerate(slots):
@@ -143,9 +154,13 @@ class QueryScorer:
                     for pos, start in enumerate(row.char_starts):
                         if start >= 0:
                             tokens[row.doc][start] = max(tokens[row.doc].get(start, 0.0), answer_p[b][pos])
+                            if keep is not None:
+                                keeps[row.doc][start] = max(keeps[row.doc].get(start, 0.0), keep[b][pos])
         starts = [np.array(sorted(t), dtype=np.int64) for t in tokens]
         probs_out = [np.array([t[s] for s in st.tolist()], dtype=np.float64) for t, st in zip(tokens, starts)]
-        return QueryRelevance(sentences, starts, probs_out)
+        keep_out = ([np.array([k.get(s, np.nan) for s in st.tolist()], dtype=np.float64)
+                     for k, st in zip(keeps, starts)] if self.keep_head is not None else None)
+        return QueryRelevance(sentences, starts, probs_out, keep_out)
 
 
 def unit_max(units: np.ndarray, starts: np.ndarray, probs: np.ndarray) -> np.ndarray:
