@@ -26,7 +26,7 @@ PER_REQUEST_OPTIONS = frozenset({
     "unit", "seed", "min_keep", "threshold", "doc_weight", "neighbor_weight", "hops", "keep_antecedents",
     "batch_size", "max_length", "mode", "query_aware", "relevance", "force_tokens", "keep_digits", "drop_consecutive",
     "word_prob", "protect", "context_filter", "query_weight", "answer_share", "answer_gap_fill", "window_tokens", "k",
-    "per_cluster", "alpha", "max_k", "max_new_tokens", "cache",
+    "per_cluster", "alpha", "max_k", "max_new_tokens", "cache", "one_pass",
 })
 
 
