@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import lru_cache
@@ -26,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ragzip.budget import Budget
-from ragzip.compressors.base import BaseCompressor, joined_tokens
+from ragzip.compressors.base import BaseCompressor, CompressionRequest, joined_tokens
 from ragzip.compressors.calibration import Calibration, auto_select, load_calibration
 from ragzip.compressors.lingua2_model import DEFAULT_MODEL, WEIGHTS_DIR, TokenClassifier, load_token_classifier
 from ragzip.compressors.lingua2_select import UnitScores, kept_runs, render, run_scores, select_units
@@ -40,6 +42,7 @@ from ragzip.compressors.lingua2_words import (
     word_strings,
 )
 from ragzip.compressors.protect import structure_groups, units_touching
+from ragzip.contract import to_documents, to_question
 from ragzip.errors import BudgetError, ConfigError
 from ragzip.options import bounds, parse_bool
 from ragzip.spans import assemble
@@ -75,6 +78,14 @@ class QueryAware(str, Enum):
 class Relevance(str, Enum):
     EXIT = "exit"
     LEXICAL = "lexical"
+
+
+# Per compressor (by id), the relevance `prefetched` computed for a batch of requests: per (query, title, text,
+# sentence spans) the document's sentence, answer and keep probabilities (a document's relevance depends only on the
+# query and the document, so a memo hit is what a fresh forward gives).
+_DocKey = tuple[str, str, str, tuple[tuple[int, int], ...]]
+_PREFETCHED: ContextVar[dict[int, dict[_DocKey, tuple[Any, ...]]] | None] = ContextVar("lingua2_prefetched",
+                                                                                      default=None)
 
 
 @lru_cache(maxsize=1)
@@ -459,12 +470,58 @@ class Lingua2Compressor(BaseCompressor):
         return kept, {"coverage": budget.coverage, "expected_coverage": round(reached, 4), "guard": choice.guard,
                       "calibrated": calibration is not None}
 
+    @contextmanager
+    def prefetched(self, requests: Sequence[CompressionRequest]) -> Iterator[None]:
+        """With a question and EXIT relevance, the relevance forwards of every request run batched together
+        (`QueryScorer.score_many`); the `compress` calls inside the context read them."""
+        o = self.options
+        if o.mode is Mode.REFERENCE or o.query_aware is QueryAware.OFF or o.relevance is not Relevance.EXIT:
+            yield
+            return
+        jobs = []
+        for r in requests:
+            try:
+                query, docs = to_question(r.query), to_documents(r.documents)
+            except (ValueError, TypeError):  # reported by that request's own compress call
+                continue
+            if query.strip():
+                jobs.append((query, [(d.title, d.text, self._sentences(d)) for d in docs]))
+        memo: dict[_DocKey, tuple[Any, ...]] = {}
+        if jobs:
+            results = relevance_scorer().score_many(jobs)
+            for (query, docs), rel in zip(jobs, results):
+                for d, (title, text, spans) in enumerate(docs):
+                    keep = rel.token_keep[d] if rel.token_keep is not None else None
+                    memo[(query, title, text, tuple(spans))] = (rel.sentences[d], rel.token_starts[d],
+                                                                rel.token_probs[d], keep)
+        outer = _PREFETCHED.get() or {}
+        token = _PREFETCHED.set({**outer, id(self): memo})
+        try:
+            yield
+        finally:
+            _PREFETCHED.reset(token)
+
+    @staticmethod
+    def _sentences(doc: Document) -> list[tuple[int, int]]:
+        """The sentence spans the relevance forward scores (none for a blank document)."""
+        from ragzip.text import split_sentences
+
+        return split_sentences(doc.text) if doc.text.strip() else []
+
     def _exit_relevance(self, query: str, documents: Sequence[Document]
                         ) -> tuple[list[list[tuple[int, int]]], Any]:
         """Each document's sentence spans and the EXIT forward's relevance (`QueryRelevance`) for `query`."""
-        from ragzip.text import split_sentences
+        from ragzip.compressors.lingua2_query import QueryRelevance
 
-        spans = [split_sentences(d.text) if d.text.strip() else [] for d in documents]
+        spans = [self._sentences(d) for d in documents]
+        memo = (_PREFETCHED.get() or {}).get(id(self))
+        if memo is not None:
+            hits = [memo.get((query, d.title, d.text, tuple(s))) for d, s in zip(documents, spans)]
+            found = [h for h in hits if h is not None]
+            if len(found) == len(hits):
+                keep = None if any(h[3] is None for h in found) else [h[3] for h in found]
+                return spans, QueryRelevance([h[0] for h in found], [h[1] for h in found], [h[2] for h in found],
+                                             keep)
         return spans, relevance_scorer().score(query, [(d.title, d.text, s) for d, s in zip(documents, spans)])
 
     def _relevance(self, query: str, documents: Sequence[Document], exit_rel: Any = None) -> list[Any]:

@@ -125,17 +125,27 @@ class QueryScorer:
         self.batch_size = batch_size or rows
 
     def score(self, query: str, documents: Sequence[DocInput]) -> QueryRelevance:
-        from ragzip.compressors.exit_encoder import build_rows, collate, length_batches, num_slots, slot_map
+        return self.score_many([(query, documents)])[0]
 
-        rows = build_rows(self.tokenizer, query, documents, self.model.config)
-        sentences = [[0.0] * len(spans) for _, _, spans in documents]
-        tokens: list[dict[int, float]] = [{} for _ in documents]
-        keeps: list[dict[int, float]] = [{} for _ in documents]
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))
+    def score_many(self, jobs: Sequence[tuple[str, Sequence[DocInput]]]) -> list[QueryRelevance]:
+        """`score` of several independent (query, documents) jobs: the windows of all of them sorted by length
+        together and batched (one job keeps the single-call shape, so its result is exactly `score`'s)."""
+        from ragzip.compressors.exit_encoder import build_rows, collate, length_batches, num_slots, slot_map
+        from ragzip.compressors.exit_scorers import MANY_BATCH_ROWS, MANY_MAX_PADDING
+
+        rows = [(j, row) for j, (query, documents) in enumerate(jobs)
+                for row in build_rows(self.tokenizer, query, documents, self.model.config)]
+        rows_per, padding = ((self.batch_size, self.max_padding) if len(jobs) <= 1 else
+                             (max(self.batch_size, MANY_BATCH_ROWS), MANY_MAX_PADDING))
+        sentences = [[[0.0] * len(spans) for _, _, spans in documents] for _, documents in jobs]
+        tokens: list[list[dict[int, float]]] = [[{} for _ in documents] for _, documents in jobs]
+        keeps: list[list[dict[int, float]]] = [[{} for _ in documents] for _, documents in jobs]
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i][1].input_ids))
         with torch.inference_mode():
-            for batch_ids in length_batches([len(rows[i].input_ids) for i in order], self.batch_size,
-                                            self.max_padding, MAX_BATCH_TOKENS):
-                chunk = [rows[order[i]] for i in batch_ids]
+            for batch_ids in length_batches([len(rows[i][1].input_ids) for i in order], rows_per, padding,
+                                            MAX_BATCH_TOKENS):
+                owners = [rows[order[i]][0] for i in batch_ids]
+                chunk = [rows[order[i]][1] for i in batch_ids]
                 batch = collate(chunk, int(self.tokenizer.pad_token_id or 0))
                 states = self.model.states(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
                 logits, counts, _ = self.model.heads(states, batch["attention_mask"], batch["token_type_ids"],
@@ -146,16 +156,20 @@ class QueryScorer:
                 keep = (torch.sigmoid(self.keep_head(states, qm, states[:, 0])).tolist()
                         if self.keep_head is not None else None)
                 probs, answer_p = torch.sigmoid(logits.float()).tolist(), answer.tolist()
-                for b, slots in enumerate(slot_map(chunk)):
+                for b, (job, slots) in enumerate(zip(owners, slot_map(chunk))):
                     for k, (d, s) in enumerate(slots):
                         if counts[b, k] > 0:
-                            sentences[d][s] = max(sentences[d][s], probs[b][k])
-                    row = chunk[b]
+                            sentences[job][d][s] = max(sentences[job][d][s], probs[b][k])
+                    row, mine, kept = chunk[b], tokens[job], keeps[job]
                     for pos, start in enumerate(row.char_starts):
                         if start >= 0:
-                            tokens[row.doc][start] = max(tokens[row.doc].get(start, 0.0), answer_p[b][pos])
+                            mine[row.doc][start] = max(mine[row.doc].get(start, 0.0), answer_p[b][pos])
                             if keep is not None:
-                                keeps[row.doc][start] = max(keeps[row.doc].get(start, 0.0), keep[b][pos])
+                                kept[row.doc][start] = max(kept[row.doc].get(start, 0.0), keep[b][pos])
+        return [self._relevance(sentences[j], tokens[j], keeps[j]) for j in range(len(jobs))]
+
+    def _relevance(self, sentences: list[list[float]], tokens: list[dict[int, float]],
+                   keeps: list[dict[int, float]]) -> QueryRelevance:
         starts = [np.array(sorted(t), dtype=np.int64) for t in tokens]
         probs_out = [np.array([t[s] for s in st.tolist()], dtype=np.float64) for t, st in zip(tokens, starts)]
         keep_out = ([np.array([k.get(s, np.nan) for s in st.tolist()], dtype=np.float64)

@@ -1,7 +1,10 @@
 """lingua2 with the question: one encoder pass (keep head) vs two (the classifier's own pass), on held-out data.
 
 Answer survival (a gold answer still in the compressed text) at rate 0.5, 0.33 and the auto budget, kept-token
-rate, identical kept words, and seconds, side by side on the same inputs in one process (paired 95% CIs).
+rate, identical kept words, and seconds, side by side on the same inputs in one process (paired 95% CIs). With
+`--reader-limit N`, the packaged Qwen2.5-Coder-0.5B reader also answers the first N SQuAD questions from both
+compressions at rate 0.33 (the tightest budget) and at the auto default: F1 and the gold answer's NLL per token,
+paired.
 
     .venv/bin/python scripts/lingua2_splits.py --out /tmp/l2splits
     .venv/bin/python scripts/eval_one_pass.py --squad /tmp/l2splits/squad_heldout.jsonl \\
@@ -19,7 +22,7 @@ from pathlib import Path
 from ragzip.budget import Budget
 from ragzip.compressors.lingua2 import Lingua2Compressor
 from ragzip.eval.datasets import load_examples
-from ragzip.eval.metrics import answer_survival, paired_bootstrap_ci
+from ragzip.eval.metrics import answer_survival, f1_score, paired_bootstrap_ci
 from ragzip.eval.suites.extractive import trained_ids
 from ragzip.tokens import get_token_counter
 
@@ -29,6 +32,7 @@ def main() -> None:
     parser.add_argument("--squad", type=Path, required=True)
     parser.add_argument("--hotpot", type=Path, required=True)
     parser.add_argument("--hotpot-limit", type=int, default=40)
+    parser.add_argument("--reader-limit", type=int, default=0)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     skip = trained_ids()
@@ -68,8 +72,35 @@ def main() -> None:
             out[f"{key}.survival_delta_ci"] = [round(x, 4) for x in paired_bootstrap_ci(diff)]
             out[f"{key}.identical_text"] = round(statistics.fmean(same), 4)
             print(key, {k.split(".", 2)[2]: v for k, v in out.items() if k.startswith(key + ".")}, flush=True)
+    if args.reader_limit:
+        out.update(_reader(sets["squad"][: args.reader_limit], variants))
     if args.json:
         args.json.write_text(json.dumps(out, indent=1) + "\n")
+
+
+def _reader(examples: list, variants: dict) -> dict:
+    from ragzip.eval.reader import Reader
+
+    reader = Reader()
+    out: dict = {"reader": reader.name, "reader.n": len(examples)}
+    for label, budget in (("rate0.33", Budget.ratio(0.33)), ("auto", Budget.auto())):
+        f1: dict[str, list[float]] = {v: [] for v in variants}
+        nll: dict[str, list[float]] = {v: [] for v in variants}
+        for ex in examples:
+            for v, comp in variants.items():
+                res = comp.compress(ex.question, ex.documents(), budget)
+                read = reader.read(ex.question, res.as_documents(), ex.answers)
+                f1[v].append(f1_score(read.answer, ex.answers))
+                nll[v].append(float(read.nll))
+        for v in variants:
+            out[f"reader.{label}.{v}.f1"] = round(statistics.fmean(f1[v]), 4)
+            out[f"reader.{label}.{v}.nll"] = round(statistics.fmean(nll[v]), 4)
+        for name, values in (("f1", f1), ("nll", nll)):
+            diff = [a - b for a, b in zip(values["one_pass"], values["two_pass"])]
+            out[f"reader.{label}.{name}_delta"] = round(statistics.fmean(diff), 4)
+            out[f"reader.{label}.{name}_delta_ci"] = [round(x, 4) for x in paired_bootstrap_ci(diff)]
+        print({k: v for k, v in out.items() if k.startswith(f"reader.{label}")}, flush=True)
+    return out
 
 
 if __name__ == "__main__":

@@ -105,3 +105,32 @@ def test_requests_must_be_requests(exit_fp32: RagZip) -> None:
 
     with pytest.raises(ConfigError, match="CompressionRequest"):
         exit_fp32.compress_many(["just a string"])  # type: ignore[list-item]
+
+
+def test_lingua2_batches_its_relevance_forwards(monkeypatch: Any) -> None:
+    """Query-aware lingua2: inside compress_many the relevance forward of every request ran in one batched call;
+    a single request through compress_many is exactly compress."""
+    from ragzip.compressors.lingua2_query import QueryScorer
+
+    rz = RagZip("lingua2")
+    questions = _questions()
+    single = [rz.compress(q, docs, 0.5) for q, docs in questions]
+    _same(rz.compress_many([(questions[0][0], questions[0][1], 0.5)])[0], single[0])
+    calls: list[int] = []
+    original = QueryScorer.score_many
+
+    def counted(self: Any, jobs: Any) -> Any:
+        calls.append(len(jobs))
+        return original(self, jobs)
+
+    def refuse(*_: Any, **__: Any) -> Any:
+        raise AssertionError("a per-request relevance forward ran inside compress_many")
+
+    monkeypatch.setattr(QueryScorer, "score_many", counted)
+    monkeypatch.setattr(QueryScorer, "score", refuse)
+    many = rz.compress_many([(q, docs, 0.5) for q, docs in questions])
+    assert calls == [len(questions)]
+    for a, b in zip(single, many):
+        assert (a.tokens_before, a.budget) == (b.tokens_before, b.budget)
+        assert b.tokens_after <= Budget.ratio(0.5).token_limit(b.tokens_before)
+        assert b.stages[0].info["one_pass"] is True
