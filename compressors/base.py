@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, runtime_checkable
 
@@ -74,6 +75,37 @@ def compress_each(compress: Callable[..., CompressionResult], requests: Sequence
                 raise
             out.append(exc)
     return out
+
+
+def parsed_requests(requests: Sequence[CompressionRequest]) -> list[tuple[str, list[Document]]]:
+    """(question, documents) of each request that parses, for a `prefetched` batch; a request that does not is left
+    to fail in its own `compress` call (where its error is reported for it alone)."""
+    out = []
+    for r in requests:
+        try:
+            out.append((to_question(r.query), to_documents(r.documents)))
+        except (ValueError, TypeError):  # InputError is a ValueError
+            continue
+    return out
+
+
+class PrefetchMemo:
+    """What a compressor's `prefetched` context computed for a batch of requests, visible to the `compress` calls
+    made inside it, per compressor instance (a ContextVar: other threads and tasks never see it)."""
+
+    def __init__(self, name: str) -> None:
+        self._var: ContextVar[dict[int, Any] | None] = ContextVar(name, default=None)
+
+    @contextmanager
+    def holding(self, owner: object, memo: Any) -> Iterator[None]:
+        token = self._var.set({**(self._var.get() or {}), id(owner): memo})
+        try:
+            yield
+        finally:
+            self._var.reset(token)
+
+    def get(self, owner: object) -> Any:
+        return (self._var.get() or {}).get(id(owner))
 
 
 def compress_many(compressor: Any, requests: Sequence[RequestLike], *, return_exceptions: bool = False) -> list[Any]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -31,10 +30,16 @@ from typing import Any
 import numpy as np
 
 from ragzip.budget import Budget
-from ragzip.compressors.base import BaseCompressor, CompressionRequest, joined_tokens, separator_tokens
+from ragzip.compressors.base import (
+    BaseCompressor,
+    CompressionRequest,
+    PrefetchMemo,
+    joined_tokens,
+    parsed_requests,
+    separator_tokens,
+)
 from ragzip.compressors.calibration import auto_select
 from ragzip.compressors.exit_scorers import CausalLMScorer, EncoderScorer, SentenceScorer, fuse_scores
-from ragzip.contract import to_documents, to_question
 from ragzip.errors import ConfigError
 from ragzip.options import bounds
 from ragzip.spans import assemble
@@ -132,11 +137,10 @@ def table_header(text: str, spans: Sequence[tuple[int, int]], index: int) -> lis
 
 # One scorer input document under a query: (query, title, text, candidate spans).
 _DocKey = tuple[str, str, str, tuple[tuple[int, int], ...]]
-# Per compressor (by id), the scores `prefetched` computed for the requests of a batch: sentence probabilities and the
-# document probability of each (query, document). A document's scores depend only on the query and the document
-# itself (its own encoder windows), so a memo hit is exactly what a fresh forward gives.
-_PREFETCHED: ContextVar[dict[int, dict[_DocKey, tuple[list[float], float | None]]] | None] = ContextVar(
-    "exit_prefetched", default=None)
+# The scores `prefetched` computed for the requests of a batch: per (query, document) its sentence probabilities and
+# document probability. A document's scores depend only on the query and the document itself (its own encoder
+# windows), so a memo hit is what a fresh forward gives.
+_PREFETCHED = PrefetchMemo("exit_prefetched")
 
 
 def _doc_key(query: str, title: str, text: str, spans: Sequence[tuple[int, int]]) -> _DocKey:
@@ -277,28 +281,19 @@ class ExitCompressor(BaseCompressor):
         if score_many is None or not requests:
             yield
             return
-        jobs = []
-        for r in requests:
-            try:
-                query, docs = to_question(r.query), to_documents(r.documents)
-            except (ValueError, TypeError):  # InputError is a ValueError: reported by that request's compress
-                continue
-            jobs.append((query, [(d.title, d.text, candidate_spans(d)) for d in docs]))
+        jobs = [(query, [(d.title, d.text, candidate_spans(d)) for d in docs])
+                for query, docs in parsed_requests(requests)]
         memo: dict[_DocKey, tuple[list[float], float | None]] = {}
         for (query, inputs), result in zip(jobs, score_many(jobs)):
             for d, (title, text, spans) in enumerate(inputs):
                 doc = result.documents[d] if result.documents is not None else None
                 memo[_doc_key(query, title, text, spans)] = (list(result.sentences[d]), doc)
-        outer = _PREFETCHED.get() or {}
-        token = _PREFETCHED.set({**outer, id(self): memo})
-        try:
+        with _PREFETCHED.holding(self, memo):
             yield
-        finally:
-            _PREFETCHED.reset(token)
 
     def _score_once(self, query: str, inputs: Sequence[tuple[str, str, Sequence[tuple[int, int]]]]
                     ) -> tuple[list[list[float]], list[float] | None]:
-        memo = (_PREFETCHED.get() or {}).get(id(self))
+        memo = _PREFETCHED.get(self)
         if memo is not None:
             hits = [memo.get(_doc_key(query, *doc)) for doc in inputs]
             if all(h is not None for h in hits):

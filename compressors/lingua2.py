@@ -19,7 +19,6 @@ import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import lru_cache
@@ -28,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ragzip.budget import Budget
-from ragzip.compressors.base import BaseCompressor, CompressionRequest, joined_tokens
+from ragzip.compressors.base import BaseCompressor, CompressionRequest, PrefetchMemo, joined_tokens, parsed_requests
 from ragzip.compressors.calibration import Calibration, auto_select, load_calibration
 from ragzip.compressors.lingua2_model import DEFAULT_MODEL, WEIGHTS_DIR, TokenClassifier, load_token_classifier
 from ragzip.compressors.lingua2_select import UnitScores, kept_runs, render, run_scores, select_units
@@ -42,7 +41,6 @@ from ragzip.compressors.lingua2_words import (
     word_strings,
 )
 from ragzip.compressors.protect import structure_groups, units_touching
-from ragzip.contract import to_documents, to_question
 from ragzip.errors import BudgetError, ConfigError
 from ragzip.options import bounds, parse_bool
 from ragzip.spans import assemble
@@ -80,12 +78,11 @@ class Relevance(str, Enum):
     LEXICAL = "lexical"
 
 
-# Per compressor (by id), the relevance `prefetched` computed for a batch of requests: per (query, title, text,
-# sentence spans) the document's sentence, answer and keep probabilities (a document's relevance depends only on the
-# query and the document, so a memo hit is what a fresh forward gives).
+# The relevance `prefetched` computed for a batch of requests: per (query, title, text, sentence spans) the
+# document's sentence, answer and keep probabilities (a document's relevance depends only on the query and the
+# document, so a memo hit is what a fresh forward gives).
 _DocKey = tuple[str, str, str, tuple[tuple[int, int], ...]]
-_PREFETCHED: ContextVar[dict[int, dict[_DocKey, tuple[Any, ...]]] | None] = ContextVar("lingua2_prefetched",
-                                                                                      default=None)
+_PREFETCHED = PrefetchMemo("lingua2_prefetched")
 
 
 @lru_cache(maxsize=1)
@@ -478,28 +475,16 @@ class Lingua2Compressor(BaseCompressor):
         if o.mode is Mode.REFERENCE or o.query_aware is QueryAware.OFF or o.relevance is not Relevance.EXIT:
             yield
             return
-        jobs = []
-        for r in requests:
-            try:
-                query, docs = to_question(r.query), to_documents(r.documents)
-            except (ValueError, TypeError):  # reported by that request's own compress call
-                continue
-            if query.strip():
-                jobs.append((query, [(d.title, d.text, self._sentences(d)) for d in docs]))
+        jobs = [(query, [(d.title, d.text, self._sentences(d)) for d in docs])
+                for query, docs in parsed_requests(requests) if query.strip()]
         memo: dict[_DocKey, tuple[Any, ...]] = {}
-        if jobs:
-            results = relevance_scorer().score_many(jobs)
-            for (query, docs), rel in zip(jobs, results):
-                for d, (title, text, spans) in enumerate(docs):
-                    keep = rel.token_keep[d] if rel.token_keep is not None else None
-                    memo[(query, title, text, tuple(spans))] = (rel.sentences[d], rel.token_starts[d],
-                                                                rel.token_probs[d], keep)
-        outer = _PREFETCHED.get() or {}
-        token = _PREFETCHED.set({**outer, id(self): memo})
-        try:
+        for (query, docs), rel in zip(jobs, relevance_scorer().score_many(jobs) if jobs else []):
+            for d, (title, text, spans) in enumerate(docs):
+                keep = rel.token_keep[d] if rel.token_keep is not None else None
+                memo[(query, title, text, tuple(spans))] = (rel.sentences[d], rel.token_starts[d],
+                                                            rel.token_probs[d], keep)
+        with _PREFETCHED.holding(self, memo):
             yield
-        finally:
-            _PREFETCHED.reset(token)
 
     @staticmethod
     def _sentences(doc: Document) -> list[tuple[int, int]]:
@@ -514,7 +499,7 @@ class Lingua2Compressor(BaseCompressor):
         from ragzip.compressors.lingua2_query import QueryRelevance
 
         spans = [self._sentences(d) for d in documents]
-        memo = (_PREFETCHED.get() or {}).get(id(self))
+        memo = _PREFETCHED.get(self)
         if memo is not None:
             hits = [memo.get((query, d.title, d.text, tuple(s))) for d, s in zip(documents, spans)]
             found = [h for h in hits if h is not None]
