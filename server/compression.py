@@ -170,6 +170,7 @@ class CompressionService:
             return built, batcher
 
     def _run_many(self, pipe: Any, requests: list[CompressionRequest]) -> list[Any]:
+        self.metrics.compress_batch_size.observe(len(requests))
         with self._run_lock:
             return compress_many(pipe, requests, return_exceptions=True)
 

@@ -3,6 +3,7 @@ calls in Python, and a bad request among them fails alone."""
 
 from __future__ import annotations
 
+import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -43,6 +44,9 @@ def test_concurrent_requests_are_batched_and_return_what_single_calls_return(liv
     good = [r.json()["compressed"] for i, r in enumerate(responses) if i != 2]
     assert all(r.status_code == 200 for i, r in enumerate(responses) if i != 2)
     assert batcher.largest > 1 and batcher.batches - before < len(bodies)  # some requests shared a batch
+    metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
+    sizes = re.search(r"^ragzip_compress_batch_size_count (\S+)$", metrics, re.M)
+    assert sizes is not None and float(sizes.group(1)) == batcher.batches
     rz = RagZip("exit", dtype="float32", counter=service.counter)
     for (q, docs), got in zip(QUESTIONS, good):
         want = rz.compress(q, [{"id": f"d{j}", "text": t} for j, t in enumerate(docs)], 0.5)
