@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -290,6 +290,28 @@ class ExitCompressor(BaseCompressor):
                 memo[_doc_key(query, title, text, spans)] = (list(result.sentences[d]), doc)
         with _PREFETCHED.holding(self, memo):
             yield
+
+    @property
+    def shares_relevance(self) -> bool:
+        """Whether a pipeline may give this stage its sentence scores from lingua2's relevance forward
+        (`compressors/handoff.py`): the shipped encoder scorer, loaded as that forward's (same weights, dtype,
+        device and forward shape, so the scores are the ones its own forward gives), one pass, no document blend."""
+        from ragzip.compressors.lingua2 import relevance_scorer
+
+        o, scorer = self.options, self.scorer
+        if not isinstance(scorer, EncoderScorer) or o.hops != 1 or o.doc_weight or o.weights is not None:
+            return False
+        shared = relevance_scorer()
+        return bool(scorer.model is shared.model and (scorer.batch_size, scorer.max_padding) == (
+            shared.batch_size, shared.max_padding))
+
+    def using_scores(self, query: str, documents: Sequence[Document], relevance: Sequence[Any]
+                     ) -> AbstractContextManager[None]:
+        """A context in which `compress(query, documents)` takes its first-pass sentence scores from `relevance`
+        (`handoff.DocRelevance` per document, over this compressor's candidate spans) instead of a forward."""
+        memo = {_doc_key(query, d.title, d.text, r.spans): (list(r.sentences), None)
+                for d, r in zip(documents, relevance)}
+        return _PREFETCHED.holding(self, memo)
 
     def _score_once(self, query: str, inputs: Sequence[tuple[str, str, Sequence[tuple[int, int]]]]
                     ) -> tuple[list[list[float]], list[float] | None]:

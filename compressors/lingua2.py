@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import lru_cache
@@ -485,6 +485,28 @@ class Lingua2Compressor(BaseCompressor):
                                                             rel.token_probs[d], keep)
         with _PREFETCHED.holding(self, memo):
             yield
+
+    @property
+    def takes_exit_relevance(self) -> bool:
+        """Whether this stage can read its relevance from an EXIT stage's forward (`compressors/handoff.py`):
+        exact mode, query-aware, EXIT relevance, one pass."""
+        o = self.options
+        return (o.mode is Mode.EXACT and o.query_aware is not QueryAware.OFF and o.relevance is Relevance.EXIT
+                and self.one_pass)
+
+    def using_relevance(self, query: str, kept: Sequence[CompressedDocument], relevance: Mapping[str, Any]
+                        ) -> AbstractContextManager[None]:
+        """A context in which `compress(query, [k.as_document() for k in kept])` reads its relevance from the
+        forward an EXIT stage ran on the original documents (`relevance`: `handoff.DocRelevance` by document id),
+        mapped onto the kept text, instead of running its own."""
+        from ragzip.compressors.handoff import on_kept_text
+
+        memo: dict[_DocKey, tuple[Any, ...]] = {}
+        for k in kept:
+            if k.id in relevance:
+                spans = self._sentences(k.as_document())
+                memo[(query, k.title, k.text, tuple(spans))] = on_kept_text(k, relevance[k.id], spans)
+        return _PREFETCHED.holding(self, memo)
 
     @staticmethod
     def _sentences(doc: Document) -> list[tuple[int, int]]:

@@ -7,20 +7,23 @@ import json
 import math
 import time
 from collections.abc import Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from ragzip.budget import Budget, BudgetLike, to_budget
+from ragzip.compressors import handoff
 from ragzip.compressors.base import (
     CompressionRequest,
+    PrefetchMemo,
     RequestLike,
     as_request,
     check_budget_kind,
     compress_each,
     fit_to_limit,
     joined_tokens,
+    parsed_requests,
 )
 from ragzip.compressors.registry import COMPRESSORS, canonical_method, get_compressor
 from ragzip.contract import DocumentLike, to_documents, to_question
@@ -202,11 +205,21 @@ class Pipeline:
         limit = budget.token_limit(tokens_before)
         current = [replace(assemble(d, [(0, len(d.text))]), tokens=n) for d, n in zip(documents, counts)]
         stats: list[StageStats] = []
+        shared = len(self.stages) > 1 and handoff.pairs(self.stages[0], self.stages[1], query)
+        relevance: dict[str, Any] = {}
         for i, stage in enumerate(self.stages):
             stage_budget, source = self._stage_budget(i, budget, limit, tokens_before)
             live = [c for c in current if c.text.strip()]
             inputs = [c.as_document() for c in live]
-            result = stage.compress(query, inputs, stage_budget, input_tokens=[c.tokens or 0 for c in live])
+            context: AbstractContextManager[None] = nullcontext()
+            if shared and i == 0:  # one forward for the EXIT stage and the lingua2 stage after it
+                found = self._shared_relevance(query, inputs)
+                relevance = {d.id: r for d, r in zip(inputs, found)}
+                context = stage.using_scores(query, inputs, found)
+            elif shared and i == 1:
+                context = stage.using_relevance(query, live, relevance)
+            with context:
+                result = stage.compress(query, inputs, stage_budget, input_tokens=[c.tokens or 0 for c in live])
             kept = list(result.documents)
             info = dict(result.stages[0].info) if len(result.stages) == 1 else {}
             info.update(budget=stage_budget.describe(), budget_source=source)
@@ -243,9 +256,32 @@ class Pipeline:
 
     def prefetched(self, requests: Sequence[CompressionRequest]) -> AbstractContextManager[None]:
         """The first stage sees the requests' own documents, so its model work is batched across them (later
-        stages see what the stage before them kept, one request at a time)."""
+        stages see what the stage before them kept, one request at a time); an EXIT stage followed by lingua2
+        batches their one shared forward."""
+        if len(self.stages) > 1 and handoff.stages_pair(self.stages[0], self.stages[1]):
+            return self._prefetch_shared(requests)
         first = getattr(self.stages[0], "prefetched", None)
         return first(requests) if first is not None else nullcontext()
+
+    @contextmanager
+    def _prefetch_shared(self, requests: Sequence[CompressionRequest]) -> Any:
+        from ragzip.compressors.exit import candidate_spans
+
+        jobs = [(q, [d for d in docs if d.text.strip()]) for q, docs in parsed_requests(requests) if q.strip()]
+        memo = {(q, d.title, d.text): r for (q, docs), rels in zip(jobs, handoff.score_many(jobs, candidate_spans)
+                                                                    if jobs else []) for d, r in zip(docs, rels)}
+        with _SHARED.holding(self, memo):
+            yield
+
+    def _shared_relevance(self, query: str, inputs: Sequence[Document]) -> list[Any]:
+        """The shared forward's relevance of the EXIT stage's inputs: from a batch's prefetch, else run now."""
+        from ragzip.compressors.exit import candidate_spans
+
+        memo = _SHARED.get(self) or {}
+        found = [memo.get((query, d.title, d.text)) for d in inputs]
+        if all(r is not None for r in found):
+            return found
+        return handoff.score(query, inputs, candidate_spans)
 
     def compress_many(self, requests: Sequence[RequestLike], *, return_exceptions: bool = False) -> list[Any]:
         """`compress` on several independent requests with the first stage's forwards batched across them (see
@@ -259,6 +295,10 @@ class Pipeline:
         if len(queries) != len(documents):
             raise ConfigError(f"{len(queries)} queries but {len(documents)} document lists")
         return self.compress_many([CompressionRequest(q, d, budget) for q, d in zip(queries, documents)])
+
+
+# Per pipeline, the shared EXIT/lingua2 forward `prefetched` ran for a batch: (query, title, text) -> DocRelevance.
+_SHARED = PrefetchMemo("pipeline_shared_relevance")
 
 
 def _with_device(spec: StageSpec, device: str | None) -> dict[str, Any]:

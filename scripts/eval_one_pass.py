@@ -24,6 +24,7 @@ from ragzip.compressors.lingua2 import Lingua2Compressor
 from ragzip.eval.datasets import load_examples
 from ragzip.eval.metrics import answer_survival, f1_score, paired_bootstrap_ci
 from ragzip.eval.suites.extractive import trained_ids
+from ragzip.pipeline import build_compressor
 from ragzip.tokens import get_token_counter
 
 
@@ -33,16 +34,23 @@ def main() -> None:
     parser.add_argument("--hotpot", type=Path, required=True)
     parser.add_argument("--hotpot-limit", type=int, default=40)
     parser.add_argument("--reader-limit", type=int, default=0)
+    parser.add_argument("--method", default="lingua2", help="lingua2, or a pipeline ending in lingua2 such as "
+                        "exit+lingua2 (one pass: the EXIT stage and lingua2 share one forward)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     skip = trained_ids()
     sets = {"squad": load_examples(args.squad),
             "hotpot": [ex for ex in load_examples(args.hotpot) if ex.id not in skip][: args.hotpot_limit]}
     counter = get_token_counter(None)
-    variants = {"one_pass": Lingua2Compressor(counter, one_pass=True),
-                "two_pass": Lingua2Compressor(counter, one_pass=False)}
-    budgets = {"rate0.5": Budget.ratio(0.5), "rate0.33": Budget.ratio(0.33), "auto": Budget.auto()}
     out: dict = {"counter": counter.name}
+    if args.method == "lingua2":
+        variants = {"one_pass": Lingua2Compressor(counter, one_pass=True),
+                    "two_pass": Lingua2Compressor(counter, one_pass=False)}
+    else:
+        variants = {name: build_compressor(args.method, counter=counter, options={"lingua2": {"one_pass": flag}})
+                    for name, flag in (("one_pass", True), ("two_pass", False))}
+    out["method"] = args.method
+    budgets = {"rate0.5": Budget.ratio(0.5), "rate0.33": Budget.ratio(0.33), "auto": Budget.auto()}
     for comp in variants.values():
         comp.compress("warm up?", ["A warm-up sentence. Another one."])
     for set_name, examples in sets.items():

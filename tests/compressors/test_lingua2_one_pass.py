@@ -76,3 +76,58 @@ def test_the_keep_head_agrees_with_the_classifier_it_was_distilled_from(counter:
                 theirs.append(p)
     assert len(mine) > 1000
     assert float(np.corrcoef(mine, theirs)[0, 1]) > 0.6
+
+
+def test_exit_and_lingua2_share_one_forward(monkeypatch: Any) -> None:
+    """In `exit+lingua2` the EXIT stage's scores and lingua2's relevance come from one forward per request (one
+    batched forward for a batch), and the EXIT stage's scores are exactly its own forward's."""
+    from ragzip import RagZip
+    from ragzip.compressors.exit_scorers import EncoderScorer
+    from ragzip.compressors.lingua2_query import QueryScorer
+
+    rz = RagZip("exit+lingua2")
+    recs = SQUAD[:3]
+    docs = [[Document(r["id"], r["text"], r["title"]), Document("other", SQUAD[5]["text"], SQUAD[5]["title"])]
+            for r in recs]
+    own = RagZip("exit").compressor.stages[0]
+    expected = [{d.id: [round(c.score, 4) for c in cands] for d, cands in zip(ds, own.score(r["question"], ds))}
+                for r, ds in zip(recs, docs)]
+    calls: list[int] = []
+    original = QueryScorer.score_many
+
+    def counted(self: Any, jobs: Any) -> Any:
+        calls.append(len(jobs))
+        return original(self, jobs)
+
+    monkeypatch.setattr(QueryScorer, "score_many", counted)
+    monkeypatch.setattr(EncoderScorer, "score_documents", _refuse)
+    monkeypatch.setattr(EncoderScorer, "score_many", _refuse)
+    monkeypatch.setattr(TokenClassifier, "keep_probs", _refuse)
+    single = rz.compress(recs[0]["question"], docs[0])
+    assert calls == [1]
+    assert single.stages[0].info["sentence_scores"] == expected[0]
+    assert single.stages[1].info["one_pass"] is True
+    calls.clear()
+    many = rz.compress_many([(r["question"], ds) for r, ds in zip(recs, docs)])
+    assert calls == [3]
+    for got, want in zip([m.stages[0].info["sentence_scores"] for m in many], expected):
+        assert got.keys() == want.keys()  # batched in bf16: the same scores up to the batch shape's rounding
+        assert all(g == pytest.approx(w, abs=0.02) for k in got for g, w in zip(got[k], want[k]))
+
+
+def test_relevance_maps_onto_the_kept_text() -> None:
+    """Kept pieces are verbatim spans: a token at original position p of a piece [o, o + n) kept at text offset a
+    lands at a + p - o; a kept sentence takes the probability of the original sentence it came from."""
+    from ragzip.compressors.handoff import DocRelevance, on_kept_text
+    from ragzip.spans import assemble
+
+    text = "Alpha one. Beta two. Gamma three."
+    original = DocRelevance(spans=((0, 10), (11, 20), (21, 33)), sentences=(0.1, 0.5, 0.9),
+                            token_starts=np.array([0, 6, 11, 16, 21, 27]), answer=np.array([.1, .2, .3, .4, .5, .6]),
+                            keep=np.array([.9, .8, .7, .6, .5, .4]))
+    kept = assemble(Document("d", text), [(0, 10), (21, 33)], sep=" ")
+    assert kept.text == "Alpha one. Gamma three."
+    sentences, starts, answer, keep = on_kept_text(kept, original, [(0, 10), (11, 23)])
+    assert sentences == [0.1, 0.9]
+    assert starts.tolist() == [0, 6, 11, 17] and answer.tolist() == [.1, .2, .5, .6]
+    assert keep is not None and keep.tolist() == [.9, .8, .5, .4]
