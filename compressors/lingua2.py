@@ -378,24 +378,26 @@ class Lingua2Compressor(BaseCompressor):
     def _keep_from_forward(self, texts: Sequence[str], encs: Sequence[Any], starts: Sequence[np.ndarray],
                            keep: Sequence[np.ndarray]) -> tuple[list[np.ndarray], int]:
         """The classifier's tokens' P(keep) from the keep head's, matched by char start (both tokenizers are the
-        same MiniLM vocabulary). A text with a token the forward did not read (the tail of a sentence longer than
-        the encoder window) is scored by the classifier instead, whole."""
+        same MiniLM vocabulary). Tokens the forward did not read (the tail of a sentence longer than the encoder
+        window) are scored by the classifier, run on those token runs only (in windows of its length)."""
         out: list[np.ndarray] = []
-        missing: list[int] = []
+        runs: list[tuple[int, int, int]] = []  # (document, first token, end token) the classifier must score
+        full = self.classifier.max_seq_len - 2
         for d, ((_, offs), st, kp) in enumerate(zip(encs, starts, keep)):
             pos = np.searchsorted(st, offs[:, 0]) if len(st) else np.zeros(len(offs), dtype=np.int64)
             found = (pos < len(st)) & (st[np.minimum(pos, max(0, len(st) - 1))] == offs[:, 0]) if len(st) else \
                 np.zeros(len(offs), dtype=bool)
             probs = np.where(found, kp[np.minimum(pos, max(0, len(kp) - 1))] if len(kp) else 0.0, np.nan)
-            if np.isnan(probs).any():
-                missing.append(d)
             out.append(probs.astype(np.float32))
-        if missing:
-            _, fallback, windows = self.token_keep_probs([texts[d] for d in missing])
-            for d, p in zip(missing, fallback):
-                out[d] = p
-            return out, windows
-        return out, 0
+            gaps = np.flatnonzero(np.diff(np.concatenate([[0], (~found).astype(np.int8), [0]])))
+            for a, b in zip(gaps[::2].tolist(), gaps[1::2].tolist()):
+                runs += [(d, lo, min(b, lo + full)) for lo in range(a, b, full)]
+        if runs:
+            probs = self.classifier.keep_probs([encs[d][0][a:b] for d, a, b in runs],
+                                               batch_size=self.options.batch_size)
+            for (d, a, b), p in zip(runs, probs):
+                out[d][a:b] = p
+        return out, len(runs)
 
     def token_keep_probs(self, texts: Sequence[str]) -> tuple[list[Any], list[np.ndarray], int]:
         """The classifier's P(keep) for every token of each text: (encodings, probabilities, windows read). A text

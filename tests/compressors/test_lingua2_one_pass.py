@@ -43,8 +43,8 @@ def test_with_a_question_the_classifier_runs_no_pass_of_its_own(counter: Any, mo
 
 def test_a_sentence_longer_than_the_encoder_window_falls_back_to_the_classifier(counter: Any,
                                                                                monkeypatch: Any) -> None:
-    """The EXIT windows keep only the head of an over-long sentence; that text is scored by the classifier, the
-    short one still from the forward."""
+    """The EXIT windows keep only the head of an over-long sentence; the tokens they did not read are scored by
+    the classifier (only those), the rest still from the forward."""
     long_text = " ".join(f"word{i}" for i in range(700))  # one 'sentence' of ~2,000 encoder tokens
     comp = Lingua2Compressor(counter)
     calls: list[int] = []
@@ -57,7 +57,10 @@ def test_a_sentence_longer_than_the_encoder_window_falls_back_to_the_classifier(
     monkeypatch.setattr(TokenClassifier, "keep_probs", counted)
     rec = SQUAD[1]
     result = comp.compress(rec["question"], [Document("short", rec["text"]), Document("long", long_text)], 0.5)
-    assert len(calls) == 1 and result.stages[0].info["windows"] == calls[0] >= 2  # only the long text's windows
+    assert len(calls) == 1 and result.stages[0].info["windows"] == calls[0] >= 1  # only the unread tail's windows
+    unread = len(comp.classifier.encode([long_text])[0][0]) - 380  # more than the EXIT window's room is unread
+    assert calls[0] <= -(-unread // (comp.classifier.max_seq_len - 2)) + 1
+    assert all(np.isfinite(s.score).all() for s in comp.unit_scores(rec["question"], [Document("l", long_text)])[0])
 
 
 def test_the_keep_head_agrees_with_the_classifier_it_was_distilled_from(counter: Any) -> None:
