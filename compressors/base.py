@@ -54,10 +54,12 @@ RequestLike = CompressionRequest | tuple[Any, ...]
 
 def as_request(item: RequestLike) -> CompressionRequest:
     """A `CompressionRequest` from itself or a `(query, documents[, budget])` tuple."""
-    if isinstance(item, CompressionRequest):
-        return item
     if isinstance(item, tuple) and len(item) in (2, 3):
-        return CompressionRequest(*item)
+        item = CompressionRequest(*item)
+    if isinstance(item, CompressionRequest):
+        # documents are read twice (the batched forward, then compress): a one-shot iterable is kept as a tuple
+        docs = item.documents
+        return item if isinstance(docs, Sequence) else CompressionRequest(item.query, tuple(docs), item.budget)
     raise ConfigError(f"a request is a CompressionRequest or a (query, documents[, budget]) tuple, "
                       f"not {type(item).__name__}")
 

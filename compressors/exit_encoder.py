@@ -351,7 +351,7 @@ def shared_scorer(folder: str | Path | None = None, *, dtype: str = "float32",
 
 def score_documents(model: SentenceSpanScorer, tokenizer: Any, query: str,
                     documents: Sequence[tuple[str, str, Sequence[tuple[int, int]]]], *,
-                    batch_size: int = 16, max_padding: float = 0.1) -> DocumentScores:
+                    batch_size: int = 16, max_padding: float = 0.1, max_tokens: int | None = None) -> DocumentScores:
     """Probability that each sentence (and, with a document head, each document) is needed to answer `query`.
 
     A document split into several windows takes the best window's document score.
@@ -360,7 +360,8 @@ def score_documents(model: SentenceSpanScorer, tokenizer: Any, query: str,
     `max_padding` of their real tokens (padding is pure waste on CPU), so a 10-document question runs in a few
     nearly unpadded forwards.
     """
-    return score_many(model, tokenizer, [(query, documents)], batch_size=batch_size, max_padding=max_padding)[0]
+    return score_many(model, tokenizer, [(query, documents)], batch_size=batch_size, max_padding=max_padding,
+                      max_tokens=max_tokens)[0]
 
 
 Job = tuple[str, Sequence[tuple[str, str, Sequence[tuple[int, int]]]]]  # (query, documents) of one request

@@ -87,7 +87,7 @@ class EncoderScorer:
         from ragzip.compressors.exit_encoder import score_documents
 
         return score_documents(self.model, self.tokenizer, query, documents, batch_size=self.batch_size,
-                               max_padding=self.max_padding)
+                               max_padding=self.max_padding, max_tokens=MANY_BATCH_TOKENS)
 
     def score_many(self, jobs: Sequence[tuple[str, Sequence[DocSentences]]]) -> list[DocumentScores]:
         """`score_documents` of several independent (query, documents) jobs, their windows batched together (up to

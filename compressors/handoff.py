@@ -32,8 +32,9 @@ class DocRelevance:
 
 
 def stages_pair(first: Any, second: Any) -> bool:
-    """Whether `first` (an EXIT stage) and `second` (a lingua2 stage) can share one forward."""
-    return bool(getattr(first, "shares_relevance", False)) and bool(getattr(second, "takes_exit_relevance", False))
+    """Whether `first` (an EXIT stage) and `second` (a lingua2 stage) can share one forward (lingua2 is asked
+    first: asking EXIT loads the relevance scorer)."""
+    return bool(getattr(second, "takes_exit_relevance", False)) and bool(getattr(first, "shares_relevance", False))
 
 
 def pairs(first: Any, second: Any, query: str) -> bool:
@@ -62,8 +63,8 @@ def score_many(jobs: Sequence[tuple[str, Sequence[Document]]], spans_of: Any) ->
 def on_kept_text(kept: CompressedDocument, original: DocRelevance, sentence_spans: Sequence[tuple[int, int]]
                  ) -> tuple[list[float], np.ndarray, np.ndarray, np.ndarray | None]:
     """`original` mapped onto `kept` (whose `spans` are in the original text and `offsets` in `kept.text`): the
-    probability of each of `sentence_spans` (sentences of the kept text: that of the original candidate span its
-    first character came from) and the tokens that start inside kept pieces, at their kept-text positions."""
+    probability of each of `sentence_spans` (sentences of the kept text: the best of the original candidate spans
+    it came from, e.g. a table's rows) and the tokens that start inside kept pieces, at their kept-text positions."""
     pieces = [(a, b, s.start) for s, (a, b) in zip(kept.spans, kept.offsets)]
     starts = np.array([x for x, _ in original.spans], dtype=np.int64)
 
@@ -75,9 +76,11 @@ def on_kept_text(kept: CompressedDocument, original: DocRelevance, sentence_span
         return later[0] if later else (pieces[-1][2] if pieces else 0)
 
     sentences = []
-    for a, _ in sentence_spans:
-        i = int(np.searchsorted(starts, source(a), side="right")) - 1
-        sentences.append(float(original.sentences[max(0, i)]) if len(original.sentences) else 0.0)
+    for a, b in sentence_spans:  # the best candidate the sentence covers (a table block holds several lines)
+        lo = int(np.searchsorted(starts, source(a), side="right")) - 1
+        hi = int(np.searchsorted(starts, source(max(a, b - 1)), side="right")) - 1
+        probs = original.sentences[max(0, lo): max(lo, hi) + 1]
+        sentences.append(float(max(probs)) if len(probs) else 0.0)
     index, positions = [], []
     for a, b, o in pieces:
         lo, hi = np.searchsorted(original.token_starts, [o, o + (b - a)])

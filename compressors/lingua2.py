@@ -81,7 +81,7 @@ class Relevance(str, Enum):
 # The relevance `prefetched` computed for a batch of requests: per (query, title, text, sentence spans) the
 # document's sentence, answer and keep probabilities (a document's relevance depends only on the query and the
 # document, so a memo hit is what a fresh forward gives).
-_DocKey = tuple[str, str, str, tuple[tuple[int, int], ...]]
+_DocKey = tuple[str, str, str, str, tuple[tuple[int, int], ...]]  # (query, id, title, text, sentence spans)
 _PREFETCHED = PrefetchMemo("lingua2_prefetched")
 
 
@@ -477,14 +477,14 @@ class Lingua2Compressor(BaseCompressor):
         if o.mode is Mode.REFERENCE or o.query_aware is QueryAware.OFF or o.relevance is not Relevance.EXIT:
             yield
             return
-        jobs = [(query, [(d.title, d.text, self._sentences(d)) for d in docs])
-                for query, docs in parsed_requests(requests) if query.strip()]
+        parsed = [(query, docs) for query, docs in parsed_requests(requests) if query.strip()]
+        jobs = [(query, [(d.title, d.text, self._sentences(d)) for d in docs]) for query, docs in parsed]
         memo: dict[_DocKey, tuple[Any, ...]] = {}
-        for (query, docs), rel in zip(jobs, relevance_scorer().score_many(jobs) if jobs else []):
-            for d, (title, text, spans) in enumerate(docs):
+        for (query, docs), (_, inputs), rel in zip(parsed, jobs, relevance_scorer().score_many(jobs) if jobs else []):
+            for d, (doc, (_, _, spans)) in enumerate(zip(docs, inputs)):
                 keep = rel.token_keep[d] if rel.token_keep is not None else None
-                memo[(query, title, text, tuple(spans))] = (rel.sentences[d], rel.token_starts[d],
-                                                            rel.token_probs[d], keep)
+                memo[(query, doc.id, doc.title, doc.text, tuple(spans))] = (
+                    rel.sentences[d], rel.token_starts[d], rel.token_probs[d], keep)
         with _PREFETCHED.holding(self, memo):
             yield
 
@@ -507,7 +507,7 @@ class Lingua2Compressor(BaseCompressor):
         for k in kept:
             if k.id in relevance:
                 spans = self._sentences(k.as_document())
-                memo[(query, k.title, k.text, tuple(spans))] = on_kept_text(k, relevance[k.id], spans)
+                memo[(query, k.id, k.title, k.text, tuple(spans))] = on_kept_text(k, relevance[k.id], spans)
         return _PREFETCHED.holding(self, memo)
 
     @staticmethod
@@ -525,7 +525,7 @@ class Lingua2Compressor(BaseCompressor):
         spans = [self._sentences(d) for d in documents]
         memo = _PREFETCHED.get(self)
         if memo is not None:
-            hits = [memo.get((query, d.title, d.text, tuple(s))) for d, s in zip(documents, spans)]
+            hits = [memo.get((query, d.id, d.title, d.text, tuple(s))) for d, s in zip(documents, spans)]
             found = [h for h in hits if h is not None]
             if len(found) == len(hits):
                 keep = None if any(h[3] is None for h in found) else [h[3] for h in found]

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ragzip.compressors.exit_scorers import MANY_BATCH_TOKENS
 from ragzip.errors import ModelNotFoundError, UnsupportedModelError
 
 WEIGHTS_DIR = Path(__file__).parent / "weights" / "lingua2_answer"
@@ -29,7 +30,8 @@ KEEP_WEIGHTS_DIR = Path(__file__).parent / "weights" / "lingua2_keep"
 _MAX_WEIGHTS_BYTES = 16 << 20
 
 DocInput = tuple[str, str, Sequence[tuple[int, int]]]  # (title, text, sentence char spans)
-MAX_BATCH_TOKENS = 16384  # padded tokens per forward: bounds activation memory on long inputs
+# Padded tokens per forward: EncoderScorer's bound, so a forward shared with an EXIT stage is shaped as EXIT's own.
+MAX_BATCH_TOKENS = MANY_BATCH_TOKENS
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,8 +58,9 @@ class MicroBatcher(Generic[T, R]):
         with self._queue_lock:
             self._queue.append(slot)
         while not slot.done.is_set():
-            if not self._running.acquire(timeout=0.05):
-                continue  # a batch is running; ours may be in it, or lead the next one
+            if not self._running.acquire(blocking=False):
+                slot.done.wait(0.002)  # a batch is running: ours may be in it (then we are done), or lead the next
+                continue
             try:
                 if slot.done.is_set():
                     break

@@ -69,7 +69,8 @@ def check_size(config: ServerConfig, documents: Sequence[Document], *, param: st
 class CompressionService:
     """Builds pipelines once per (method, options) and runs them in worker threads, one batch at a time per
     pipeline (tokenizers and embedders are not safe to share between threads): requests that arrive together are
-    compressed together (`MicroBatcher`, `compress_many`), each getting what it alone would get."""
+    compressed together (`MicroBatcher`, `compress_many`), each getting its own result or error (in bf16 the
+    batch's shape can move a borderline unit: docs/speed.md)."""
 
     def __init__(self, config: ServerConfig, metrics: Metrics, *, tokenizer: str | None = None,
                  device: str | None = None) -> None:

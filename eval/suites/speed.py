@@ -183,7 +183,7 @@ def _lingua2_vs_llmlingua(examples: Sequence[Example], repeats: int) -> dict[str
 
 
 def _gpu_throughput(examples: Sequence[Example]) -> dict[str, Any]:
-    """EXIT questions per second on the GPU at batch 64 (fp16/bf16 by `dtype=auto`), and parity with the CPU."""
+    """EXIT questions per second on the GPU at batch 64 (bf16 by `dtype=auto`)."""
     from ragzip.compressors.exit import ExitCompressor
 
     gpu = ExitCompressor(device="cuda")

@@ -134,3 +134,6 @@ def test_relevance_maps_onto_the_kept_text() -> None:
     assert sentences == [0.1, 0.9]
     assert starts.tolist() == [0, 6, 11, 17] and answer.tolist() == [.1, .2, .5, .6]
     assert keep is not None and keep.tolist() == [.9, .8, .5, .4]
+    # a kept-text sentence made of several candidate spans (a table's lines) takes the best of them
+    whole = assemble(Document("d", text), [(0, 33)])
+    assert on_kept_text(whole, original, [(0, 33)])[0] == [0.9]

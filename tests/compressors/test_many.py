@@ -134,3 +134,10 @@ def test_lingua2_batches_its_relevance_forwards(monkeypatch: Any) -> None:
         assert (a.tokens_before, a.budget) == (b.tokens_before, b.budget)
         assert b.tokens_after <= Budget.ratio(0.5).token_limit(b.tokens_before)
         assert b.stages[0].info["one_pass"] is True
+
+
+def test_a_one_shot_iterable_of_documents_is_read_once_for_both_passes(exit_fp32: RagZip) -> None:
+    q, docs = _questions()[-1]
+    got = exit_fp32.compress_many([(q, (d for d in docs)), (q, iter(docs), 0.5)])
+    _same(got[0], exit_fp32.compress(q, docs))
+    _same(got[1], exit_fp32.compress(q, docs, 0.5))
