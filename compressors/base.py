@@ -64,6 +64,13 @@ def as_request(item: RequestLike) -> CompressionRequest:
                       f"not {type(item).__name__}")
 
 
+def batch_requests(queries: Sequence[Any], documents: Sequence[Any], budget: Any = None) -> list[CompressionRequest]:
+    """`compress_batch`'s arguments (one budget for all) as requests; refuses lists of different lengths."""
+    if len(queries) != len(documents):
+        raise ConfigError(f"{len(queries)} queries but {len(documents)} document lists")
+    return [CompressionRequest(q, d, budget) for q, d in zip(queries, documents)]
+
+
 def compress_each(compress: Callable[..., CompressionResult], requests: Sequence[CompressionRequest], *,
                   return_exceptions: bool) -> list[Any]:
     """`compress` on every request in order. With `return_exceptions`, a request that fails holds its exception
@@ -242,9 +249,7 @@ class BaseCompressor:
     def compress_batch(
         self, queries: Sequence[str], documents: Sequence[Sequence[Document]], budget: Budget | None = None
     ) -> list[CompressionResult]:
-        if len(queries) != len(documents):
-            raise ConfigError(f"{len(queries)} queries but {len(documents)} document lists")
-        return self.compress_many([CompressionRequest(q, d, budget) for q, d in zip(queries, documents)])
+        return self.compress_many(batch_requests(queries, documents, budget))
 
 
 def check_budget_kind(name: str, budget: Budget, kinds: frozenset[str]) -> None:

@@ -8,9 +8,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from ragzip.budget import BudgetLike
-from ragzip.compressors.base import CompressionRequest, RequestLike, compress_many
+from ragzip.compressors.base import CompressionRequest, RequestLike, batch_requests, compress_many
 from ragzip.contract import DocumentLike, to_documents
-from ragzip.errors import ConfigError
 from ragzip.pipeline import build_compressor
 from ragzip.tokens import TokenCounter, get_token_counter
 from ragzip.types import CompressionResult
@@ -86,9 +85,7 @@ class RagZip:
     def compress_batch(self, queries: Sequence[str | None], documents: Sequence[Sequence[DocumentLike]],
                        budget: BudgetLike = None) -> list[CompressionResult]:
         """`compress_many` for one budget: one result per (query, documents) pair."""
-        if len(queries) != len(documents):
-            raise ConfigError(f"{len(queries)} queries but {len(documents)} document lists")
-        return self.compress_many([CompressionRequest(q, d, budget) for q, d in zip(queries, documents)])
+        return self.compress_many(batch_requests(queries, documents, budget))
 
 
 __all__ = ["CompressionRequest", "RagZip", "to_documents"]

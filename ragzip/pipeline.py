@@ -19,6 +19,7 @@ from ragzip.compressors.base import (
     PrefetchMemo,
     RequestLike,
     as_request,
+    batch_requests,
     check_budget_kind,
     compress_each,
     fit_to_limit,
@@ -292,9 +293,7 @@ class Pipeline:
 
     def compress_batch(self, queries: Sequence[str | None], documents: Sequence[Sequence[DocumentLike]],
                        budget: BudgetLike = None) -> list[CompressionResult]:
-        if len(queries) != len(documents):
-            raise ConfigError(f"{len(queries)} queries but {len(documents)} document lists")
-        return self.compress_many([CompressionRequest(q, d, budget) for q, d in zip(queries, documents)])
+        return self.compress_many(batch_requests(queries, documents, budget))
 
 
 # Per pipeline, the shared EXIT/lingua2 forward `prefetched` ran for a batch: (query, title, text) -> DocRelevance.

@@ -141,3 +141,14 @@ def test_a_one_shot_iterable_of_documents_is_read_once_for_both_passes(exit_fp32
     got = exit_fp32.compress_many([(q, (d for d in docs)), (q, iter(docs), 0.5)])
     _same(got[0], exit_fp32.compress(q, docs))
     _same(got[1], exit_fp32.compress(q, docs, 0.5))
+
+
+def test_compress_batch_is_compress_many_with_one_budget(exit_fp32: RagZip) -> None:
+    from ragzip.errors import ConfigError
+
+    questions = _questions()[-2:]
+    batch = exit_fp32.compress_batch([q for q, _ in questions], [d for _, d in questions], 0.5)
+    for a, b in zip(batch, exit_fp32.compress_many([(q, d, 0.5) for q, d in questions])):
+        _same(a, b)
+    with pytest.raises(ConfigError, match="2 queries but 1 document lists"):
+        exit_fp32.compress_batch([q for q, _ in questions], [questions[0][1]])
