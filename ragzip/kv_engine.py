@@ -5,6 +5,10 @@ question + assistant tail), so a document's token ids, and with them its store k
 its neighbours or its place in the prompt. Each document's K/V is fetched from the store (computed and
 stored on a miss), fused by the blended prefill, and answers are generated greedily from the fused cache.
 
+The default mode is `ReuseMode.AUTO`: blend only at the ratio the model's qualification (`ragzip.kv_qualify`,
+calibrated once and cached) showed to keep full prefill's answers, and otherwise exact prefix reuse with the rest
+computed, which answers as full prefill does. `stats.mode` and `stats.reason` say which path ran and why.
+
 Example:
     >>> from ragzip.kvstore import MemoryStore
     >>> engine = KVReuseEngine(store=MemoryStore())
@@ -15,10 +19,13 @@ Example:
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,11 +34,14 @@ from torch import Tensor
 from ragzip.decoding import clean_answer, eos_ids, greedy_ids, text_deltas
 from ragzip.errors import ConfigError, UnsupportedModelError
 from ragzip.kernels.errors import UnsupportedModelError as KernelUnsupported
+from ragzip.kv_qualify import Qualification, cached_qualification, load_or_qualify
 from ragzip.options import parse_enum
 from ragzip.prompt import SYSTEM_PROMPT, PromptBuilder, PromptPieces
 from ragzip.types import Document
 
-__all__ = ["SYSTEM_PROMPT", "EngineStats", "KVReuseEngine", "Prefill", "PromptPieces", "ReuseMode"]
+__all__ = ["SYSTEM_PROMPT", "EngineStats", "KVReuseEngine", "Prefill", "PromptPieces", "Qualification", "ReuseMode"]
+
+log = logging.getLogger(__name__)
 
 # Prefix caching reuses header + first document only when they are at least this share of the prompt.
 PREFIX_MIN_SHARE = 1 / 3
@@ -44,6 +54,7 @@ class ReuseMode(str, Enum):
     PREFIX = "prefix"  # prefix caching: header + first document reused exactly, the rest prefilled (if it pays)
     REUSE = "reuse"  # every document cache concatenated (positions corrected), no recompute
     BLEND = "blend"  # selective recompute over the reused caches
+    AUTO = "auto"  # blend at the model's qualified ratio; exact prefix reuse + compute when it is unqualified
 
 
 @dataclass(slots=True)
@@ -59,11 +70,21 @@ class EngineStats:
     load_s: float = 0.0
     recomputed_chunks: int = 0  # stored chunks the controller chose to recompute rather than load
     decisions: list[str] = field(default_factory=list)  # the controller's reasons, one per stored chunk
+    requested: str = ""  # the mode asked for (e.g. "auto")
+    mode: str = ""  # the path that ran: full | prefix | reuse | blend
+    ratio: float | None = None  # the recompute ratio, when it blended
+    reason: str = ""  # why that path (auto: the qualification's verdict)
+    warning: str | None = None  # e.g. a blend asked for on a model the gate did not qualify
 
     def as_dict(self) -> dict[str, Any]:
-        """The response's ``kv`` object: what was reused, recomputed and how long loading took."""
-        out = {"hits": self.hits, "misses": self.misses, "reused_tokens": self.reused_tokens,
-               "recomputed_tokens": self.recomputed_tokens, "load_s": round(self.load_s, 4)}
+        """The response's ``kv`` object: which path ran and why, what was reused and recomputed, loading time."""
+        out: dict[str, Any] = {"mode": self.mode, "requested": self.requested, "reason": self.reason,
+                               "hits": self.hits, "misses": self.misses, "reused_tokens": self.reused_tokens,
+                               "recomputed_tokens": self.recomputed_tokens, "load_s": round(self.load_s, 4)}
+        if self.ratio is not None:
+            out["ratio"] = self.ratio
+        if self.warning:
+            out["warning"] = self.warning
         if self.decisions:
             out["recomputed_chunks"] = self.recomputed_chunks
             out["decisions"] = list(self.decisions)
@@ -91,7 +112,10 @@ class KVReuseEngine:
         tokenizer: its tokenizer (required with ``model``).
         store: a `ragzip.kvstore` store (default: an in-memory one).
         blend: selective-recompute hyperparameters (default `BlendConfig()`).
-        mode: default reuse mode.
+        mode: default reuse mode (`ReuseMode.AUTO`: blend only where the model is qualified).
+        qualification: the model's blending verdict (default: the cached one, else calibrated on the first
+            AUTO request; see `ragzip.kv_qualify`).
+        qualification_dir: where verdicts are cached (default: the settings' cache dir).
         run_self_check: run the blending self-check once at construction (refuses failing models).
         controller: an optional `LoadingController`: per stored chunk, load it or recompute it inside the
             blended pass, from measured store and prefill speeds (its reasons land in `stats.decisions`).
@@ -109,10 +133,12 @@ class KVReuseEngine:
         *,
         store: Any = None,
         blend: Any = None,
-        mode: ReuseMode | str = ReuseMode.BLEND,
+        mode: ReuseMode | str = ReuseMode.AUTO,
         run_self_check: bool = True,
         controller: Any = None,
         sink_context: bool = True,
+        qualification: Qualification | None = None,
+        qualification_dir: Path | None = None,
     ) -> None:
         from ragzip.kernels.blend import BlendConfig, self_check
         from ragzip.kernels.hf_adapter import HFAdapter
@@ -143,6 +169,50 @@ class KVReuseEngine:
         self._total_hits = 0
         self._total_misses = 0
         self._context: list[int] | None = None if sink_context else []
+        self.qualification_dir = qualification_dir
+        self._qualification = qualification if qualification is not None else cached_qualification(
+            self, qualification_dir)
+        self._qualify_lock = threading.Lock()
+        self._warned = False
+
+    # -- qualification ------------------------------------------------------------------------------
+    @property
+    def qualification(self) -> Qualification:
+        """The model's blending verdict: given, cached, or calibrated now (once; about 10 prompts' answers)."""
+        if self._qualification is None:
+            with self._qualify_lock:  # concurrent first requests calibrate once
+                if self._qualification is None:
+                    self._qualification = load_or_qualify(self, cache_dir=self.qualification_dir)
+        return self._qualification
+
+    def scratch(self) -> KVReuseEngine:
+        """An engine on the same model and blend configuration with a private in-memory store of the same codec
+        (what calibration runs on, so the user's store is not filled with calibration chunks)."""
+        from ragzip.kvstore.stores.memory import MemoryStore
+
+        codec = self.store.codec if getattr(self.store, "is_encoded", True) else None
+        engine = KVReuseEngine(self.model, self.tokenizer, store=MemoryStore(codec=codec), blend=self.blend,
+                               mode=ReuseMode.FULL, run_self_check=False, qualification=_CALIBRATING)
+        engine._context = self._context
+        return engine
+
+    def _plan(self, mode: ReuseMode, blend: Any) -> tuple[ReuseMode, Any, str, str | None]:
+        """(mode to run, blend config, reason, warning) for the mode asked for."""
+        if mode is ReuseMode.AUTO:
+            verdict = self.qualification
+            if verdict.qualified and verdict.ratio is not None:
+                chosen = replace(blend or self.blend, recompute_ratio=verdict.ratio)
+                return ReuseMode.BLEND, chosen, verdict.reason, None
+            return ReuseMode.PREFIX, None, f"{verdict.reason}; exact prefix reuse, the rest computed", None
+        verdict = self._qualification
+        if mode in (ReuseMode.BLEND, ReuseMode.REUSE) and verdict is not None and not verdict.qualified \
+                and verdict is not _CALIBRATING:
+            warning = f"{mode.value} asked for explicitly on a model the gate did not qualify ({verdict.reason})"
+            if not self._warned:
+                log.warning("%s; answers may differ from full prefill's", warning)
+                self._warned = True
+            return mode, blend, "asked for explicitly", warning
+        return mode, blend, "asked for explicitly", None
 
     # -- prompt ------------------------------------------------------------------------------------
     @property
@@ -226,9 +296,11 @@ class KVReuseEngine:
         """Prefill the prompt in ``mode`` (default: the engine's); updates `stats` (TTFT includes KV loading)."""
         from ragzip.kernels.blend import BlendConfig, Segment, blended_prefill
 
-        mode = parse_enum(ReuseMode, mode or self.mode, "reuse mode")
+        requested = parse_enum(ReuseMode, mode or self.mode, "reuse mode")
+        mode, blend, reason, warning = self._plan(requested, blend)
         pieces = self.pieces(question, documents, system=system, history=history)
-        self.stats = EngineStats(prompt_tokens=len(pieces.token_ids))
+        self.stats = EngineStats(prompt_tokens=len(pieces.token_ids), requested=requested.value, mode=mode.value,
+                                 reason=reason, warning=warning)
         ids = pieces.token_ids
         device = self.adapter.device
         t0 = time.perf_counter()
@@ -241,6 +313,8 @@ class KVReuseEngine:
             # kernel), which costs more than the prefix saves (0.81x on SmolLM2 at 10 % of 6k tokens, CPU).
             logits, cache = self.adapter.full_prefill(torch.tensor([ids], device=device))
             self.stats.recomputed_tokens = len(ids)
+            self.stats.mode = ReuseMode.FULL.value
+            self.stats.reason += "; the stored prefix is under a third of the prompt: full prefill"
         elif mode is ReuseMode.PREFIX:
             prefix = pieces.header + (pieces.documents[0] if pieces.documents else [])
             record = self.chunk_kv(prefix)
@@ -263,6 +337,7 @@ class KVReuseEngine:
             segs.append(Segment(pieces.tail))
             self.stats.load_s = time.perf_counter() - t0
             cfg = blend or self.blend
+            self.stats.ratio = None if mode is ReuseMode.REUSE else cfg.recompute_ratio
             if mode is ReuseMode.REUSE:  # plain reuse: no recompute beyond chunks the controller gave back
                 cfg = BlendConfig(recompute_ratio=0.0, fresh_check_kv=False, check_layer=0)
             out = blended_prefill(self.adapter, segs, cfg)
@@ -290,17 +365,17 @@ class KVReuseEngine:
 
     def stream(self, question: str, documents: Sequence[Document], *, max_new_tokens: int = 32,
                mode: ReuseMode | str | None = None, system: str | None = None,
-               history: Sequence[dict[str, str]] = ()) -> Iterator[str]:
+               history: Sequence[dict[str, str]] = (), blend: Any = None) -> Iterator[str]:
         """Yield the answer's text as it is generated (greedy, from the fused cache)."""
-        pre = self.prefill(question, documents, mode=mode, system=system, history=history)
+        pre = self.prefill(question, documents, mode=mode, blend=blend, system=system, history=history)
         return text_deltas(self.tokenizer, self.generate_ids(pre, max_new_tokens=max_new_tokens))
 
     def answer(self, question: str, documents: Sequence[Document], *, max_new_tokens: int = 32,
                mode: ReuseMode | str | None = None, system: str | None = None,
-               history: Sequence[dict[str, str]] = ()) -> str:
+               history: Sequence[dict[str, str]] = (), blend: Any = None) -> str:
         """The greedy answer to ``question`` from ``documents``."""
         return clean_answer("".join(self.stream(question, documents, max_new_tokens=max_new_tokens, mode=mode,
-                                                system=system, history=history)))
+                                                system=system, history=history, blend=blend)))
 
     @torch.inference_mode()
     def teacher_forced_logits(self, prefill: Prefill, target_ids: Sequence[int]) -> Tensor:
@@ -310,3 +385,7 @@ class KVReuseEngine:
             step = torch.tensor([list(target_ids[:-1])], device=self.adapter.device)
             rows.append(self.adapter.forward_with_cache(step, prefill.cache, prefill.num_tokens))
         return torch.cat(rows, dim=0)
+
+
+# The scratch engine's verdict while it calibrates (explicit blends there are the calibration, not a user's choice).
+_CALIBRATING = Qualification(False, None, "calibrating")

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,3 +50,45 @@ def readme_example() -> object:
         return found[0]
 
     return get
+
+
+WORDS = (
+    "the a of in and to was is who what where when which river city born wrote novel author college educated "
+    "capital country music album band played film directed by first largest island lake mountain king queen "
+    "war year team won river's question answer documents using only reply with short few words no explanation"
+).split()
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}<s> assistant {% endif %}"
+)
+
+
+def word_tokenizer() -> Any:
+    """A word-level tokenizer over WORDS with a minimal chat template."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "system", "user", "assistant", ":", ".", ",", "?"])}
+    for w in WORDS:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+@pytest.fixture(scope="session")
+def word_llm() -> tuple[Any, Any]:
+    """A tiny random 3-layer Llama and a word-level tokenizer with a chat template: (model, tokenizer)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = word_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      initializer_range=0.2, eos_token_id=2, bos_token_id=1, pad_token_id=0)
+    return LlamaForCausalLM(cfg).eval(), tokenizer
