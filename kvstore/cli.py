@@ -1,4 +1,4 @@
-"""`ragzip kv warm|stats|list|evict|verify`: manage a chunk KV store from the command line."""
+"""`ragzip kv warm|qualify|stats|list|evict|verify`: manage a chunk KV store from the command line."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import typer
 from ragzip.batch import read_corpus
 from ragzip.errors import InputError
 
-app = typer.Typer(help="Chunk KV store: warm it from a JSONL of chunks, inspect, list, evict, verify.",
+app = typer.Typer(help="Chunk KV store: warm it from a JSONL of chunks, qualify a model for blending, inspect, list, "
+                       "evict, verify.",
                   no_args_is_help=True, rich_markup_mode=None)
 
 StoreOpt = Annotated[str | None, typer.Option("--store", help="memory | disk:/path (or a path) | redis://host:port/db; "
@@ -66,6 +67,24 @@ def _codec_summary(entries: list[dict[str, Any]]) -> dict[str, Any]:
     return {"codec": codec, "codecs": counts}
 
 
+def _codec(codec: str, alias: str, profile: str | None) -> Any:
+    """The codec `--codec` names for this model (auto: kvtc with a shipped profile, else cachegen)."""
+    from ragzip.kvstore.codecs import get_codec
+    from ragzip.kvstore.codecs.cachegen import shipped_profiles
+    from ragzip.kvstore.codecs.kvtc import shipped_kvtc_profiles
+
+    if codec == "auto":
+        codec = "kvtc" if profile is not None or alias in shipped_kvtc_profiles() else "cachegen"
+    if codec.startswith("cachegen"):
+        return get_codec(codec, profile=profile or (alias if alias in shipped_profiles() else None))
+    if codec.startswith("kvtc"):
+        if profile is None and alias not in shipped_kvtc_profiles():
+            raise typer.BadParameter(f"no shipped KVTC profile for {alias!r}: pass --profile PATH (see "
+                                     f"scripts/calibrate_kvtc.py) or another --codec", param_hint="--codec")
+        return get_codec(codec, profile=profile or alias)
+    return get_codec(codec)
+
+
 @app.command()
 def warm(
     data: Annotated[Path, typer.Argument(help="JSONL of chunks ({'text', 'title'?} lines, an index's "
@@ -84,29 +103,14 @@ def warm(
     """Store every chunk's KV exactly as the KV engine will look it up (same prompt pieces, header and dtype),
     so a proxy or `ragzip ask` using this store hits on every chunk. Chunks already stored are skipped."""
     from ragzip.kv_engine import KVReuseEngine
-    from ragzip.kvstore.codecs import get_codec
-    from ragzip.kvstore.codecs.cachegen import shipped_profiles
-    from ragzip.kvstore.codecs.kvtc import shipped_kvtc_profiles
     from ragzip.registry import DEFAULT_LLM, load_causal_lm, resolve_dtype
 
     try:
         docs = read_corpus(data)[:limit]
     except InputError as exc:
         raise typer.BadParameter(str(exc), param_hint="DATA") from None
-    alias = model or DEFAULT_LLM
-    if codec == "auto":
-        codec = "kvtc" if profile is not None or alias in shipped_kvtc_profiles() else "cachegen"
-    if codec.startswith("cachegen"):
-        chosen = get_codec(codec, profile=profile or (alias if alias in shipped_profiles() else None))
-    elif codec.startswith("kvtc"):
-        if profile is None and alias not in shipped_kvtc_profiles():
-            raise typer.BadParameter(f"no shipped KVTC profile for {alias!r}: pass --profile PATH (see "
-                                     f"scripts/calibrate_kvtc.py) or another --codec", param_hint="--codec")
-        chosen = get_codec(codec, profile=profile or alias)
-    else:
-        chosen = get_codec(codec)
     kv = _open(store, "raw")
-    kv.codec = chosen
+    kv.codec = _codec(codec, model or DEFAULT_LLM, profile)
     lm, tok = load_causal_lm(model, dtype=resolve_dtype(dtype))
     engine = KVReuseEngine(lm, tok, store=kv, run_self_check=False)
     from ragzip.progress import Progress
@@ -118,6 +122,46 @@ def warm(
             bar.advance()
     typer.echo(json.dumps({"chunks": len(docs), "already_stored": len(docs) - stored, "stored": stored,
                            "fingerprint": engine.fingerprint, **kv.stats()}))
+
+
+@app.command()
+def qualify(
+    model: Annotated[str | None, typer.Argument(help="LLM alias, path or HF name (default: the default LLM)")] = None,
+    dtype: Annotated[str, typer.Option(help="auto (as the proxy and `ragzip ask` resolve it) | bfloat16 | "
+                                            "float32")] = "auto",
+    codec: Annotated[str, typer.Option("--codec", help="the codec the store holds entries in: raw | int8 | int4 | "
+                                                       "cachegen[:level] | kvtc[:level] | auto")] = "raw",
+    profile: Annotated[str | None, typer.Option(help="kvtc / cachegen profile (path or shipped alias)")] = None,
+    prompts: Annotated[int, typer.Option(min=1, max=38, help="calibration prompts (bundled SQuAD paragraphs, "
+                                                              "six a prompt)")] = 10,
+    ratios: Annotated[str, typer.Option(help="recompute ratios to try, ascending")] = "0.15,0.3,0.5",
+    threshold: Annotated[float, typer.Option(min=0.01, max=1.0, help="share of prompts whose greedy answers must "
+                                                                    "be identical to full prefill's")] = 0.9,
+    force: Annotated[bool, typer.Option("--force", help="calibrate even when a verdict is cached")] = False,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
+) -> None:
+    """Qualify a model (dtype, codec) for blended KV reuse: the smallest recompute ratio whose greedy answers are
+    identical to full prefill's on the calibration prompts, or unqualified. Cached under the cache dir; the KV
+    engine's default mode `auto` reads it (and runs this itself on first use). Prints the verdict as JSON."""
+    from ragzip.errors import RagzipError
+    from ragzip.kv_engine import KVReuseEngine
+    from ragzip.kv_qualify import load_or_qualify
+    from ragzip.kvstore.stores.memory import MemoryStore
+    from ragzip.registry import DEFAULT_LLM, load_causal_lm, resolve_dtype
+
+    try:
+        steps = tuple(float(r) for r in ratios.split(","))
+    except ValueError:
+        raise typer.BadParameter(f"not a comma-separated list of numbers: {ratios!r}", param_hint="--ratios") from None
+    try:
+        lm, tok = load_causal_lm(model, dtype=resolve_dtype(dtype, device), device=device)
+        store = MemoryStore(codec=_codec(codec, model or DEFAULT_LLM, profile))
+        engine = KVReuseEngine(lm, tok, store=store, qualification=None)
+        verdict = load_or_qualify(engine, force=force, ratios=steps, threshold=threshold, prompts=prompts)
+    except RagzipError as exc:
+        _exit(2, str(exc))
+    typer.echo(json.dumps({"model": model or DEFAULT_LLM, "fingerprint": engine.fingerprint,
+                           **{k: v for k, v in verdict.as_dict().items() if k not in ("format", "version")}}))
 
 
 @app.command()

@@ -242,6 +242,11 @@ def ask(
     kv_store: str = typer.Option(None, "--kv-store", help="Answer from chunk KV caches reused from this store "
                                  "(memory | disk:/path | path | redis://...; fill it with `ragzip kv warm`); "
                                  "caches hit when the chunks are sent as stored, e.g. with --method none."),
+    kv_mode: str = typer.Option("auto", "--kv-mode", help="With --kv-store: auto (blend only where the model is "
+                                "qualified, else exact prefix reuse: answers as full prefill) | blend | prefix | "
+                                "reuse | full."),
+    kv_ratio: float = typer.Option(None, "--kv-ratio", min=0.0, max=1.0, help="With --kv-mode blend: the recompute "
+                                   "ratio (default 0.15)."),
     device: str = DeviceOpt,
 ) -> None:
     """Retrieve, compress and answer with the local LLM (streamed)."""
@@ -254,10 +259,13 @@ def ask(
                                       device=device)
         engine: Any = LocalEngine(llm, device=device)
         if kv_store is not None:
+            from ragzip.kernels.blend import BlendConfig
             from ragzip.kv_engine import KVReuseEngine
             from ragzip.kvstore.stores.base import open_store
 
-            engine = KVReuseEngine(engine.model, engine.tokenizer, store=open_store(kv_store))
+            blend = None if kv_ratio is None else BlendConfig(recompute_ratio=kv_ratio)
+            engine = KVReuseEngine(engine.model, engine.tokenizer, store=open_store(kv_store), mode=kv_mode,
+                                   blend=blend)
         answerer = Answerer(engine, compressor, retriever=Retriever.load(index_path, device=device), k=k)
         result = answerer.context(question, budget=_budget(rate, target_tokens, threshold, coverage,
                                                             default=compressor.default_budget()))

@@ -112,10 +112,14 @@ def _load_backend(config: ServerConfig, settings: Settings, engine: Any, store: 
     engine = engine if engine is not None else load_engine(config, settings)
     kv_engine = None
     if config.kv_store:
+        from ragzip.kernels.blend import BlendConfig
         from ragzip.kv_engine import KVReuseEngine
 
         store = store if store is not None else open_kv_store(config.kv_store)
-        kv_engine = KVReuseEngine(engine.model, engine.tokenizer, store=store)
+        blend = None if config.kv_ratio is None else BlendConfig(recompute_ratio=config.kv_ratio)
+        kv_engine = KVReuseEngine(engine.model, engine.tokenizer, store=store, mode=config.kv_mode, blend=blend)
+        if config.kv_mode == "auto":
+            kv_engine.qualification  # calibrated here (once per model, then cached), not on the first request
     return LocalBackend(engine, kv_engine=kv_engine, model_name=config.model_name,
                         aliases=(config.llm or settings.llm,), metrics=metrics)
 

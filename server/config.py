@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -31,6 +32,11 @@ class ServerConfig(BaseModel):
                                                          "loads (default: Settings.device)")
     model_name: str = Field(default="ragzip-local", description="Model name the local engine reports")
     kv_store: str | None = Field(default=None, description="Local engine KV reuse store: memory, disk:/p, redis://")
+    kv_mode: Literal["auto", "blend", "prefix", "reuse", "full"] = Field(
+        default="auto", description="KV reuse mode: auto blends only where the model is qualified (`ragzip kv "
+                                    "qualify`), else exact prefix reuse, which answers as full prefill")
+    kv_ratio: float | None = Field(default=None, ge=0, le=1, description="Recompute ratio of kv_mode blend "
+                                                                         "(default 0.15)")
     max_new_tokens: int = Field(default=512, gt=0, description="Cap on max_tokens for the local engine")
     default_max_new_tokens: int = Field(default=128, gt=0)
 

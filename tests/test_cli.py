@@ -127,12 +127,21 @@ def test_kv_warm_then_ask_hits_every_retrieved_chunk(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     warmed = json.loads(res.stdout.strip().splitlines()[-1])
     assert warmed["stored"] == 2 and warmed["codec"] == "kvtc"
-    res = CliRunner().invoke(app, ["ask", "In which city is the Eiffel Tower?", "--index", str(tmp_path / "idx"),
-                                   "-k", "2", "-m", "none", "--max-new-tokens", "12", "--kv-store", store])
+    ask = ["ask", "In which city is the Eiffel Tower?", "--index", str(tmp_path / "idx"), "-k", "2", "-m", "none",
+           "--max-new-tokens", "12", "--kv-store", store]
+    res = CliRunner().invoke(app, [*ask, "--kv-mode", "blend"])
     assert res.exit_code == 0, res.output
     kv = json.loads(res.output.split("kv ", 1)[1].splitlines()[0])
-    assert (kv["hits"], kv["misses"]) == (2, 0) and kv["reused_tokens"] > 0
+    assert (kv["hits"], kv["misses"]) == (2, 0) and kv["reused_tokens"] > 0 and kv["mode"] == "blend"
     assert "Paris" in res.output
+    # the default, auto: blends only if the gate qualified the model, else answers exactly as full prefill
+    auto = CliRunner().invoke(app, ask)
+    assert auto.exit_code == 0, auto.output
+    kv = json.loads(auto.output.split("kv ", 1)[1].splitlines()[0])
+    assert kv["requested"] == "auto" and "qualified" in kv["reason"]
+    if kv["mode"] != "blend":
+        full = CliRunner().invoke(app, [*ask, "--kv-mode", "full"])
+        assert auto.stdout == full.stdout and "not qualified" in kv["reason"]
 
 
 def test_demo_reports_rate_and_f1_in_its_last_line_with_no_progress_bar_noise(tiny_reader: str) -> None:

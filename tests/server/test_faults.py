@@ -286,7 +286,7 @@ def _kv_chat(client: TestClient, docs: list[dict[str, str]]) -> dict[str, Any]:
 
 
 def test_redis_killed_and_restarted_under_the_kv_path(engine: LocalEngine, redis_server: dict[str, Any]) -> None:
-    cfg = ServerConfig(method="none", tokenizer="whitespace", kv_store=redis_server["url"])
+    cfg = ServerConfig(method="none", tokenizer="whitespace", kv_store=redis_server["url"], kv_mode="blend")
     with TestClient(create_app(cfg, engine=engine)) as client:
         store = client.app.state.ragzip.backend.kv_engine.store  # type: ignore[attr-defined]
         store.retry_after_s = 0.5  # how long a failed server is skipped before it is tried again
@@ -322,7 +322,7 @@ def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_a_full_disk_store_refuses_writes_and_reads_go_on(engine: LocalEngine, small_tmpfs: Path) -> None:
-    cfg = ServerConfig(method="none", tokenizer="whitespace", kv_store=f"disk:{small_tmpfs}")
+    cfg = ServerConfig(method="none", tokenizer="whitespace", kv_store=f"disk:{small_tmpfs}", kv_mode="blend")
     with TestClient(create_app(cfg, engine=engine)) as client:
         store = client.app.state.ragzip.backend.kv_engine.store  # type: ignore[attr-defined]
         assert _kv_chat(client, DOCS[:1])["misses"] == 1

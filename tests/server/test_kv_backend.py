@@ -27,7 +27,7 @@ def test_warm_then_the_kv_proxy_hits_every_document_and_keeps_the_conversation(e
     store = f"disk:{tmp_path / 'kv'}"
     res = CliRunner().invoke(kv_app, ["warm", str(src), "--store", store, "--codec", "int8"])
     assert res.exit_code == 0, res.output
-    cfg = ServerConfig(method="none", tokenizer="whitespace", kv_store=store)
+    cfg = ServerConfig(method="none", tokenizer="whitespace", kv_store=store, kv_mode="blend")
     with TestClient(create_app(cfg, engine=engine)) as client:
         kv_engine = client.app.state.ragzip.backend.kv_engine  # type: ignore[attr-defined]
         plain = client.post("/v1/chat/completions", json={
@@ -52,3 +52,21 @@ def test_warm_then_the_kv_proxy_hits_every_document_and_keeps_the_conversation(e
         assert kv_engine.stats.prompt_tokens == len(expected.token_ids)
         header = engine.tokenizer.decode(expected.header)
         assert system in header and "Hello" in header and "Hi." in header
+
+
+def test_the_kv_proxy_defaults_to_auto_and_says_which_path_ran_and_why(engine: LocalEngine, tmp_path: Path) -> None:
+    cfg = ServerConfig(method="none", tokenizer="whitespace", kv_store=f"disk:{tmp_path / 'kv'}")
+    with TestClient(create_app(cfg, engine=engine)) as client:
+        kv_engine = client.app.state.ragzip.backend.kv_engine  # type: ignore[attr-defined]
+        verdict = kv_engine.qualification  # calibrated at startup (or read from the cache dir)
+        body = client.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": QUESTION}], "documents": DOCS, "max_tokens": 8}).json()
+        kv = body["ragzip"]["kv"]
+        assert kv["requested"] == "auto" and kv["reason"].startswith(verdict.reason)
+        if verdict.qualified:
+            assert kv["mode"] == "blend" and kv["ratio"] == verdict.ratio
+        else:  # never a blend the gate has not shown to keep answers: the answer is full prefill's
+            assert kv["mode"] in ("prefix", "full") and "ratio" not in kv
+            docs = [Document(d["id"], d["text"], d.get("title", "")) for d in DOCS]
+            full = kv_engine.answer(QUESTION, docs, max_new_tokens=8, mode="full")
+            assert body["choices"][0]["message"]["content"] == full
