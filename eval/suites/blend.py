@@ -9,6 +9,15 @@ distributions are compared with full prefill's (mean KL, argmax agreement). Answ
 greedy answer against the gold answers. Selection strategies (value deviation, the question's attention,
 their mix, random control, chunk-head recompute, gradual filtering) are compared at each strategy ratio on
 closeness.
+
+Answers are what users see, so each method's greedy answer is also compared with full prefill's: identical
+(`agree_exact_<mode>`, with a CI), token F1 against it (`agree_f1_<mode>`), and the first answer token's KL and
+agreement. `auto` is the engine's default mode: the model's qualification (`ragzip.kv_qualify`, calibrated on the
+bundled SQuAD prompts, never on these questions) decides whether it blends. The premise check measures
+CacheBlend's two premises on these prompts: per deeper layer, the share of the reused caches' value deviation from
+full prefill held by the tokens the check layer selects (`premise_selected_share`) and by that layer's own top
+tokens (`premise_oracle_share`), and the Spearman correlation between the check layer's ranking and the deeper
+layer's (`premise_spearman`).
 """
 
 from __future__ import annotations
@@ -38,12 +47,57 @@ STRATEGIES: dict[str, dict[str, Any]] = {
 DEFAULT_STRATEGIES = ("value", "random", "query", "value_query", "chunk_head4", "value_gradual")
 
 
-def _closeness(ref: Any, other: Any) -> tuple[float, float]:
-    """Mean KL(ref || other) and argmax agreement over rows of ``[T, V]`` logits."""
+# Stable key names of the modes the answer-agreement keys are reported for (method name -> key suffix).
+MODE_KEYS = {"auto": "auto", "full_reuse": "full_reuse", "prefix": "prefix", "blend_5": "blend5",
+             "blend_15": "blend15", "blend_30": "blend30"}
+
+
+def _closeness(ref: Any, other: Any) -> tuple[float, float, float, float]:
+    """Mean KL(ref || other) and argmax agreement over rows of ``[T, V]`` logits, and both at the first row."""
     log_p, log_q = ref.log_softmax(-1), other.log_softmax(-1)
     kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # [T]
     agree = (ref.argmax(-1) == other.argmax(-1)).float()  # [T]
-    return float(kl.mean()), float(agree.mean())
+    return float(kl.mean()), float(agree.mean()), float(kl[0]), float(agree[0])
+
+
+def premise_check(full_layers: Any, reused_layers: Any, eligible: Any, *, check_layer: int,
+                  ratio: float) -> dict[str, list[float]]:
+    """CacheBlend's premises on one prompt, per layer deeper than ``check_layer``.
+
+    ``d_l(t)`` is the squared value deviation of reused token ``t`` from full prefill at layer ``l`` (the
+    error selective recompute exists to fix). The check layer selects the top ``ratio`` of eligible tokens by
+    ``d_check``; for each deeper layer: the share of ``d_l`` those tokens hold, the share the layer's own top
+    tokens hold (oracle), and the Spearman correlation of ``d_check`` with ``d_l``.
+
+    Args:
+        full_layers / reused_layers: per layer ``(K, V)`` ``[1, H_kv, N, D]`` of full prefill and of plain reuse.
+        eligible: ``[N]`` bool, the reused (inexact) tokens.
+    """
+    import torch
+
+    from ragzip.kernels.select import kv_deviation, num_to_select
+
+    idx = eligible.nonzero().squeeze(-1)
+    dev = [kv_deviation(f[1].index_select(2, idx), r[1].index_select(2, idx)) for f, r in zip(full_layers,
+                                                                                          reused_layers)]
+    k = max(1, num_to_select(int(idx.numel()), ratio))
+    chosen = torch.topk(dev[check_layer], k).indices
+    ranks = [_ranks(d) for d in dev]
+    out: dict[str, list[float]] = {"selected": [], "oracle": [], "spearman": []}
+    for layer in range(check_layer + 1, len(dev)):
+        total = float(dev[layer].sum()) or 1e-30
+        out["selected"].append(float(dev[layer][chosen].sum()) / total)
+        out["oracle"].append(float(torch.topk(dev[layer], k).values.sum()) / total)
+        out["spearman"].append(float(torch.corrcoef(torch.stack([ranks[check_layer], ranks[layer]]))[0, 1]))
+    return out
+
+
+def _ranks(x: Any) -> Any:
+    import torch
+
+    ranks = torch.empty_like(x, dtype=torch.float32)
+    ranks[x.argsort()] = torch.arange(x.numel(), dtype=torch.float32)
+    return ranks
 
 
 def _bool(value: str) -> bool:
@@ -57,10 +111,14 @@ def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) ->
     check_layer / gradual_layers / chunk_head_tokens (the blend configuration, default `BlendConfig()`), store
     (disk|memory), strategies (comma list of STRATEGIES names, "false" for none), strategy_ratios (default the
     ratios), previous (true: also the caches computed alone), skip (skip the first n examples: a held-out
-    slice), max_new_tokens (32), threads (torch threads), warmup (true: one untimed run of each kind first).
+    slice), max_new_tokens (32), threads (torch threads), warmup (true: one untimed run of each kind first),
+    auto (true: the engine's default mode, its qualification computed or read from the cache first, untimed),
+    premise (true: the premise check at the main ratio), prefix (true: the prefix-caching method), strategy_answers
+    (false: true also generates each strategy's answer for the agreement keys `agree_exact_strategy_<name>_<pct>`).
     """
     import torch
 
+    from ragzip.decoding import clean_answer
     from ragzip.errors import ConfigError
     from ragzip.eval.datasets import load_examples
     from ragzip.eval.metrics import f1_score
@@ -72,7 +130,7 @@ def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) ->
 
     known = {"model", "dtype", "ratios", "deviation", "query_weight", "check_layer", "gradual_layers",
              "chunk_head_tokens", "store", "strategies", "strategy_ratios", "previous", "skip", "max_new_tokens",
-             "threads", "warmup"}
+             "threads", "warmup", "auto", "premise", "prefix", "strategy_answers"}
     refuse_unknown(options, known, "eval suite 'blend'")
     if "threads" in options:
         torch.set_num_threads(int(options["threads"]))
@@ -95,11 +153,16 @@ def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) ->
     tmp = tempfile.TemporaryDirectory(prefix="ragzip-blend-")
     store = DiskStore(tmp.name, max_bytes=32 << 30) if options.get("store", "disk") == "disk" else MemoryStore(32 << 30)
     engine = KVReuseEngine(model, tokenizer, store=store)
+    use_auto = _bool(options.get("auto", "true"))
+    verdict = engine.qualification if use_auto else None  # calibrated (or read from the cache) before timing
     engines = {"": engine}
     if _bool(options.get("previous", "true")):
         engines["_alone"] = KVReuseEngine(model, tokenizer, store=store, sink_context=False, run_self_check=False)
-    methods: dict[str, tuple[Any, ReuseMode, Any]] = {"full": (engine, ReuseMode.FULL, None),
-                                                       "prefix": (engine, ReuseMode.PREFIX, None)}
+    methods: dict[str, tuple[Any, ReuseMode, Any]] = {"full": (engine, ReuseMode.FULL, None)}
+    if _bool(options.get("prefix", "true")):
+        methods["prefix"] = (engine, ReuseMode.PREFIX, None)
+    if use_auto:
+        methods["auto"] = (engine, ReuseMode.AUTO, None)
     for suffix, eng in engines.items():
         methods[f"full_reuse{suffix}"] = (eng, ReuseMode.REUSE, None)
         for r in ratios if not suffix else (MAIN_RATIO,):
@@ -109,7 +172,13 @@ def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) ->
             cfg = BlendConfig(recompute_ratio=r, **{**base, **STRATEGIES[sname]})
             methods[f"strategy_{sname}_{round(r * 100)}"] = (engine, ReuseMode.BLEND, cfg)
     per: dict[str, dict[str, list[float]]] = {m: {"ttft": [], "f1": [], "kl": [], "top1": [], "recomputed": [],
-                                                  "load": []} for m in methods}
+                                                  "load": [], "agree_exact": [], "agree_f1": [], "first_kl": [],
+                                                  "first_agree": []} for m in methods}
+    premise: dict[str, list[float]] = {"selected": [], "oracle": [], "spearman": []}
+    per_layer: list[dict[str, list[float]]] = []
+    use_premise = _bool(options.get("premise", "true"))
+    strategy_answers = _bool(options.get("strategy_answers", "false"))
+    answers: dict[str, list[str]] = {}  # each method's greedy answers, per question (full's included)
     skip = int(options.get("skip", "0"))
     examples = load_examples(data, limit=None if limit is None else skip + limit)[skip:]
     if not examples:
@@ -135,27 +204,92 @@ def run(data: Path, *, limit: int | None, seed: int, options: dict[str, str]) ->
             target.append(tok)
             ref_rows.append(logits)
         ref = torch.stack(ref_rows)  # [T, V]
+        full_answer = clean_answer(tokenizer.decode(target, skip_special_tokens=True))
+        if use_premise:
+            reuse_pre = engine.prefill(ex.question, docs, mode=ReuseMode.REUSE)
+            pieces = engine.pieces(ex.question, docs)
+            eligible = torch.zeros(full_pre.num_tokens, dtype=torch.bool)
+            eligible[len(pieces.header) : full_pre.num_tokens - len(pieces.tail)] = True
+            full_layers = engine.adapter.cache_layers(full_pre.cache)
+            reused_layers = engine.adapter.cache_layers(reuse_pre.cache)
+            for r in sorted({MAIN_RATIO, *ratios}):
+                check = premise_check(full_layers, reused_layers, eligible, check_layer=base["check_layer"], ratio=r)
+                suffix = "" if abs(r - MAIN_RATIO) < 1e-9 else f"_{round(r * 100)}"
+                if not suffix:
+                    per_layer.append(check)
+                for key, values in check.items():
+                    premise.setdefault(key + suffix, []).append(_mean(values))
+            del reuse_pre
         for name, (eng, mode, cfg) in methods.items():
             if name == "full":
                 pre, stats = full_pre, full_stats
             else:
                 pre = eng.prefill(ex.question, docs, mode=mode, blend=cfg)
                 stats = copy.copy(eng.stats)
-            kl, top1 = (0.0, 1.0) if name == "full" else _closeness(ref, eng.teacher_forced_logits(
-                copy.deepcopy(pre), target))
+            kl, top1, first_kl, first_agree = (0.0, 1.0, 0.0, 1.0) if name == "full" else _closeness(
+                ref, eng.teacher_forced_logits(copy.deepcopy(pre), target))
             row = per[name]
             row["ttft"].append(stats.ttft_s)
             row["load"].append(stats.load_s)
             row["kl"].append(kl)
             row["top1"].append(top1)
+            row["first_kl"].append(first_kl)
+            row["first_agree"].append(first_agree)
             row["recomputed"].append(stats.recomputed_tokens / max(1, stats.prompt_tokens))
-            if not name.startswith("strategy_"):
+            if not name.startswith("strategy_") or strategy_answers:
                 text = tokenizer.decode(list(eng.generate_ids(pre, max_new_tokens=max_new)), skip_special_tokens=True)
                 row["f1"].append(f1_score(text.strip(), ex.answers))
+                answers.setdefault(name, []).append(clean_answer(text))
+                row["agree_exact"].append(float(clean_answer(text) == full_answer))
+                row["agree_f1"].append(f1_score(clean_answer(text), [full_answer]))
                 log.info("%s %s: ttft %.2fs kl %.4f top1 %.3f answer %r", ex.id, name, stats.ttft_s, kl, top1, text)
             del pre
     tmp.cleanup()
-    return _report(per, ratios, strategy_ratios, chosen, prompt_tokens, engine, examples)
+    out = _report(per, ratios, strategy_ratios, chosen, prompt_tokens, engine, examples)
+    out.update(_answer_keys(per))
+    out["answers"] = answers
+    if premise["selected"]:
+        out["premise_selected_share"] = _mean(premise["selected"])
+        out["premise_oracle_share"] = _mean(premise["oracle"])
+        out["premise_spearman"] = _mean(premise["spearman"])
+        for key, values in premise.items():
+            if key.count("_"):  # another ratio: premise_selected_share_30, premise_oracle_share_30
+                name, pct = key.rsplit("_", 1)
+                if name != "spearman":  # the ranking does not depend on the ratio
+                    out[f"premise_{name}_share_{pct}"] = _mean(values)
+        out["premise_ratio"] = MAIN_RATIO
+        out["premise_check_layer"] = base["check_layer"]
+        out["premise_per_layer"] = {k: [_mean([ex[k][i] for ex in per_layer]) for i in range(len(per_layer[0][k]))]
+                                    for k in per_layer[0]}
+    if verdict is not None:
+        out["auto_qualification"] = {"qualified": verdict.qualified, "ratio": verdict.ratio, "reason": verdict.reason,
+                                     "agreement": verdict.agreement, "seconds": verdict.seconds}
+    return out
+
+
+def _answer_keys(per: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
+    """Answer agreement with full prefill, first-token closeness, gold F1 and TTFT speedup, per mode."""
+    from ragzip.eval.metrics import paired_bootstrap_ci
+
+    out: dict[str, Any] = {}
+    full_ttft = sum(per["full"]["ttft"])
+    names = {**MODE_KEYS, **{n: n.replace("_", "", 1) if n.startswith("blend_") else n for n in per
+                             if n.startswith(("blend_", "strategy_"))}}
+    for name, suffix in names.items():
+        row = per.get(name)
+        if row is None or not row["agree_exact"]:
+            continue
+        out[f"agree_exact_{suffix}"] = _mean(row["agree_exact"])
+        out[f"agree_exact_ci_{suffix}"] = list(paired_bootstrap_ci(row["agree_exact"]))
+        out[f"agree_f1_{suffix}"] = _mean(row["agree_f1"])
+        out[f"agree_f1_ci_{suffix}"] = list(paired_bootstrap_ci(row["agree_f1"]))
+        out[f"first_token_kl_{suffix}"] = _mean(row["first_kl"])
+        out[f"first_token_agree_{suffix}"] = _mean(row["first_agree"])
+        out[f"f1_{suffix}"] = 100 * _mean(row["f1"])
+        out[f"f1_minus_full_ci_{suffix}"] = list(paired_bootstrap_ci(
+            [100 * (a - f) for a, f in zip(row["f1"], per["full"]["f1"])]))
+        out[f"ttft_speedup_{suffix}"] = full_ttft / max(1e-9, sum(row["ttft"]))
+    return out
 
 
 def _floats(value: str | None, default: tuple[float, ...]) -> tuple[float, ...]:

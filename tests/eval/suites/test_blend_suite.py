@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from ragzip.errors import ConfigError
 from ragzip.eval.suites import blend
+from ragzip.eval.suites.blend import premise_check
 
 DATA = Path(__file__).parent.parent.parent / "fixtures" / "report_data" / "musique_chunks_dev50"
 
@@ -38,3 +40,53 @@ def test_blend_suite_refuses_unknown_options_and_strategies(tiny_reader: str) ->
         blend.run(DATA, limit=1, seed=0, options={"ratio": "0.1"})
     with pytest.raises(ConfigError, match="unknown blend strategies"):
         blend.run(DATA, limit=1, seed=0, options={"model": tiny_reader, "strategies": "psychic"})
+
+
+def test_blend_suite_reports_answer_agreement_auto_and_the_premise_check(
+        tiny_reader: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAGZIP_CACHE_DIR", str(tmp_path))  # the tiny model's qualification is cached here
+    out = blend.run(DATA, limit=1, seed=0, options={
+        "model": tiny_reader, "strategies": "false", "ratios": "0.15,0.5", "max_new_tokens": "6", "warmup": "false",
+        "store": "memory", "previous": "false", "check_layer": "0"})
+    verdict = out["auto_qualification"]
+    assert list((tmp_path / "kv-qualify").glob("*.json"))  # auto calibrated the model once, before timing
+    for mode in ("auto", "blend15", "full_reuse", "blend50"):
+        for key in ("agree_exact", "agree_f1", "first_token_kl", "first_token_agree", "f1", "ttft_speedup"):
+            assert f"{key}_{mode}" in out, f"{key}_{mode}"
+        per = out["per_method"]["auto" if mode == "auto" else {"blend15": "blend_15", "blend50": "blend_50"}.get(
+            mode, mode)]
+        assert out[f"agree_exact_{mode}"] == pytest.approx(sum(per["agree_exact"]) / len(per["agree_exact"]))
+        method = "auto" if mode == "auto" else {"blend15": "blend_15", "blend50": "blend_50"}.get(mode, mode)
+        same = [a == f for a, f in zip(out["answers"][method], out["answers"]["full"])]
+        assert out[f"agree_exact_{mode}"] == sum(same) / len(same)
+    if not verdict["qualified"]:  # auto then computes everything: full prefill's answer, token for token
+        assert out["agree_exact_auto"] == 1.0 and out["first_token_kl_auto"] < 1e-6
+    # plain reuse of the tiny model's caches changes the first answer token's distribution; recompute shrinks it
+    assert out["first_token_kl_full_reuse"] > out["first_token_kl_blend50"] > -1e-5
+    assert 0 < out["premise_selected_share"] <= out["premise_oracle_share"] <= 1
+    assert out["premise_selected_share_50"] >= out["premise_selected_share"]
+    assert -1 <= out["premise_spearman"] <= 1 and out["premise_check_layer"] == 0
+
+
+def test_premise_check_measures_what_the_check_layer_selection_holds_of_deeper_layers_deviation() -> None:
+    import torch
+
+    n, eligible = 10, torch.ones(10, dtype=torch.bool)
+    eligible[0] = False  # an exact header token: never a candidate
+
+    def layers(devs: list[list[float]]) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[Any]]:
+        full = [(torch.zeros(1, 1, n, 2), torch.zeros(1, 1, n, 2)) for _ in devs]
+        reused = []
+        for d in devs:
+            v = torch.zeros(1, 1, n, 2)
+            v[0, 0, :, 0] = torch.tensor(d).sqrt()  # squared deviation d per token
+            reused.append((torch.zeros(1, 1, n, 2), v))
+        return full, reused
+
+    rising = [0.0] + [float(i) for i in range(1, n)]
+    same = premise_check(*layers([rising, rising, rising]), eligible, check_layer=0, ratio=0.2)
+    assert same["selected"] == pytest.approx([17 / 45, 17 / 45]) and same["selected"] == same["oracle"]
+    assert same["spearman"] == pytest.approx([1.0, 1.0])
+    flipped = premise_check(*layers([rising, [0.0] + rising[:0:-1]]), eligible, check_layer=0, ratio=0.2)
+    assert flipped["selected"] == pytest.approx([3 / 45]) and flipped["oracle"] == pytest.approx([17 / 45])
+    assert flipped["spearman"] == pytest.approx([-1.0])
