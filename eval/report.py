@@ -270,8 +270,9 @@ def render_readme_section(results: dict[str, Any], assets_rel: str) -> str:
                           "decode_mb_s", "load_vs_recompute", "blend_kl", "blend_kl_int8"]),
              ("proxy", ["served_rps", "p50_ms", "p99_ms", "rejected_429", "server_errors", "errors_during_outage",
                         "rss_mb_change_last_30s"]),
-             ("blend", ["ttft_speedup_vs_full", "f1_full", "f1_blend", "kl_blend", "kl_full_reuse",
-                        "top1_agreement_blend", "top1_agreement_full_reuse"])]
+             ("blend", ["agree_exact_auto", "ttft_speedup_auto", "agree_exact_blend15", "agree_f1_blend15",
+                        "ttft_speedup_blend15", "agree_f1_full_reuse", "premise_selected_share",
+                        "premise_oracle_share", "premise_spearman", "f1_full", "kl_blend", "kl_full_reuse"])]
     rows = []
     for key, metrics in picks:
         if key in s:

@@ -72,7 +72,9 @@ def _codec(codec: str, alias: str, profile: str | None) -> Any:
     from ragzip.kvstore.codecs import get_codec
     from ragzip.kvstore.codecs.cachegen import shipped_profiles
     from ragzip.kvstore.codecs.kvtc import shipped_kvtc_profiles
+    from ragzip.registry import LLM_ALIASES
 
+    alias = LLM_ALIASES.get(alias, alias)  # "qwen2.5-0.5b" finds the profile shipped for its canonical name
     if codec == "auto":
         codec = "kvtc" if profile is not None or alias in shipped_kvtc_profiles() else "cachegen"
     if codec.startswith("cachegen"):
@@ -109,8 +111,9 @@ def warm(
         docs = read_corpus(data)[:limit]
     except InputError as exc:
         raise typer.BadParameter(str(exc), param_hint="DATA") from None
+    chosen = _codec(codec, model or DEFAULT_LLM, profile)  # before the store exists: a bad codec creates nothing
     kv = _open(store, "raw")
-    kv.codec = _codec(codec, model or DEFAULT_LLM, profile)
+    kv.codec = chosen
     lm, tok = load_causal_lm(model, dtype=resolve_dtype(dtype))
     engine = KVReuseEngine(lm, tok, store=kv, run_self_check=False)
     from ragzip.progress import Progress

@@ -259,7 +259,7 @@ def _blend(model: Any, tok: Any, data: Path, n: int, skip: int, codecs: dict[str
                     store.put(key, record)
             engine.store = store
             pre = engine.prefill(ex.question, docs, mode=ReuseMode.BLEND, blend=cfg)
-            kl, top1 = _closeness(ref, engine.teacher_forced_logits(pre, target))
+            kl, top1, _, _ = _closeness(ref, engine.teacher_forced_logits(pre, target))
             per[name]["kl"].append(kl)
             per[name]["top1"].append(top1)
             log.info("kvcodec blend %s %s: kl %.4f top1 %.3f", ex.id, name, kl, top1)
