@@ -137,6 +137,9 @@ def qualify(
     profile: Annotated[str | None, typer.Option(help="kvtc / cachegen profile (path or shipped alias)")] = None,
     prompts: Annotated[int, typer.Option(min=1, max=38, help="calibration prompts (bundled SQuAD paragraphs, "
                                                               "six a prompt)")] = 10,
+    docs_per_prompt: Annotated[int, typer.Option(min=1, max=38, help="paragraphs a calibration prompt (6: ~1k "
+                                                                     "tokens; 38: ~5k); a verdict covers prompts up "
+                                                                     "to 1.25x the longest")] = 6,
     ratios: Annotated[str, typer.Option(help="recompute ratios to try, ascending")] = "0.15,0.3,0.5",
     threshold: Annotated[float, typer.Option(min=0.01, max=1.0, help="share of prompts whose greedy answers must "
                                                                     "be identical to full prefill's")] = 0.9,
@@ -160,7 +163,8 @@ def qualify(
         lm, tok = load_causal_lm(model, dtype=resolve_dtype(dtype, device), device=device)
         store = MemoryStore(codec=_codec(codec, model or DEFAULT_LLM, profile))
         engine = KVReuseEngine(lm, tok, store=store, qualification=None)
-        verdict = load_or_qualify(engine, force=force, ratios=steps, threshold=threshold, prompts=prompts)
+        verdict = load_or_qualify(engine, force=force, ratios=steps, threshold=threshold, prompts=prompts,
+                                  docs_per_prompt=docs_per_prompt)
     except RagzipError as exc:
         _exit(2, str(exc))
     typer.echo(json.dumps({"model": model or DEFAULT_LLM, "fingerprint": engine.fingerprint,

@@ -34,7 +34,7 @@ from torch import Tensor
 from ragzip.decoding import clean_answer, eos_ids, greedy_ids, text_deltas
 from ragzip.errors import ConfigError, UnsupportedModelError
 from ragzip.kernels.errors import UnsupportedModelError as KernelUnsupported
-from ragzip.kv_qualify import Qualification, cached_qualification, load_or_qualify
+from ragzip.kv_qualify import LENGTH_SLACK, Qualification, cached_qualification, load_or_qualify
 from ragzip.options import parse_enum
 from ragzip.prompt import SYSTEM_PROMPT, PromptBuilder, PromptPieces
 from ragzip.types import Document
@@ -196,10 +196,15 @@ class KVReuseEngine:
         engine._context = self._context
         return engine
 
-    def _plan(self, mode: ReuseMode, blend: Any) -> tuple[ReuseMode, Any, str, str | None]:
+    def _plan(self, mode: ReuseMode, blend: Any, prompt_tokens: int) -> tuple[ReuseMode, Any, str, str | None]:
         """(mode to run, blend config, reason, warning) for the mode asked for."""
         if mode is ReuseMode.AUTO:
             verdict = self.qualification
+            if verdict.qualified and not verdict.covers(prompt_tokens):
+                reason = (f"{verdict.reason}, but this prompt has {prompt_tokens} tokens (a verdict covers up to "
+                          f"{LENGTH_SLACK:g}x its longest calibration prompt; `ragzip kv qualify --docs-per-prompt` "
+                          f"qualifies longer prompts); exact prefix reuse, the rest computed")
+                return ReuseMode.PREFIX, None, reason, None
             if verdict.qualified and verdict.ratio is not None:
                 chosen = replace(blend or self.blend, recompute_ratio=verdict.ratio)
                 return ReuseMode.BLEND, chosen, verdict.reason, None
@@ -297,8 +302,8 @@ class KVReuseEngine:
         from ragzip.kernels.blend import BlendConfig, Segment, blended_prefill
 
         requested = parse_enum(ReuseMode, mode or self.mode, "reuse mode")
-        mode, blend, reason, warning = self._plan(requested, blend)
         pieces = self.pieces(question, documents, system=system, history=history)
+        mode, blend, reason, warning = self._plan(requested, blend, len(pieces.token_ids))
         self.stats = EngineStats(prompt_tokens=len(pieces.token_ids), requested=requested.value, mode=mode.value,
                                  reason=reason, warning=warning)
         ids = pieces.token_ids

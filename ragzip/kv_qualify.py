@@ -38,19 +38,22 @@ from ragzip.types import Document
 if TYPE_CHECKING:
     from ragzip.kv_engine import KVReuseEngine
 
-__all__ = ["DEFAULT_RATIOS", "Qualification", "calibration_prompts", "cached_qualification", "load_or_qualify",
-           "qualify"]
+__all__ = ["DEFAULT_RATIOS", "LENGTH_SLACK", "Qualification", "cached_qualification", "calibration_prompts",
+           "load_or_qualify", "qualify"]
 
 log = logging.getLogger(__name__)
 
 FORMAT = "ragzip-kv-qualification"
-VERSION = 1
+VERSION = 2  # 2: verdicts carry the longest calibration prompt (auto blends only up to it)
 CALIBRATION_SET = "demo-squad-v1"  # bump when calibration_prompts changes: cached verdicts then recompute
 DEFAULT_RATIOS = (0.15, 0.3, 0.5)  # above half the prompt recomputed, blending no longer pays for its risk
 DEFAULT_THRESHOLD = 0.9
 DEFAULT_PROMPTS = 10
 DEFAULT_DOCS_PER_PROMPT = 6
 DEFAULT_MAX_NEW_TOKENS = 24
+# A verdict covers prompts up to this many times its longest calibration prompt: Qwen2.5-1.5B qualified at 15% on
+# ~1k-token prompts kept only 1 of 4 answers on held-out 6k-token ones, so agreement does not carry to length.
+LENGTH_SLACK = 1.25
 MAX_FILE_BYTES = 64 << 10
 
 Prompt = tuple[str, Sequence[Document]]
@@ -67,6 +70,8 @@ class Qualification:
         agreement: per ratio tried, ``[identical answers, prompts asked]`` (asking stops once a ratio has failed).
         identity: what the verdict depends on (model fingerprint, codec, blend configuration, ladder, ...).
         seconds: how long the calibration took.
+        max_prompt_tokens: the longest calibration prompt; `auto` blends only prompts up to `LENGTH_SLACK` times it
+            (0: no limit, e.g. a verdict given in code).
     """
 
     qualified: bool
@@ -75,6 +80,11 @@ class Qualification:
     agreement: dict[str, list[int]] = field(default_factory=dict)
     identity: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    max_prompt_tokens: int = 0
+
+    def covers(self, prompt_tokens: int) -> bool:
+        """Whether a prompt of this length is within what the calibration measured."""
+        return self.max_prompt_tokens <= 0 or prompt_tokens <= LENGTH_SLACK * self.max_prompt_tokens
 
     def as_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "version": VERSION, **asdict(self)}
@@ -102,13 +112,14 @@ def calibration_prompts(n: int = DEFAULT_PROMPTS, docs_per_prompt: int = DEFAULT
 
 
 def identity(engine: KVReuseEngine, *, ratios: Sequence[float], threshold: float, prompts: int,
-             max_new_tokens: int) -> dict[str, Any]:
+             max_new_tokens: int, docs_per_prompt: int = DEFAULT_DOCS_PER_PROMPT) -> dict[str, Any]:
     """Everything a verdict depends on: the same identity gives the same verdict."""
     codec = engine.store.codec
     blend = {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(engine.blend).items()
              if k != "recompute_ratio"}
     return {"fingerprint": engine.fingerprint, "codec": f"{codec.name}@{codec.version}", "blend": blend,
             "ratios": [float(r) for r in ratios], "threshold": float(threshold), "prompts": int(prompts),
+            "docs_per_prompt": int(docs_per_prompt),
             "max_new_tokens": int(max_new_tokens), "calibration": CALIBRATION_SET, "context": len(engine.context)}
 
 
@@ -136,6 +147,7 @@ def qualify(engine: KVReuseEngine, *, ratios: Sequence[float] = DEFAULT_RATIOS, 
     if not asked:
         raise ConfigError("qualification needs at least one prompt")
     scratch = engine.scratch()
+    longest = max(len(scratch.pieces(q, docs).token_ids) for q, docs in asked)
     start = time.perf_counter()
     full: dict[int, str] = {}  # full prefill's answers, computed as prompts are asked (failing ratios stop early)
     allowed = len(asked) - _needed(len(asked), threshold)
@@ -154,13 +166,13 @@ def qualify(engine: KVReuseEngine, *, ratios: Sequence[float] = DEFAULT_RATIOS, 
         if done - same <= allowed:
             seconds = time.perf_counter() - start
             reason = (f"qualified for blending at {ratio:.0%}: answers identical to full prefill's on {same}/{done} "
-                      f"calibration prompts")
-            return Qualification(True, float(ratio), reason, agreement, {}, round(seconds, 2))
+                      f"calibration prompts of up to {longest} tokens")
+            return Qualification(True, float(ratio), reason, agreement, {}, round(seconds, 2), longest)
     seconds = time.perf_counter() - start
     tried = ", ".join(f"{float(r):.0%}: {a}/{n}" for r, (a, n) in agreement.items())
     reason = (f"not qualified for blending: no ratio up to {max(ratios):.0%} kept full prefill's answers on "
               f"{threshold:.0%} of the calibration prompts ({tried})")
-    return Qualification(False, None, reason, agreement, {}, round(seconds, 2))
+    return Qualification(False, None, reason, agreement, {}, round(seconds, 2), longest)
 
 
 def _needed(n: int, threshold: float) -> int:
@@ -183,13 +195,21 @@ def _default_dir() -> Path:
     return default_cache_dir()
 
 
-def _read(path: Path, ident: dict[str, Any]) -> Qualification | None:
-    """The cached verdict at ``path`` if it is well formed and for ``ident``; None otherwise (it is recomputed)."""
+# Identity fields a user may choose per calibration (`ragzip kv qualify` options); the rest must match the engine.
+_CALIBRATION_CHOICES = ("ratios", "threshold", "prompts", "docs_per_prompt", "max_new_tokens")
+
+
+def _read(path: Path, ident: dict[str, Any], *, any_calibration: bool = False) -> Qualification | None:
+    """The cached verdict at ``path`` if it is well formed and for ``ident`` (``any_calibration``: for the same
+    model, codec and blend configuration, whatever the calibration options); None otherwise (it is recomputed)."""
     try:
         if path.stat().st_size > MAX_FILE_BYTES:
             raise ValueError("too large")
         data = json.loads(path.read_text(encoding="utf-8"))
-        if data.get("format") != FORMAT or data.get("version") != VERSION or data.get("identity") != ident:
+        found = data.get("identity")
+        if any_calibration and isinstance(found, dict):
+            ident = {**ident, **{k: found.get(k) for k in _CALIBRATION_CHOICES}}
+        if data.get("format") != FORMAT or data.get("version") != VERSION or found != ident:
             raise ValueError("another format, version or identity")
         qualified, ratio = data["qualified"], data["ratio"]
         if not isinstance(qualified, bool) or not isinstance(data["reason"], str):
@@ -198,7 +218,7 @@ def _read(path: Path, ident: dict[str, Any]) -> Qualification | None:
             raise ValueError("a ratio that does not match the verdict")
         agreement = {str(k): [int(a), int(n)] for k, (a, n) in dict(data["agreement"]).items()}
         return Qualification(qualified, None if ratio is None else float(ratio), data["reason"], agreement, ident,
-                             float(data.get("seconds", 0.0)))
+                             float(data.get("seconds", 0.0)), int(data["max_prompt_tokens"]))
     except FileNotFoundError:
         return None
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
@@ -215,17 +235,30 @@ def _write(path: Path, verdict: Qualification) -> None:
 
 
 def cached_qualification(engine: KVReuseEngine, cache_dir: Path | None = None) -> Qualification | None:
-    """The cached verdict for ``engine`` with the default calibration, or None (nothing is computed)."""
+    """A cached verdict for ``engine`` (its model, codec and blend configuration), or None (nothing is computed).
+
+    Of several calibrations (e.g. `ragzip kv qualify --docs-per-prompt 24` beside the default), the one on the
+    longest prompts is taken: it covers the most.
+    """
     ident = identity(engine, ratios=DEFAULT_RATIOS, threshold=DEFAULT_THRESHOLD, prompts=DEFAULT_PROMPTS,
                      max_new_tokens=DEFAULT_MAX_NEW_TOKENS)
-    return _read(_cache_file(cache_dir or _default_dir(), ident), ident)
+    folder = _cache_file(cache_dir or _default_dir(), ident).parent
+    found = [q for path in sorted(folder.glob(f"{engine.fingerprint}-*.json"))
+             if (q := _read(path, ident, any_calibration=True)) is not None]
+    return max(found, key=lambda q: q.max_prompt_tokens, default=None)
 
 
 def load_or_qualify(engine: KVReuseEngine, *, cache_dir: Path | None = None, force: bool = False,
                     ratios: Sequence[float] = DEFAULT_RATIOS, threshold: float = DEFAULT_THRESHOLD,
-                    prompts: int = DEFAULT_PROMPTS, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> Qualification:
-    """The cached verdict for ``engine``, or calibrate now and cache it (``force``: always calibrate)."""
-    ident = identity(engine, ratios=ratios, threshold=threshold, prompts=prompts, max_new_tokens=max_new_tokens)
+                    prompts: int = DEFAULT_PROMPTS, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                    docs_per_prompt: int = DEFAULT_DOCS_PER_PROMPT) -> Qualification:
+    """The cached verdict for ``engine``, or calibrate now and cache it (``force``: always calibrate).
+
+    ``docs_per_prompt``: paragraphs a calibration prompt (6: ~1k tokens; up to 38: ~5k); a qualified verdict covers
+    prompts up to `LENGTH_SLACK` times the longest calibration prompt, so qualify with the prompt sizes you serve.
+    """
+    ident = identity(engine, ratios=ratios, threshold=threshold, prompts=prompts, max_new_tokens=max_new_tokens,
+                     docs_per_prompt=docs_per_prompt)
     path = _cache_file(cache_dir or _default_dir(), ident)
     if not force:
         found = _read(path, ident)
@@ -233,8 +266,9 @@ def load_or_qualify(engine: KVReuseEngine, *, cache_dir: Path | None = None, for
             return found
     log.info("qualifying %s for blending on %d calibration prompts (once; cached in %s)", engine.fingerprint,
              prompts, path)
-    verdict = replace(qualify(engine, ratios=ratios, threshold=threshold, prompts=calibration_prompts(prompts),
-                              max_new_tokens=max_new_tokens), identity=ident)
+    verdict = replace(qualify(engine, ratios=ratios, threshold=threshold,
+                              prompts=calibration_prompts(prompts, docs_per_prompt), max_new_tokens=max_new_tokens),
+                      identity=ident)
     try:
         _write(path, verdict)
     except OSError as exc:  # a read-only cache dir: the verdict still holds for this process

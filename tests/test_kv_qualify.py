@@ -34,34 +34,29 @@ class ScrambledValues(RawCodec):
             meta, payload, shapes, dtype)]
 
 
-@pytest.fixture(scope="module")
-def parts(word_llm: tuple[Any, Any]) -> tuple[Any, Any]:
-    return word_llm
-
-
 DOCS = [
-    Document("1", "the river is the largest river of the country and the capital city is on the river", "river"),
-    Document("2", "the author wrote a novel in the year of the war and was educated in a college"),
-    Document("3", "the band played music and won the first album of the year with the king and queen"),
+    Document("r", "the largest river of the country is on the capital city and the island", "river"),
+    Document("n", "the novel was wrote by the author who was born in the year of the war"),
+    Document("b", "the band won the first album of the year and played music for the king"),
 ]
 PROMPTS = [(q, DOCS[i % 3:] + DOCS[: i % 3]) for i, q in enumerate(QUESTIONS)]
 
 
-def _engine(parts: tuple[Any, Any], codec: Any, tmp_path: Path, **kw: Any) -> KVReuseEngine:
-    return KVReuseEngine(parts[0], parts[1], store=MemoryStore(codec=codec), run_self_check=False,
+def _engine(word_llm: tuple[Any, Any], codec: Any, tmp_path: Path, **kw: Any) -> KVReuseEngine:
+    return KVReuseEngine(word_llm[0], word_llm[1], store=MemoryStore(codec=codec), run_self_check=False,
                          qualification_dir=tmp_path, **kw)
 
 
 def test_a_broken_cache_is_unqualified_and_auto_then_answers_exactly_as_full_prefill(
-        parts: tuple[Any, Any], tmp_path: Path) -> None:
-    engine = _engine(parts, ScrambledValues(), tmp_path)
+        word_llm: tuple[Any, Any], tmp_path: Path) -> None:
+    engine = _engine(word_llm, ScrambledValues(), tmp_path)
     verdict = qualify(engine, prompts=PROMPTS, ratios=(0.15, 0.3, 0.5), max_new_tokens=6)
     assert not verdict.qualified and verdict.ratio is None and "not qualified" in verdict.reason
     assert set(verdict.agreement) == {"0.15", "0.3", "0.5"}
     # the broken caches do change the blended answers (what the gate caught)
     assert any(engine.answer(q, d, max_new_tokens=6, mode="blend") != engine.answer(q, d, max_new_tokens=6,
                                                                                      mode="full") for q, d in PROMPTS)
-    engine = _engine(parts, ScrambledValues(), tmp_path, qualification=verdict)
+    engine = _engine(word_llm, ScrambledValues(), tmp_path, qualification=verdict)
     for q, docs in PROMPTS:
         auto = engine.prefill(q, docs)  # the default mode
         assert engine.stats.requested == "auto" and engine.stats.mode in ("prefix", "full")
@@ -72,30 +67,34 @@ def test_a_broken_cache_is_unqualified_and_auto_then_answers_exactly_as_full_pre
 
 
 def test_a_blend_that_keeps_the_answers_qualifies_and_auto_blends_at_that_ratio(
-        parts: tuple[Any, Any], tmp_path: Path) -> None:
-    engine = _engine(parts, None, tmp_path)
+        word_llm: tuple[Any, Any], tmp_path: Path) -> None:
+    engine = _engine(word_llm, None, tmp_path)
     verdict = qualify(engine, prompts=PROMPTS, ratios=(1.0,), max_new_tokens=6)  # full recompute: exact
     assert verdict.qualified and verdict.ratio == 1.0 and verdict.agreement == {"1": [6, 6]}
-    engine = _engine(parts, None, tmp_path, qualification=verdict)
+    engine = _engine(word_llm, None, tmp_path, qualification=verdict)
     q, docs = PROMPTS[0]
     engine.warm(docs)
     auto = engine.prefill(q, docs)
     assert (engine.stats.mode, engine.stats.ratio, engine.stats.hits) == ("blend", 1.0, 3)
     assert "qualified for blending at 100%" in engine.stats.reason
     torch.testing.assert_close(auto.logits, engine.prefill(q, docs, mode="full").logits, atol=1e-5, rtol=1e-5)
+    # a verdict covers prompts up to 1.25x its longest calibration prompt: a longer one is not blended
+    assert verdict.max_prompt_tokens == max(len(engine.pieces(q, d).token_ids) for q, d in PROMPTS)
+    engine.prefill(q, docs * 2)
+    assert engine.stats.mode in ("prefix", "full") and "this prompt has" in engine.stats.reason
 
 
-def test_explicit_blend_on_an_unqualified_model_runs_with_a_warning(parts: tuple[Any, Any], tmp_path: Path,
+def test_explicit_blend_on_an_unqualified_model_runs_with_a_warning(word_llm: tuple[Any, Any], tmp_path: Path,
                                                                     caplog: pytest.LogCaptureFixture) -> None:
     unqualified = Qualification(False, None, "not qualified for blending: test")
-    engine = _engine(parts, None, tmp_path, qualification=unqualified)
+    engine = _engine(word_llm, None, tmp_path, qualification=unqualified)
     with caplog.at_level("WARNING", logger="ragzip.kv_engine"):
         engine.prefill(QUESTIONS[0], DOCS, mode="blend")
     assert engine.stats.mode == "blend" and "did not qualify" in str(engine.stats.warning)
     assert engine.stats.as_dict()["warning"] == engine.stats.warning and "did not qualify" in caplog.text
     engine.prefill(QUESTIONS[0], DOCS, mode="full")
     assert engine.stats.warning is None and "warning" not in engine.stats.as_dict()
-    qualified = _engine(parts, None, tmp_path, qualification=Qualification(True, 0.3, "qualified"))
+    qualified = _engine(word_llm, None, tmp_path, qualification=Qualification(True, 0.3, "qualified"))
     qualified.prefill(QUESTIONS[0], DOCS, mode="blend")
     assert qualified.stats.warning is None
 
@@ -138,8 +137,11 @@ def test_verdicts_are_cached_per_identity_and_bad_files_are_recomputed(
     files[0].write_text(json.dumps(data))
     assert load_or_qualify(engine, cache_dir=tmp_path, prompts=2, ratios=(0.5, 1.0), max_new_tokens=4).ratio != 0.2
     assert len(calls) == 5
-    # the engine reads the default-calibration verdict at construction, and computes nothing
-    assert cached_qualification(engine, tmp_path) is None
+    # the engine reads a cached verdict for its model, codec and blend configuration at construction (any
+    # calibration options; the one on the longest prompts), and computes nothing
+    found = cached_qualification(engine, tmp_path)
+    assert found is not None and found.identity["blend"] == first.identity["blend"] and len(calls) == 5
+    assert found.max_prompt_tokens == max(len(engine.pieces(q, d).token_ids) for q, d in calibration_prompts(2))
 
 
 def test_calibration_prompts_are_multi_document_and_deterministic() -> None:
