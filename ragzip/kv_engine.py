@@ -190,7 +190,7 @@ class KVReuseEngine:
         (what calibration runs on, so the user's store is not filled with calibration chunks)."""
         from ragzip.kvstore.stores.memory import MemoryStore
 
-        codec = self.store.codec if getattr(self.store, "is_encoded", True) else None
+        codec = getattr(self.store, "codec", None) if getattr(self.store, "is_encoded", True) else None
         engine = KVReuseEngine(self.model, self.tokenizer, store=MemoryStore(codec=codec), blend=self.blend,
                                mode=ReuseMode.FULL, run_self_check=False, qualification=_CALIBRATING)
         engine._context = self._context

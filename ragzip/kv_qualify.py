@@ -114,10 +114,11 @@ def calibration_prompts(n: int = DEFAULT_PROMPTS, docs_per_prompt: int = DEFAULT
 def identity(engine: KVReuseEngine, *, ratios: Sequence[float], threshold: float, prompts: int,
              max_new_tokens: int, docs_per_prompt: int = DEFAULT_DOCS_PER_PROMPT) -> dict[str, Any]:
     """Everything a verdict depends on: the same identity gives the same verdict."""
-    codec = engine.store.codec
+    codec = getattr(engine.store, "codec", None)  # a custom ChunkStore may keep records as they are
     blend = {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(engine.blend).items()
              if k != "recompute_ratio"}
-    return {"fingerprint": engine.fingerprint, "codec": f"{codec.name}@{codec.version}", "blend": blend,
+    codec_id = "none" if codec is None else f"{codec.name}@{codec.version}"
+    return {"fingerprint": engine.fingerprint, "codec": codec_id, "blend": blend,
             "ratios": [float(r) for r in ratios], "threshold": float(threshold), "prompts": int(prompts),
             "docs_per_prompt": int(docs_per_prompt),
             "max_new_tokens": int(max_new_tokens), "calibration": CALIBRATION_SET, "context": len(engine.context)}
@@ -195,17 +196,20 @@ def _default_dir() -> Path:
     return default_cache_dir()
 
 
-# Identity fields a user may choose per calibration (`ragzip kv qualify` options); the rest must match the engine.
-_CALIBRATION_CHOICES = ("ratios", "threshold", "prompts", "docs_per_prompt", "max_new_tokens")
+# The identity field an engine accepts from another calibration (longer prompts); everything else, the threshold
+# and the number of prompts included, must be the default, so a weaker calibration is never adopted.
+_CALIBRATION_CHOICES = ("docs_per_prompt",)
 
 
 def _read(path: Path, ident: dict[str, Any], *, any_calibration: bool = False) -> Qualification | None:
     """The cached verdict at ``path`` if it is well formed and for ``ident`` (``any_calibration``: for the same
     model, codec and blend configuration, whatever the calibration options); None otherwise (it is recomputed)."""
     try:
-        if path.stat().st_size > MAX_FILE_BYTES:
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_FILE_BYTES + 1)
+        if len(raw) > MAX_FILE_BYTES:
             raise ValueError("too large")
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(raw.decode("utf-8"))
         found = data.get("identity")
         if any_calibration and isinstance(found, dict):
             ident = {**ident, **{k: found.get(k) for k in _CALIBRATION_CHOICES}}
@@ -216,12 +220,14 @@ def _read(path: Path, ident: dict[str, Any], *, any_calibration: bool = False) -
             raise ValueError("bad field types")
         if qualified != (ratio is not None) or (ratio is not None and float(ratio) not in ident["ratios"]):
             raise ValueError("a ratio that does not match the verdict")
+        if int(data["max_prompt_tokens"]) <= 0:  # calibration always records its longest prompt
+            raise ValueError("no calibration prompt length")
         agreement = {str(k): [int(a), int(n)] for k, (a, n) in dict(data["agreement"]).items()}
         return Qualification(qualified, None if ratio is None else float(ratio), data["reason"], agreement, ident,
                              float(data.get("seconds", 0.0)), int(data["max_prompt_tokens"]))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, UnicodeDecodeError) as exc:
         log.warning("ignoring the cached blending verdict %s (%s); it will be recomputed", path, exc)
         return None
 
@@ -229,9 +235,13 @@ def _read(path: Path, ident: dict[str, Any], *, any_calibration: bool = False) -
 def _write(path: Path, verdict: Qualification) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(verdict.as_dict(), fh, indent=1, sort_keys=True)
-    os.replace(tmp, path)  # atomic: a reader sees the old verdict or the new one, never half of one
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(verdict.as_dict(), fh, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)  # e.g. a full disk: no half-written temp file left behind
+        raise  # atomic: a reader sees the old verdict or the new one, never half of one
 
 
 def cached_qualification(engine: KVReuseEngine, cache_dir: Path | None = None) -> Qualification | None:
@@ -245,7 +255,7 @@ def cached_qualification(engine: KVReuseEngine, cache_dir: Path | None = None) -
     folder = _cache_file(cache_dir or _default_dir(), ident).parent
     found = [q for path in sorted(folder.glob(f"{engine.fingerprint}-*.json"))
              if (q := _read(path, ident, any_calibration=True)) is not None]
-    return max(found, key=lambda q: q.max_prompt_tokens, default=None)
+    return max(found, key=lambda q: (q.max_prompt_tokens, not q.qualified), default=None)  # a tie: the cautious one
 
 
 def load_or_qualify(engine: KVReuseEngine, *, cache_dir: Path | None = None, force: bool = False,

@@ -117,7 +117,8 @@ def _load_backend(config: ServerConfig, settings: Settings, engine: Any, store: 
 
         store = store if store is not None else open_kv_store(config.kv_store)
         blend = None if config.kv_ratio is None else BlendConfig(recompute_ratio=config.kv_ratio)
-        kv_engine = KVReuseEngine(engine.model, engine.tokenizer, store=store, mode=config.kv_mode, blend=blend)
+        kv_engine = KVReuseEngine(engine.model, engine.tokenizer, store=store, mode=config.kv_mode, blend=blend,
+                                  qualification_dir=settings.cache_dir)
         if config.kv_mode == "auto":
             kv_engine.qualification  # calibrated here (once per model, then cached), not on the first request
     return LocalBackend(engine, kv_engine=kv_engine, model_name=config.model_name,

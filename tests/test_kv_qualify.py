@@ -137,11 +137,13 @@ def test_verdicts_are_cached_per_identity_and_bad_files_are_recomputed(
     files[0].write_text(json.dumps(data))
     assert load_or_qualify(engine, cache_dir=tmp_path, prompts=2, ratios=(0.5, 1.0), max_new_tokens=4).ratio != 0.2
     assert len(calls) == 5
-    # the engine reads a cached verdict for its model, codec and blend configuration at construction (any
-    # calibration options; the one on the longest prompts), and computes nothing
+    # the engine reads a cached verdict at construction and computes nothing; it never adopts a weaker
+    # calibration (2 prompts, another ladder), only the default one with other prompt lengths
+    assert cached_qualification(engine, tmp_path) is None
+    longer = load_or_qualify(engine, cache_dir=tmp_path, docs_per_prompt=2)
     found = cached_qualification(engine, tmp_path)
-    assert found is not None and found.identity["blend"] == first.identity["blend"] and len(calls) == 5
-    assert found.max_prompt_tokens == max(len(engine.pieces(q, d).token_ids) for q, d in calibration_prompts(2))
+    assert found == longer and found.identity["blend"] == first.identity["blend"] and len(calls) == 6
+    assert found.max_prompt_tokens == max(len(engine.pieces(q, d).token_ids) for q, d in calibration_prompts(10, 2))
 
 
 def test_calibration_prompts_are_multi_document_and_deterministic() -> None:
@@ -178,3 +180,13 @@ def test_kv_qualify_command_prints_and_caches_the_verdict(tiny_reader: str, tmp_
     assert bad.exit_code == 2 and "ascending" in bad.output
     assert CliRunner().invoke(app, ["qualify", tiny_reader, "--ratios", "half"]).exit_code == 2
 
+
+
+def test_a_store_without_a_codec_is_qualified_as_plain_records(word_llm: tuple[Any, Any], tmp_path: Path) -> None:
+    from ragzip.kv_qualify import identity
+
+    store = MemoryStore()
+    del store.codec  # a custom ChunkStore need not have one
+    engine = KVReuseEngine(word_llm[0], word_llm[1], store=store, run_self_check=False, qualification_dir=tmp_path)
+    assert identity(engine, ratios=(1.0,), threshold=0.9, prompts=1, max_new_tokens=4)["codec"] == "none"
+    assert qualify(engine, prompts=PROMPTS[:2], ratios=(1.0,), max_new_tokens=4).qualified
