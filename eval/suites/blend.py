@@ -273,8 +273,9 @@ def _answer_keys(per: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
 
     out: dict[str, Any] = {}
     full_ttft = sum(per["full"]["ttft"])
-    names = {**MODE_KEYS, **{n: n.replace("_", "", 1) if n.startswith("blend_") else n for n in per
-                             if n.startswith(("blend_", "strategy_"))}}
+    # blend_30 -> blend30 (as MODE_KEYS spells the listed modes); strategies keep their method names
+    names = {**{n: n.replace("_", "", 1) if n.startswith("blend_") else n for n in per
+                if n.startswith(("blend_", "strategy_"))}, **MODE_KEYS}
     for name, suffix in names.items():
         row = per.get(name)
         if row is None or not row["agree_exact"]:
