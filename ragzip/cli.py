@@ -448,6 +448,12 @@ def serve(
     llm: str = typer.Option(None, help="Local engine model (no --upstream)."),
     device: str = typer.Option(None, "--device", help="auto | cpu | cuda | cuda:N for every model the proxy "
                                                       "loads."),
+    workers: str = typer.Option(None, "--workers", help="Worker processes sharing the port: N, or auto (one per "
+                                                        "core); each loads the models once."),
+    shared: str = typer.Option(None, "--shared", help="redis://host:port/db for state the workers and replicas "
+                                                      "share (rate limits, result cache, index)."),
+    on_overload: str = typer.Option(None, "--on-overload", help="queue | uncompressed | reject: what a chat "
+                                                                "request gets when the compressor is overloaded."),
 ) -> None:
     """Start the OpenAI-compatible proxy."""
     try:
@@ -458,7 +464,9 @@ def serve(
         overrides: dict[str, Any] = {"upstream": upstream, "method": method, "rate": rate,
                                      "target_tokens": target_tokens, "tokenizer": tokenizer,
                                      "max_concurrency": max_concurrency, "queue_depth": queue_depth,
-                                     "queue_timeout_s": queue_timeout_s, "llm": llm, "device": device}
+                                     "queue_timeout_s": queue_timeout_s, "llm": llm, "device": device,
+                                     "workers": workers if workers in (None, "auto") else _int(workers, "--workers"),
+                                     "shared": shared, "on_overload": on_overload}
         if api_key_env is not None:
             overrides["api_keys"] = [k.strip() for k in _env(api_key_env).split(",") if k.strip()]
         if upstream_api_key_env is not None:
@@ -466,6 +474,13 @@ def serve(
         run_server(host=host, port=port, config=config, overrides=overrides)
     except RagzipError as exc:
         _fail(exc)
+
+
+def _int(value: str, flag: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{flag} takes a number or 'auto', got {value!r}") from None
 
 
 def _env(name: str) -> str:

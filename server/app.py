@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -20,17 +21,19 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import uvicorn
-from fastapi import FastAPI, Header, Query
+from fastapi import FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from ragzip.contract import check_strings, parse_record, to_documents
+from ragzip.errors import ConfigError
 from ragzip.server import errors
 from ragzip.server.chat import chat_completion
 from ragzip.server.compression import CompressionService, check_size
-from ragzip.server.config import ServerConfig, load_config
+from ragzip.server.config import KeyPolicy, ServerConfig, load_config
 from ragzip.server.guard import Guard, Slots
 from ragzip.server.index import IndexService
 from ragzip.server.metrics import Metrics
+from ragzip.server.result_cache import ResultCache
 from ragzip.server.schemas import (
     AddDocumentsRequest,
     AddDocumentsResponse,
@@ -48,6 +51,7 @@ from ragzip.server.schemas import (
     Readiness,
     plain_documents,
 )
+from ragzip.server.shared import SharedState, describe_unshared
 from ragzip.settings import Settings
 
 log = logging.getLogger("ragzip.server")
@@ -75,6 +79,7 @@ class ServerState:
     upstream: Any = None
     backend: Any = None
     slots: Slots | None = None
+    shared: SharedState | None = None
     readiness: tuple[float, dict[str, str]] | None = None  # (when, checks): probes are cached for a second
 
 
@@ -93,7 +98,6 @@ def load_engine(config: ServerConfig, settings: Settings) -> Any:
 def open_kv_store(spec: str) -> Any:
     """The configured KV store, checked to answer (ConfigError otherwise: a server must not start on a store
     it cannot reach; once running, an outage only turns into counted misses)."""
-    from ragzip.errors import ConfigError
     from ragzip.kvstore.stores.base import open_store
 
     try:
@@ -125,6 +129,11 @@ def _load_backend(config: ServerConfig, settings: Settings, engine: Any, store: 
                         aliases=(config.llm or settings.llm,), metrics=metrics)
 
 
+def _key_policy(request: Request) -> KeyPolicy | None:
+    """The policy the guard found for the request's API key (`keys`), if any."""
+    return getattr(request.state, "ragzip_key", None)
+
+
 async def _check_readiness(state: ServerState) -> dict[str, str]:
     """Each dependency a request needs: 'ok' or why not."""
     import anyio
@@ -133,6 +142,8 @@ async def _check_readiness(state: ServerState) -> dict[str, str]:
     if cached is not None and time.monotonic() - cached[0] < 1.0:
         return cached[1]
     checks: dict[str, str] = {"compressor": state.compression.readiness}
+    if state.shared is not None:  # reported, never fatal: workers answer from their own state meanwhile
+        checks["shared"] = "ok" if await state.shared.ping() is None else "degraded (using local state)"
     if state.upstream is not None:
         checks["upstream"] = await state.upstream.ping(state.config.readiness_timeout_s) or "ok"
     else:
@@ -159,8 +170,9 @@ def create_app(config: ServerConfig | None = None, *, settings: Settings | None 
     metrics = Metrics()
     tokenizer = config.tokenizer or settings.tokenizer
     device = config.device or settings.device
+    cache = ResultCache(int(config.result_cache_mb * (1 << 20)), metrics, ttl_s=config.result_cache_ttl_s)
     state = ServerState(config, settings, metrics, CompressionService(config, metrics, tokenizer=tokenizer,
-                                                                      device=device),
+                                                                      device=device, cache=cache),
                         IndexService(config, tokenizer=tokenizer, device=device),
                         slots=Slots(config.max_concurrency, config.queue_depth))
     metrics.queued.set_function(lambda: state.slots.queued if state.slots else 0)
@@ -169,6 +181,10 @@ def create_app(config: ServerConfig | None = None, *, settings: Settings | None 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         import anyio
 
+        if config.shared:
+            state.shared = SharedState(config.shared, metrics)
+            state.compression.cache.shared = state.shared
+            state.index.shared = state.shared
         if config.upstream:
             from ragzip.server.upstream import Upstream
 
@@ -186,6 +202,8 @@ def create_app(config: ServerConfig | None = None, *, settings: Settings | None 
         finally:
             if state.upstream is not None:
                 await state.upstream.aclose()
+            if state.shared is not None:
+                await state.shared.aclose()
 
     from ragzip import __version__
 
@@ -193,18 +211,19 @@ def create_app(config: ServerConfig | None = None, *, settings: Settings | None 
                   description="OpenAI-compatible chat completions with RAG context compression.")
     app.state.ragzip = state
     errors.install(app)
-    app.add_middleware(Guard, config=config, metrics=metrics, slots=state.slots)  # type: ignore[arg-type]
+    app.add_middleware(Guard, config=config, metrics=metrics, slots=state.slots,  # type: ignore[arg-type]
+                       shared=lambda: state.shared)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={**_ERRORS, **_STREAM},
               summary="Chat completion (OpenAI-compatible; `stream: true` answers with server-sent events)")
-    async def chat(req: ChatCompletionRequest,
+    async def chat(req: ChatCompletionRequest, request: Request,
                    authorization: Annotated[str | None, Header()] = None) -> Any:
         check_strings(req.model_dump(exclude_unset=True), "body")
-        return await chat_completion(state, req, authorization)
+        return await chat_completion(state, req, authorization, _key_policy(request))
 
     @app.post("/v1/compress", response_model=CompressResponse, responses=_ERRORS,
               summary="Compress one CLI-contract record; returns it with `compressed` added")
-    async def compress(req: CompressRequest) -> Any:
+    async def compress(req: CompressRequest, request: Request) -> Any:
         if len(req.contexts) > config.max_documents:
             raise errors.APIError(400, f"{len(req.contexts)} contexts; this server accepts at most "
                                        f"{config.max_documents}", code="too_many_documents", param="contexts")
@@ -212,9 +231,11 @@ def create_app(config: ServerConfig | None = None, *, settings: Settings | None 
         record["contexts"] = plain_documents(req.contexts)
         question, docs = parse_record(record)
         check_size(config, docs, param="contexts")
-        plan = state.compression.plan(req.ragzip)
-        result = await state.compression.compress(plan, question, docs)
-        return JSONResponse({**record, "compressed": result.to_contract()})
+        plan = state.compression.plan(req.ragzip, _key_policy(request))
+        outcome = await state.compression.compress(plan, question, docs)
+        # The body is the CLI contract's record, byte for byte; where the result came from is a header.
+        return JSONResponse({**record, "compressed": outcome.compressed},
+                            headers={"x-ragzip-result-source": outcome.source})
 
     links = {"GetDocument": {"operationId": "get_document", "parameters": {"document_id": "$response.body#/ids/0"},
                              "description": "The first added document, as indexed"}}
@@ -226,7 +247,7 @@ def create_app(config: ServerConfig | None = None, *, settings: Settings | None 
             raise errors.APIError(400, f"{len(req.documents)} documents; at most {config.max_documents} per call",
                                   code="too_many_documents", param="documents")
         docs = to_documents(plain_documents(req.documents),
-                            default_ids=state.index.next_ids(len(req.documents)))
+                            default_ids=await state.index.next_ids(len(req.documents)))
         check_size(config, docs, param="documents")
         added = await state.index.add(docs)
         return AddDocumentsResponse(added_documents=len(docs), added_chunks=added, total_chunks=state.index.size,
@@ -277,7 +298,7 @@ def create_app(config: ServerConfig | None = None, *, settings: Settings | None 
              summary="Readiness: the upstream (or the local engine and its KV store) answers; 503 when not")
     async def readyz() -> Any:
         checks = await _check_readiness(state)
-        ready = all(v == "ok" for v in checks.values())
+        ready = all(v == "ok" for k, v in checks.items() if k != "shared")
         body = Readiness(status="ready" if ready else "not_ready", checks=checks)
         return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
@@ -288,17 +309,21 @@ def create_app(config: ServerConfig | None = None, *, settings: Settings | None 
     return app
 
 
+WORKER_CONFIG_ENV = "RAGZIP_SERVE_CONFIG"  # the validated config, as JSON, handed to worker processes
+
+
 def serve(*, host: str = "127.0.0.1", port: int = 8000, upstream: str | None = None,
           config: Path | None = None, overrides: dict[str, Any] | None = None) -> None:
-    """Run the proxy with uvicorn (blocking). `upstream` and `overrides` (non-None values) override the config
-    file's.
+    """Run the proxy with uvicorn (blocking): one process, or `workers` processes sharing the port. `upstream` and
+    `overrides` (non-None values) override the config file's.
 
     Raises:
-        ConfigError: invalid config file or values.
+        ConfigError: invalid config file or values, or a dependency that does not answer at startup.
     """
     cfg = load_config(config, **{"upstream": upstream, **(overrides or {})})
     settings = Settings()
     _log_to_stderr()
+    workers = cfg.worker_count()
     engine = store = None
     if cfg.upstream is None:  # fail here, with the reason, rather than as a traceback inside uvicorn's startup
         log.info("loading the local engine %s (a packaged model's first run converts it once, up to a minute)",
@@ -308,12 +333,59 @@ def serve(*, host: str = "127.0.0.1", port: int = 8000, upstream: str | None = N
     elif cfg.kv_store:
         log.warning("kv_store %r is not used: KV reuse runs in the local engine, and this server forwards to %s",
                     cfg.kv_store, cfg.upstream)
-    log.info("ragzip proxy on http://%s:%d (%s); /readyz turns ready once the %r compressor is loaded", host, port,
-             cfg.upstream or "local engine", cfg.method)
-    # On SIGTERM uvicorn stops accepting, lets in-flight requests finish for up to drain_timeout_s, then we exit 0.
-    app = create_app(cfg, settings=settings, engine=engine, kv_store=store)
-    _DrainingServer(uvicorn.Config(app, host=host, port=port, log_level="info",
-                                   timeout_graceful_shutdown=cfg.drain_timeout_s)).run()
+    if cfg.shared:
+        problem = _ping_shared(cfg.shared)
+        if problem is not None:
+            log.warning("shared state %s does not answer (%s): workers start with their own state and retry it",
+                        cfg.shared, problem)
+    unshared = describe_unshared(workers, cfg.shared)
+    if unshared:
+        log.warning("%s", unshared)
+    log.info("ragzip proxy on http://%s:%d (%s, %d worker%s); /readyz turns ready once the %r compressor is loaded",
+             host, port, cfg.upstream or "local engine", workers, "" if workers == 1 else "s", cfg.method)
+    if workers == 1:
+        # On SIGTERM uvicorn stops accepting, lets in-flight requests finish for up to drain_timeout_s, then exit 0.
+        app = create_app(cfg, settings=settings, engine=engine, kv_store=store)
+        _DrainingServer(uvicorn.Config(app, host=host, port=port, log_level="info",
+                                       timeout_graceful_shutdown=cfg.drain_timeout_s)).run()
+        return
+    # The checks above ran once, here (and converted a packaged model once); each worker loads its own models. The
+    # cores are split between the workers, so that N workers do not run N x all-cores threads.
+    del engine, store
+    cores = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    os.environ.setdefault("RAGZIP_NUM_THREADS", str(max(1, cores // workers)))
+    os.environ.setdefault("OMP_NUM_THREADS", os.environ["RAGZIP_NUM_THREADS"])
+    os.environ[WORKER_CONFIG_ENV] = cfg.model_dump_json()
+    # uvicorn's supervisor binds once, starts the workers, restarts one that dies, and on SIGTERM has each drain
+    # its in-flight requests (up to drain_timeout_s) before it exits 0.
+    uvicorn.run("ragzip.server.app:worker_app", factory=True, host=host, port=port, workers=workers,
+                log_level="info", timeout_graceful_shutdown=cfg.drain_timeout_s, timeout_worker_healthcheck=30)
+
+
+def worker_app() -> FastAPI:
+    """The app of one worker process of `serve(workers=N)` (uvicorn's factory): the config comes from the
+    parent, already validated."""
+    raw = os.environ.get(WORKER_CONFIG_ENV)
+    if not raw:
+        raise ConfigError(f"{WORKER_CONFIG_ENV} is not set: worker_app is started by `ragzip serve --workers N`")
+    settings = Settings()
+    if settings.num_threads:
+        import torch
+
+        torch.set_num_threads(settings.num_threads)
+    _log_to_stderr()
+    return create_app(ServerConfig.model_validate_json(raw), settings=settings)
+
+
+def _ping_shared(url: str) -> str | None:
+    """None when the shared Redis answers, else why not."""
+    import redis
+
+    try:
+        redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2).ping()
+    except Exception as exc:  # noqa: BLE001 - reported as a startup warning
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def _log_to_stderr() -> None:

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from ragzip.contract import to_documents
 from ragzip.server.compression import Outcome, check_size
+from ragzip.server.config import KeyPolicy
 from ragzip.server.context import ChatContext, extract, inject
 from ragzip.server.errors import APIError, UpstreamError, error_body
 from ragzip.server.local import GenerationDone
@@ -23,24 +24,30 @@ def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+# x-ragzip-fallback per reason; a failed compressor keeps the value it always had.
+_FALLBACK_HEADER = {"error": "uncompressed", "overload": "overload", "timeout": "timeout"}
+
+
 def ragzip_info(ctx: ChatContext, outcome: Outcome) -> dict[str, Any]:
-    r = outcome.result
-    return {"method": r.method, "tokens_before": r.tokens_before, "tokens_after": r.tokens_after,
-            "rate": None if r.rate is None else round(r.rate, 6), "seconds": round(r.seconds, 6), "source": ctx.source,
+    c = outcome.compressed
+    return {"method": c["method"], "tokens_before": c["tokens_before"], "tokens_after": c["tokens_after"],
+            "rate": c.get("rate"), "seconds": c.get("seconds", 0.0), "source": ctx.source,
             "num_documents": len(ctx.documents), "fallback": outcome.fallback,
-            "already_compressed": ctx.already_compressed, "budget": dict(r.budget), "auto": r.auto}
+            "fallback_reason": outcome.fallback_reason, "result_source": outcome.source,
+            "already_compressed": ctx.already_compressed, "budget": dict(c.get("budget") or {}), "auto": c.get("auto")}
 
 
 def ragzip_headers(info: dict[str, Any]) -> dict[str, str]:
     headers = {"x-ragzip-method": str(info["method"]), "x-ragzip-tokens-before": str(info["tokens_before"]),
                "x-ragzip-tokens-after": str(info["tokens_after"]), "x-ragzip-rate": str(info["rate"]),
-               "x-ragzip-source": str(info["source"])}
+               "x-ragzip-source": str(info["source"]), "x-ragzip-result-source": str(info["result_source"])}
     if info["fallback"]:
-        headers["x-ragzip-fallback"] = "uncompressed"
+        headers["x-ragzip-fallback"] = _FALLBACK_HEADER.get(info["fallback_reason"] or "error", "uncompressed")
     return headers
 
 
-async def prepare(state: Any, req: ChatCompletionRequest) -> tuple[ChatContext, Outcome, list[Document]]:
+async def prepare(state: Any, req: ChatCompletionRequest, key: KeyPolicy | None = None
+                  ) -> tuple[ChatContext, Outcome, list[Document]]:
     """Context from `documents`, a `<documents>` block, or the proxy index; then compression (with fallback)."""
     cfg = state.config
     if req.documents is not None and len(req.documents) > cfg.max_documents:
@@ -54,16 +61,16 @@ async def prepare(state: Any, req: ChatCompletionRequest) -> tuple[ChatContext, 
                             f"{cfg.max_documents}", code="too_many_documents", param="messages")
     check_size(cfg, ctx.documents, param="documents" if explicit else "messages")
     opts = req.ragzip
-    plan = state.compression.plan(opts)
+    plan = state.compression.plan(opts, key)
     if not ctx.documents and (opts is None or opts.retrieve is not False) and state.index.size:
         k = (opts.top_k if opts and opts.top_k else None) or cfg.top_k
         ctx.documents = await state.index.search(ctx.query, k)
         ctx.source = "index" if ctx.documents else "none"
     if ctx.already_compressed:  # compressed by a ragzip server in front of this one: passed on as it is
-        outcome = Outcome(await state.compression.uncompressed(ctx.documents))
+        outcome = await state.compression.uncompressed(ctx.documents)
     else:
         outcome = await state.compression.compress_or_fallback(plan, ctx.query, ctx.documents)
-    return ctx, outcome, outcome.result.as_documents()
+    return ctx, outcome, outcome.documents
 
 
 def check_local_request(state: Any, req: ChatCompletionRequest) -> None:
@@ -78,10 +85,11 @@ def check_local_request(state: Any, req: ChatCompletionRequest) -> None:
                        code="unsupported_parameter", param="n")
 
 
-async def chat_completion(state: Any, req: ChatCompletionRequest, authorization: str | None) -> Any:
+async def chat_completion(state: Any, req: ChatCompletionRequest, authorization: str | None,
+                          key: KeyPolicy | None = None) -> Any:
     if state.upstream is None:
         check_local_request(state, req)
-    ctx, outcome, kept = await prepare(state, req)
+    ctx, outcome, kept = await prepare(state, req, key)
     info = ragzip_info(ctx, outcome)
     headers = ragzip_headers(info)
     if state.upstream is not None:
@@ -93,7 +101,7 @@ async def _via_upstream(state: Any, req: ChatCompletionRequest, ctx: ChatContext
                         info: dict[str, Any], headers: dict[str, str], authorization: str | None) -> Any:
     body = req.model_dump(exclude_unset=True, exclude={"documents", "ragzip"})
     body["messages"] = inject(ctx, kept)
-    forward_auth = authorization if not state.config.api_keys else None
+    forward_auth = authorization if not state.config.accepted_keys else None
     try:
         if not req.stream:
             data = await state.upstream.chat(body, authorization=forward_auth)

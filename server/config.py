@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -10,6 +11,45 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ragzip.compressors.registry import COMPRESSORS, canonical_method
 from ragzip.errors import ConfigError
+
+OverloadPolicy = Literal["queue", "uncompressed", "reject"]
+
+
+class KeyPolicy(BaseModel):
+    """What one API key gets (`keys` in the server config): its compression defaults, its load policy, its limit.
+
+    Example: {"method": "exit", "rate": 0.5, "on_overload": "uncompressed", "rate_limit_rps": 5}
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    compress: bool = Field(default=True, description="False: this key's requests are never compressed (opt-out)")
+    method: str | None = Field(default=None, description="This key's default compressor (a request may name "
+                                                         "another allowed one)")
+    rate: float | None = Field(default=None, gt=0, le=1)
+    target_tokens: int | None = Field(default=None, gt=0)
+    options: dict[str, object] | None = Field(default=None, description="Options of this key's default method")
+    on_overload: OverloadPolicy | None = Field(default=None, description="Overrides the server's on_overload")
+    rate_limit_rps: float | None = Field(default=None, gt=0, description="This key's sustained requests/s "
+                                                                         "(default: the server's)")
+    rate_limit_burst: int | None = Field(default=None, gt=0)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = canonical_method(value)
+        unknown = [n for n in value.split("+") if n not in COMPRESSORS]
+        if unknown:
+            raise ValueError(f"unknown method {value!r}; valid: {sorted(COMPRESSORS)}, or '+'-joined")
+        return value
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> KeyPolicy:
+        if self.rate is not None and self.target_tokens is not None:
+            raise ValueError("give at most one of rate and target_tokens")
+        return self
 
 
 class ServerConfig(BaseModel):
@@ -54,6 +94,27 @@ class ServerConfig(BaseModel):
     batch_window_ms: float = Field(default=4.0, ge=0, le=100, description="Compressions that arrive within this "
                                    "many ms of each other share batched encoder forwards (0: no waiting)")
     max_batch: int = Field(default=16, gt=0, le=256, description="The most requests compressed in one batch")
+    on_overload: OverloadPolicy = Field(
+        default="queue", description="When the compressor's queue would take longer than compress_wait_ms: queue "
+        "(wait anyway), uncompressed (forward the chat request uncompressed, header x-ragzip-fallback: overload) "
+        "or reject (429 with Retry-After at once)")
+    compress_wait_ms: float = Field(default=2000.0, gt=0, description="The longest expected wait for the "
+                                    "compressor before on_overload applies")
+    compress_timeout_ms: float | None = Field(default=None, gt=0, description="A chat request whose compression "
+                                              "takes longer is forwarded uncompressed (x-ragzip-fallback: timeout); "
+                                              "/v1/compress answers 504")
+    result_cache_mb: float = Field(default=64.0, ge=0, description="Memory for remembered compression results, "
+                                   "per worker (0: no result cache)")
+    result_cache_ttl_s: float = Field(default=3600.0, gt=0, description="How long the shared (Redis) result "
+                                      "cache keeps an entry")
+
+    # Deployment: worker processes and state they share.
+    workers: int | Literal["auto"] = Field(default=1, description="Worker processes (auto: one per core); each "
+                                                                  "loads the models once")
+    shared: str | None = Field(default=None, description="redis://host:port/db holding what workers and replicas "
+                               "share: rate-limit buckets, the result cache, the index's ids and documents")
+    keys: dict[str, KeyPolicy] = Field(default_factory=dict, description="Accepted API keys with their own "
+                                       "method, budget, overload policy and rate limit (beside api_keys)")
 
     # The proxy's own index.
     embedder: str | None = None
@@ -102,6 +163,12 @@ class ServerConfig(BaseModel):
             raise ValueError(f"upstream must be an http(s) URL, got {self.upstream!r}")
         if self.kv_store is not None:
             _check_store_spec(self.kv_store)
+        if isinstance(self.workers, int) and not 1 <= self.workers <= 64:
+            raise ValueError(f"workers must be 1..64 or 'auto', got {self.workers}")
+        if self.shared is not None and not self.shared.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"shared must be a redis:// (or rediss://, unix://) URL, got {self.shared!r}")
+        if any(not k.strip() for k in self.keys):
+            raise ValueError("keys: an API key may not be empty")
         if self.max_document_chars > self.max_context_chars:
             raise ValueError("max_document_chars must be <= max_context_chars")
         if self.default_max_new_tokens > self.max_new_tokens:
@@ -112,6 +179,17 @@ class ServerConfig(BaseModel):
                 raise ValueError(f"unknown method {self.method!r} ({', '.join(map(repr, unknown))}); valid: "
                                  f"{sorted(COMPRESSORS)}, '+'-joined, or a pipeline JSON file")
         return self
+
+    @property
+    def accepted_keys(self) -> list[str]:
+        """Every accepted API key: api_keys and the keys of `keys` (empty: no auth)."""
+        return list(dict.fromkeys([*self.api_keys, *self.keys]))
+
+    def worker_count(self) -> int:
+        """`workers`, with auto as one per core this process may use."""
+        if self.workers != "auto":
+            return int(self.workers)
+        return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 def _check_store_spec(spec: str) -> None:

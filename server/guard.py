@@ -14,6 +14,7 @@ import json
 import math
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -22,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ragzip.server.config import ServerConfig
 from ragzip.server.errors import error_body
 from ragzip.server.metrics import Metrics
+from ragzip.server.shared import SharedState
 
 # Routes that do work: they count against the concurrency limit and need a key when keys are configured.
 LIMITED = frozenset({"/v1/chat/completions", "/v1/compress", "/v1/documents"})
@@ -108,16 +110,18 @@ class RateLimiter:
         self.burst = float(burst)
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
 
-    def check(self, client: str) -> float:
-        """0 when the request may go, else the seconds until it could."""
+    def check(self, client: str, rps: float | None = None, burst: int | None = None) -> float:
+        """0 when the request may go, else the seconds until it could (`rps`/`burst`: this client's own limit)."""
+        rps = rps or self.rps
+        cap = float(burst or self.burst)
         now = time.monotonic()
-        tokens, last = self._buckets.pop(client, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - last) * self.rps)
+        tokens, last = self._buckets.pop(client, (cap, now))
+        tokens = min(cap, tokens + (now - last) * rps)
         wait = 0.0
         if tokens >= 1:
             tokens -= 1
         else:
-            wait = (1 - tokens) / self.rps
+            wait = (1 - tokens) / rps
         self._buckets[client] = (tokens, now)
         while len(self._buckets) > _MAX_RATE_KEYS:
             self._buckets.popitem(last=False)
@@ -128,14 +132,31 @@ class Guard:
     """Checks keys and rate limits, caps body bytes, holds work to `max_concurrency` slots plus a bounded queue
     (then 429 with Retry-After), and cancels a request's work when its client disconnects."""
 
-    def __init__(self, app: ASGIApp, *, config: ServerConfig, metrics: Metrics, slots: Slots) -> None:
+    def __init__(self, app: ASGIApp, *, config: ServerConfig, metrics: Metrics, slots: Slots,
+                 shared: Callable[[], SharedState | None] = lambda: None) -> None:
         self.app = app
         self.config = config
         self.metrics = metrics
-        self.keys = [k.encode() for k in config.api_keys]
+        self.keys = [k.encode() for k in config.accepted_keys]
         self.slots = slots
-        self.limiter = (RateLimiter(config.rate_limit_rps, config.rate_limit_burst)
-                        if config.rate_limit_rps is not None else None)
+        self.shared = shared  # the shared state once the app has started (None: each worker limits on its own)
+        self.limiter = RateLimiter(config.rate_limit_rps or 1.0, config.rate_limit_burst)
+
+    def _limit(self, key: bytes | None) -> tuple[float, int] | None:
+        """(rps, burst) for requests with `key`: the key's own limit, else the server's; None when unlimited."""
+        policy = self.config.keys.get(key.decode()) if key is not None else None
+        rps = (policy.rate_limit_rps if policy else None) or self.config.rate_limit_rps
+        if rps is None:
+            return None
+        return rps, (policy.rate_limit_burst if policy else None) or self.config.rate_limit_burst
+
+    async def _rate_wait(self, client: str, rps: float, burst: int) -> float:
+        shared = self.shared()
+        if shared is not None:
+            wait = await shared.rate_wait(client, rps, burst)
+            if wait is not None:
+                return wait
+        return self.limiter.check(client, rps, burst)  # no shared state, or it failed: this worker's bucket
 
     def _key(self, scope: Scope) -> bytes | None:
         """The matching configured key, None when none matches (every key compared, in constant time each)."""
@@ -197,12 +218,15 @@ class Guard:
                                type="invalid_request_error", code="request_too_large")
             return
         limited = path in LIMITED and scope.get("method") == "POST"
-        if limited and self.limiter is not None:
-            wait = self.limiter.check(self._client_id(scope, key))
+        if key is not None:  # the routes apply the key's own policy (`keys`): method, budget, on_overload
+            scope.setdefault("state", {})["ragzip_key"] = self.config.keys.get(key.decode())
+        key_limit = self._limit(key) if limited else None
+        if key_limit is not None:
+            rps, burst = key_limit
+            wait = await self._rate_wait(self._client_id(scope, key), rps, burst)
             if wait > 0:
-                await self._refuse(send, 429, "rate_limited", f"rate limit of {self.config.rate_limit_rps:g} "
-                                   f"requests/s (burst {self.config.rate_limit_burst}) reached; retry after "
-                                   f"{wait:.1f} s", type="rate_limit_error", code="rate_limited",
+                await self._refuse(send, 429, "rate_limited", f"rate limit of {rps:g} requests/s (burst {burst}) "
+                                   f"reached; retry after {wait:.1f} s", type="rate_limit_error", code="rate_limited",
                                    headers={"retry-after": str(max(1, math.ceil(wait)))})
                 return
         if scope.get("method") in ("POST", "PUT", "PATCH"):

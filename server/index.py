@@ -1,7 +1,15 @@
-"""The proxy's own document index (`POST /v1/documents`), searched when a chat request brings no context."""
+"""The proxy's own document index (`POST /v1/documents`), searched when a chat request brings no context.
+
+With shared state (Redis), worker processes and replicas share one index: an add or a clear is appended to a log
+in Redis (documents as JSON) and every worker applies the log, in order, before it searches, lists or adds, so each
+holds the same documents (each embeds them itself). Ids come from one shared counter. When Redis fails, a worker
+adds to its own index (the documents are then not seen by the others; counted as shared-state errors).
+"""
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -10,7 +18,13 @@ import anyio
 
 from ragzip.server.config import ServerConfig
 from ragzip.server.errors import APIError
+from ragzip.server.shared import SharedState
 from ragzip.types import Document
+
+log = logging.getLogger("ragzip.server")
+_LOG = "index:log"
+_IDS = "index:ids"
+_SYNC_BATCH = 256  # log entries read per Redis call
 
 
 class IndexService:
@@ -23,6 +37,8 @@ class IndexService:
         self._retriever: Any = None
         self._lock = threading.Lock()
         self._num_added = 0
+        self.shared: SharedState | None = None  # set when the app starts with shared state
+        self._applied = 0  # log entries applied to this worker's index
 
     @property
     def size(self) -> int:
@@ -69,6 +85,7 @@ class IndexService:
 
     async def list(self, offset: int, limit: int) -> tuple[list[tuple[str, str, int]], int]:
         """A page of the added documents as (id, title, chunks), in the order they were added, and their total."""
+        await self.sync()
         return await anyio.to_thread.run_sync(self._list, offset, limit)
 
     def _clear(self) -> tuple[int, int]:
@@ -82,21 +99,76 @@ class IndexService:
 
     async def clear(self) -> tuple[int, int]:
         """Empty the index; returns the (documents, chunks) removed. New ids keep counting (never reused)."""
+        await self.sync()
+        removed = self.size, len({c.metadata.get("source_id", c.id) for c in self._chunks()})
+        if await self._shared_op({"op": "clear"}):
+            return removed[1], removed[0]
         return await anyio.to_thread.run_sync(self._clear)
+
+    def _chunks(self) -> list[Document]:
+        with self._lock:
+            return list(self._retriever.index.documents) if self._retriever is not None else []
 
     async def get(self, document_id: str) -> list[Document]:
         """The indexed chunks of one added document, in order (empty when no document has that id)."""
+        await self.sync()
         return await anyio.to_thread.run_sync(self._get, document_id)
 
-    def next_ids(self, n: int) -> list[str]:
-        return [f"doc-{self._num_added + i}" for i in range(n)]
+    async def next_ids(self, n: int) -> list[str]:
+        """Ids for `n` documents added without one: unique across workers with shared state."""
+        first = await self.shared.reserve_ids(_IDS, n) if self.shared is not None else None
+        if first is None:
+            first = self._num_added
+        return [f"doc-{first + i}" for i in range(n)]
+
+    async def sync(self) -> None:
+        """Apply the shared log's entries this worker has not applied yet (nothing without shared state)."""
+        while self.shared is not None:
+            entries = await self.shared.read(_LOG, self._applied, _SYNC_BATCH)
+            if not entries:
+                return
+            for raw in entries:
+                await anyio.to_thread.run_sync(self._apply, raw)
+                self._applied += 1
+
+    def _apply(self, raw: bytes) -> None:
+        try:
+            entry = json.loads(raw)
+            if entry.get("op") == "clear":
+                self._clear()
+            elif entry.get("op") == "add":
+                self._add([Document(d["id"], d["text"], d.get("title", "")) for d in entry["documents"]])
+        except APIError as exc:  # index full: the other workers refused it the same way
+            log.warning("shared index entry not applied: %s", exc.message)
+        except (ValueError, KeyError, TypeError) as exc:  # a foreign or damaged entry: skipped, never fatal
+            log.warning("shared index entry skipped (%s: %s)", type(exc).__name__, exc)
+
+    async def _shared_op(self, entry: dict[str, object]) -> bool:
+        """Append `entry` to the shared log and apply the log up to it; False when there is no shared log now."""
+        if self.shared is None:
+            return False
+        await self.sync()
+        raw = json.dumps(entry, ensure_ascii=False).encode()
+        if await self.shared.append(_LOG, [raw]) is None:
+            return False
+        await self.sync()
+        return True
 
     async def add(self, documents: Sequence[Document]) -> int:
         """Chunk, embed and index `documents`; returns the number of chunks added."""
+        if self.shared is not None:
+            await self.sync()
+            if self.size + len(documents) > self.config.max_index_chunks:  # refused before it reaches the log
+                return await anyio.to_thread.run_sync(self._add, documents)
+            before = self.size
+            entry = {"op": "add", "documents": [{"id": d.id, "text": d.text, "title": d.title} for d in documents]}
+            if await self._shared_op(entry):
+                return max(0, self.size - before)
         return await anyio.to_thread.run_sync(self._add, documents)
 
     async def search(self, query: str, k: int) -> list[Document]:
         """The top-`k` chunks for `query` (empty when nothing has been added)."""
+        await self.sync()
         if self.size == 0 or not query:
             return []
         return await anyio.to_thread.run_sync(self._search, query, k)

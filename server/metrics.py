@@ -42,6 +42,20 @@ class Metrics:
         self.compress_batch_size = Histogram("ragzip_compress_batch_size", "Requests compressed together in one "
                                              "batch (micro-batching)", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
                                              registry=r)
+        self.overload = Counter("ragzip_compress_overload", "Requests that found the compressor's queue longer than "
+                                "compress_wait_ms, by what was done (queue, uncompressed, reject)", ["policy"],
+                                registry=r)
+        self.compress_timeouts = Counter("ragzip_compress_timeouts", "Compressions that passed compress_timeout_ms",
+                                         registry=r)
+        self.result_cache_bytes = Gauge("ragzip_result_cache_bytes", "Bytes held by this worker's result cache",
+                                        registry=r)
+        self.shared_up = Gauge("ragzip_shared_up", "1 while the shared state (Redis) answers, 0 after a failure",
+                               registry=r)
+        self.shared_errors = Counter("ragzip_shared_errors", "Failed calls to the shared state (Redis)", ["op"],
+                                     registry=r)
+        self.shared_fallbacks = Counter("ragzip_shared_fallbacks", "Operations answered by this worker's own state "
+                                        "because the shared state failed or was skipped after a failure", ["op"],
+                                        registry=r)
 
     def record_compression(self, method: str, tokens_before: int, tokens_after: int, seconds: float) -> None:
         self.compress_seconds.labels(method).observe(seconds)

@@ -36,6 +36,9 @@ class RagzipOptions(BaseModel):
     options: dict[str, Any] | None = Field(default=None, description="Compressor options (if the server allows)")
     retrieve: bool | None = Field(default=None, description="Use the proxy index when no documents are given")
     top_k: int | None = Field(default=None, gt=0, le=100)
+    on_overload: Literal["queue", "uncompressed", "reject"] | None = Field(default=None, description=(
+        "When the compressor is overloaded: wait (queue), forward uncompressed, or 429 (default: the key's, "
+        "then the server's setting)"))
 
     @model_validator(mode="after")
     def _one_budget(self) -> RagzipOptions:
@@ -112,7 +115,7 @@ class CompressedOut(BaseModel):
 
 
 class CompressResponse(BaseModel):
-    """The input record with `compressed` added."""
+    """The input record with `compressed` added (header x-ragzip-result-source: compressor, cache or none)."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -183,6 +186,12 @@ class RagzipInfo(BaseModel):
     source: Literal["documents", "messages", "index", "none"]
     num_documents: int
     fallback: str | None = None
+    fallback_reason: Literal["error", "overload", "timeout"] | None = Field(
+        default=None, description="Why the context went uncompressed: the compressor failed, was overloaded "
+        "(on_overload uncompressed) or passed compress_timeout_ms")
+    result_source: Literal["compressor", "cache", "none"] = Field(
+        default="compressor", description="cache: a remembered result for the same documents, question, method, "
+                                          "budget and weights; none: nothing was compressed")
     already_compressed: bool = Field(default=False, description="The context came in a block a ragzip server in "
                                      "front had compressed; this server passed it on as it is")
     kv: KVInfo | None = None
