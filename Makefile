@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ragzip-installed
 
-.PHONY: setup demo test test-all lint
+.PHONY: setup demo test test-all lint litellm-env
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,11 +22,15 @@ setup: $(STAMP)
 demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/ragzip demo
 
-test: setup
+# LiteLLM's proxy in its own venv (its pins clash with the main one), for the guardrail's end-to-end tests.
+litellm-env: setup
+	bash scripts/litellm_env.sh
+
+test: setup litellm-env
 	bash scripts/services.sh start
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q
 
-test-all: setup
+test-all: setup litellm-env
 	bash scripts/services.sh start
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -q -m "not gpu"
 

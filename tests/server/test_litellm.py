@@ -1,0 +1,183 @@
+"""The `ragzip.litellm` guardrail inside LiteLLM's real proxy (from .venv-litellm, built by scripts/litellm_env.sh,
+which `make test` runs), started on loopback in front of an upstream that echoes what it was sent, so each test
+reads the prompt the LLM got: compressed in-process, compressed by a ragzip server, and forwarded uncompressed
+(fail-open) when that server is down, or refused when fail_open is off."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request
+
+from ragzip.eval.harness import free_port
+from ragzip.server.app import create_app
+from ragzip.server.config import ServerConfig
+from tests.server.conftest import LiveServer, ServerFactory
+
+ROOT = Path(__file__).resolve().parents[2]
+LITELLM = ROOT / ".venv-litellm" / "bin" / "litellm"
+# CI builds .venv-litellm (`make test`): there a missing venv fails the tests instead of skipping them.
+pytestmark = pytest.mark.skipif(not LITELLM.exists() and not os.environ.get("CI"),
+                                reason="no .venv-litellm (run scripts/litellm_env.sh)")
+
+FILLER = " ".join(f"Filler sentence number {i} talks about bread and rivers." for i in range(40))
+DOCS = [{"id": "tower", "title": "Tower", "text": "The Eiffel Tower is in Paris. It was built in 1889. " + FILLER},
+        {"id": "bread", "title": "Bread", "text": "Bread is baked from dough. " + FILLER}]
+
+
+def echo_upstream(seen: list[dict[str, Any]]) -> FastAPI:
+    """An OpenAI-compatible upstream whose answer is the JSON of the messages it got."""
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Any:
+        body = await request.json()
+        seen.append(body)
+        return {"id": "echo", "object": "chat.completion", "created": 0, "model": body.get("model", "echo"),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": json.dumps(body["messages"])},
+                             "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+
+    return app
+
+
+@pytest.fixture(scope="module")
+def upstream(live_server: ServerFactory) -> tuple[LiveServer, list[dict[str, Any]]]:
+    seen: list[dict[str, Any]] = []
+    return live_server(echo_upstream(seen)), seen
+
+
+@pytest.fixture(scope="module")
+def ragzip_server(live_server: ServerFactory, upstream: tuple[LiveServer, list[dict[str, Any]]]) -> LiveServer:
+    """A ragzip server whose /v1/compress the remote guardrail calls (truncate: no model to load)."""
+    return live_server(create_app(ServerConfig(upstream=f"{upstream[0].url}/v1", method="truncate",
+                                               api_keys=["sk-ragzip"], warm_compressor=False)))
+
+
+def _guardrail(name: str, **params: Any) -> dict[str, Any]:
+    return {"guardrail_name": name, "litellm_params": {"guardrail": "ragzip.litellm.RagzipGuardrail",
+                                                       "mode": "pre_call", "default_on": False, **params}}
+
+
+@pytest.fixture(scope="module")
+def litellm_proxy(tmp_path_factory: pytest.TempPathFactory, upstream: tuple[LiveServer, list[dict[str, Any]]],
+                  ragzip_server: LiveServer) -> Iterator[tuple[str, str]]:
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    guardrails = [
+        _guardrail("ragzip-local", method="exit", rate=0.3),
+        _guardrail("ragzip-remote", api_base=ragzip_server.url, api_key="sk-ragzip", method="truncate",
+                   target_tokens=40),
+        _guardrail("ragzip-down", api_base=dead, method="truncate", target_tokens=40, timeout_s=2),
+        _guardrail("ragzip-strict", api_base=dead, method="truncate", target_tokens=40, fail_open=False),
+    ]
+    config = {"model_list": [{"model_name": "echo", "litellm_params": {
+        "model": "openai/echo", "api_base": f"{upstream[0].url}/v1", "api_key": "unused"}}],
+              "guardrails": guardrails}
+    folder = tmp_path_factory.mktemp("litellm")
+    path = folder / "config.json"  # JSON is YAML: LiteLLM reads it as its config.yaml
+    path.write_text(json.dumps(config), encoding="utf-8")
+    master = "sk-" + secrets.token_hex(16)
+    port = free_port()
+    env = {**os.environ, "LITELLM_MASTER_KEY": master, "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    log = open(folder / "litellm.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([str(LITELLM), "--config", str(path), "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=folder)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError("LiteLLM exited: " + (folder / "litellm.log").read_text()[-3000:])
+            try:
+                if httpx.get(f"{url}/health/liveliness", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("LiteLLM did not start: " + (folder / "litellm.log").read_text()[-3000:])
+            time.sleep(0.5)
+        yield url, master
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _ask(proxy: tuple[str, str], guardrail: str, **extra: Any) -> httpx.Response:
+    url, master = proxy
+    body = {"model": "echo", "messages": [{"role": "user", "content": "Where is the Eiffel Tower?"}],
+            "documents": DOCS, "guardrails": [guardrail], **extra}
+    return httpx.post(f"{url}/v1/chat/completions", json=body, headers={"authorization": f"Bearer {master}"},
+                      timeout=120)
+
+
+def _prompt(r: httpx.Response) -> str:
+    assert r.status_code == 200, r.text
+    messages = json.loads(r.json()["choices"][0]["message"]["content"])
+    return "\n".join(m["content"] for m in messages if isinstance(m.get("content"), str))
+
+
+def _full_chars() -> int:
+    return sum(len(d["text"]) for d in DOCS)
+
+
+def test_in_process_guardrail_compresses_the_documents(litellm_proxy: tuple[str, str],
+                                                       upstream: tuple[LiveServer, list[dict[str, Any]]]) -> None:
+    r = _ask(litellm_proxy, "ragzip-local")
+    prompt = _prompt(r)
+    assert '<documents compressed-by="ragzip">' in prompt and "Where is the Eiffel Tower?" in prompt
+    assert "Eiffel Tower is in Paris" in prompt  # the answer survives ...
+    assert len(prompt) < 0.6 * _full_chars()  # ... and most of the filler does not
+    assert "documents" not in upstream[1][-1]  # the extra key is not forwarded to the LLM
+    before, after = int(r.headers["x-ragzip-tokens-before"]), int(r.headers["x-ragzip-tokens-after"])
+    assert r.headers["x-ragzip-method"] == "exit" and 0 < after < 0.6 * before
+    assert "x-ragzip-fallback" not in r.headers
+
+
+def test_remote_guardrail_calls_the_ragzip_server(litellm_proxy: tuple[str, str]) -> None:
+    r = _ask(litellm_proxy, "ragzip-remote")
+    prompt = _prompt(r)
+    assert r.headers["x-ragzip-method"] == "truncate" and int(r.headers["x-ragzip-tokens-after"]) <= 40
+    assert '<documents compressed-by="ragzip">' in prompt and len(prompt) < 0.3 * _full_chars()
+    # the request's own ragzip object sets its budget
+    r = _ask(litellm_proxy, "ragzip-remote", ragzip={"target_tokens": 80})
+    assert 40 < int(r.headers["x-ragzip-tokens-after"]) <= 80
+
+
+def test_guardrail_fails_open_when_the_ragzip_server_is_down(litellm_proxy: tuple[str, str]) -> None:
+    r = _ask(litellm_proxy, "ragzip-down")
+    prompt = _prompt(r)
+    assert r.headers["x-ragzip-fallback"] == "uncompressed" and r.headers["x-ragzip-method"] == "none"
+    for doc in DOCS:  # every document reaches the LLM whole
+        assert doc["text"] in prompt
+
+
+def test_guardrail_without_fail_open_refuses(litellm_proxy: tuple[str, str]) -> None:
+    r = _ask(litellm_proxy, "ragzip-strict")
+    assert r.status_code >= 400
+
+
+def test_requests_without_the_guardrail_pass_through(litellm_proxy: tuple[str, str],
+                                                     upstream: tuple[LiveServer, list[dict[str, Any]]]) -> None:
+    url, master = litellm_proxy
+    block = "<documents>\n" + "\n\n".join(d["text"] for d in DOCS) + "\n</documents>\nWhere is the Eiffel Tower?"
+    r = httpx.post(f"{url}/v1/chat/completions", json={"model": "echo", "messages": [{"role": "user",
+                   "content": block}]}, headers={"authorization": f"Bearer {master}"}, timeout=60)
+    assert _prompt(r) == block and "x-ragzip-method" not in r.headers
+    r = _ask(litellm_proxy, "ragzip-remote", messages=[{"role": "user", "content": block}], documents=None)
+    prompt = _prompt(r)  # the guardrail compresses a <documents> block in the messages, in place
+    assert prompt.startswith('<documents compressed-by="ragzip">') and prompt.endswith("Where is the Eiffel Tower?")
+    assert len(prompt) < 0.5 * len(block)
