@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
+import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
 import uvicorn
 
 from ragzip.engine import LocalEngine
+from ragzip.eval.harness import free_port
 
 
 class LiveServer:
@@ -64,3 +68,44 @@ def live_server() -> Iterator[ServerFactory]:
     yield start
     for server in reversed(started):
         server.stop()
+
+
+@pytest.fixture()
+def redis_server(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """A redis-server of this test's own (so that killing it disturbs nobody); skipped without the binary."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip("redis-server not installed (bash scripts/services.sh start installs it)")
+    port = free_port()
+    state: dict[str, Any] = {"url": f"redis://127.0.0.1:{port}/0"}
+
+    def start() -> None:
+        state["proc"] = subprocess.Popen([exe, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                                          "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+        wait_for(lambda: _answers(port), what="redis to start")
+
+    def kill() -> None:
+        state["proc"].kill()
+        state["proc"].wait(timeout=10)
+
+    state.update(start=start, kill=kill)
+    start()
+    yield state
+    if state["proc"].poll() is None:
+        kill()
+
+
+def _answers(port: int) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis(port=port, socket_timeout=0.2, socket_connect_timeout=0.2).ping())
+    except (redis.exceptions.RedisError, OSError):
+        return False
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import signal
 import subprocess
 import threading
@@ -30,7 +29,7 @@ from ragzip.eval.harness import free_port
 from ragzip.server.app import create_app
 from ragzip.server.config import ServerConfig
 
-from .conftest import LiveServer
+from .conftest import LiveServer, wait_for
 
 if TYPE_CHECKING:
     from .conftest import ServerFactory  # type: ignore[import-not-found]
@@ -93,13 +92,6 @@ def stub(live_server: ServerFactory) -> LiveServer:
 def proxy_config(stub: LiveServer, **cfg: Any) -> ServerConfig:
     return ServerConfig(**{"upstream": f"{stub.url}/v1", "method": "truncate", "rate": 0.5, "tokenizer": "whitespace",
                            **cfg})
-
-
-def wait_for(predicate: Any, timeout_s: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def test_a_burst_waits_in_the_queue_and_every_request_is_served(live_server: ServerFactory, stub: LiveServer) -> None:
@@ -242,40 +234,6 @@ def test_upstream_down_then_back(live_server: ServerFactory) -> None:
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "t0 t1 t2 "
     finally:
         upstream.stop()
-
-
-@pytest.fixture()
-def redis_server(tmp_path: Path) -> Iterator[dict[str, Any]]:
-    """A redis-server of this test's own (so that killing it disturbs nobody); skipped without the binary."""
-    exe = shutil.which("redis-server")
-    if exe is None:
-        pytest.skip("redis-server not installed (bash scripts/services.sh start installs it)")
-    port = free_port()
-    state: dict[str, Any] = {"url": f"redis://127.0.0.1:{port}/0"}
-
-    def start() -> None:
-        state["proc"] = subprocess.Popen([exe, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-                                          "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
-        wait_for(lambda: _answers(port), what="redis to start")
-
-    def kill() -> None:
-        state["proc"].kill()
-        state["proc"].wait(timeout=10)
-
-    state.update(start=start, kill=kill)
-    start()
-    yield state
-    if state["proc"].poll() is None:
-        kill()
-
-
-def _answers(port: int) -> bool:
-    import redis
-
-    try:
-        return bool(redis.Redis(port=port, socket_timeout=0.2, socket_connect_timeout=0.2).ping())
-    except (redis.exceptions.RedisError, OSError):
-        return False
 
 
 def _kv_chat(client: TestClient, docs: list[dict[str, str]]) -> dict[str, Any]:
