@@ -89,15 +89,19 @@ class StubUpstream:
 
 
 class ProxyProcess:
-    """`ragzip serve` in a subprocess (its own memory, measurable through /proc)."""
+    """`ragzip serve` in a subprocess (its own memory, measurable through /proc). `threads`: torch threads of the
+    server (of each worker; default 1, or the cores split between `workers`)."""
 
-    def __init__(self, config: dict[str, Any], *, startup_timeout_s: float = 180.0) -> None:
+    def __init__(self, config: dict[str, Any], *, startup_timeout_s: float = 180.0,
+                 threads: int | None = None) -> None:
         self.port = free_port()
         self.dir = tempfile.TemporaryDirectory()
         cfg = Path(self.dir.name) / "server.json"
         cfg.write_text(json.dumps(config), encoding="utf-8")
         exe = Path(sys.executable).with_name("ragzip")
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        if threads is not None or config.get("workers", 1) == 1:
+            env["OMP_NUM_THREADS"] = env["RAGZIP_NUM_THREADS"] = str(threads or 1)
         self.log = open(Path(self.dir.name) / "server.log", "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen([str(exe), "serve", "--host", "127.0.0.1", "--port", str(self.port),
                                       "--config", str(cfg)], stdout=self.log, stderr=subprocess.STDOUT, env=env)
@@ -116,16 +120,86 @@ class ProxyProcess:
             time.sleep(0.2)
 
     def rss_mb(self) -> float:
-        with open(f"/proc/{self.proc.pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-        return 0.0
+        """The resident memory of the server and its worker processes."""
+        return sum(_rss_mb(pid) for pid in [self.proc.pid, *_children(self.proc.pid)])
 
     def stop(self) -> None:
         self.proc.terminate()
         try:
             self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+        self.dir.cleanup()
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+LITELLM_VENV = Path(__file__).resolve().parents[1] / ".venv-litellm"
+
+
+class LiteLLMProxy:
+    """LiteLLM's own proxy (from .venv-litellm: scripts/litellm_env.sh) on loopback, in front of `upstream` (an
+    OpenAI-compatible base URL with /v1) as model `model_name`, with optional `guardrails` entries."""
+
+    def __init__(self, upstream: str, *, model_name: str = "stub", guardrails: list[dict[str, Any]] | None = None,
+                 startup_timeout_s: float = 180.0) -> None:
+        exe = LITELLM_VENV / "bin" / "litellm"
+        if not exe.exists():
+            raise FileNotFoundError(f"{exe} is missing: run `bash scripts/litellm_env.sh` (or `make test`)")
+        self.dir = tempfile.TemporaryDirectory()
+        folder = Path(self.dir.name)
+        config = {"model_list": [{"model_name": model_name, "litellm_params": {
+            "model": f"openai/{model_name}", "api_base": upstream, "api_key": "unused"}}],
+                  "guardrails": guardrails or []}
+        path = folder / "config.json"  # JSON is YAML: LiteLLM reads it as its config.yaml
+        path.write_text(json.dumps(config), encoding="utf-8")
+        self.master_key = "sk-" + os.urandom(16).hex()
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "LITELLM_MASTER_KEY": self.master_key, "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+               "LITELLM_LOG": "ERROR", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        self.log_path = folder / "litellm.log"
+        self.log = self.log_path.open("w")
+        self.proc = subprocess.Popen([str(exe), "--config", str(path), "--host", "127.0.0.1", "--port", str(self.port)],
+                                     stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=folder)
+        deadline = time.monotonic() + startup_timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"LiteLLM exited: {self.log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/health/liveliness", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError("LiteLLM did not start")
+            time.sleep(0.5)
+
+    def rss_mb(self) -> float:
+        return sum(_rss_mb(pid) for pid in [self.proc.pid, *_children(self.proc.pid)])
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             self.proc.kill()
         self.log.close()

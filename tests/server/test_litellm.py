@@ -7,24 +7,19 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
-import subprocess
-import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from fastapi import FastAPI, Request
 
-from ragzip.eval.harness import free_port
+from ragzip.eval.harness import LITELLM_VENV, LiteLLMProxy, free_port
 from ragzip.server.app import create_app
 from ragzip.server.config import ServerConfig
 from tests.server.conftest import LiveServer, ServerFactory
 
-ROOT = Path(__file__).resolve().parents[2]
-LITELLM = ROOT / ".venv-litellm" / "bin" / "litellm"
+LITELLM = LITELLM_VENV / "bin" / "litellm"
 # CI builds .venv-litellm (`make test`): there a missing venv fails the tests instead of skipping them.
 pytestmark = pytest.mark.skipif(not LITELLM.exists() and not os.environ.get("CI"),
                                 reason="no .venv-litellm (run scripts/litellm_env.sh)")
@@ -69,7 +64,7 @@ def _guardrail(name: str, **params: Any) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def litellm_proxy(tmp_path_factory: pytest.TempPathFactory, upstream: tuple[LiveServer, list[dict[str, Any]]],
+def litellm_proxy(upstream: tuple[LiveServer, list[dict[str, Any]]],
                   ragzip_server: LiveServer) -> Iterator[tuple[str, str]]:
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     guardrails = [
@@ -79,41 +74,11 @@ def litellm_proxy(tmp_path_factory: pytest.TempPathFactory, upstream: tuple[Live
         _guardrail("ragzip-down", api_base=dead, method="truncate", target_tokens=40, timeout_s=2),
         _guardrail("ragzip-strict", api_base=dead, method="truncate", target_tokens=40, fail_open=False),
     ]
-    config = {"model_list": [{"model_name": "echo", "litellm_params": {
-        "model": "openai/echo", "api_base": f"{upstream[0].url}/v1", "api_key": "unused"}}],
-              "guardrails": guardrails}
-    folder = tmp_path_factory.mktemp("litellm")
-    path = folder / "config.json"  # JSON is YAML: LiteLLM reads it as its config.yaml
-    path.write_text(json.dumps(config), encoding="utf-8")
-    master = "sk-" + secrets.token_hex(16)
-    port = free_port()
-    env = {**os.environ, "LITELLM_MASTER_KEY": master, "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    log = open(folder / "litellm.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([str(LITELLM), "--config", str(path), "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=folder)
-    url = f"http://127.0.0.1:{port}"
+    proxy = LiteLLMProxy(f"{upstream[0].url}/v1", model_name="echo", guardrails=guardrails)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError("LiteLLM exited: " + (folder / "litellm.log").read_text()[-3000:])
-            try:
-                if httpx.get(f"{url}/health/liveliness", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("LiteLLM did not start: " + (folder / "litellm.log").read_text()[-3000:])
-            time.sleep(0.5)
-        yield url, master
+        yield proxy.url, proxy.master_key
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        proxy.stop()
 
 
 def _ask(proxy: tuple[str, str], guardrail: str, **extra: Any) -> httpx.Response:
