@@ -65,6 +65,7 @@ class Result:
     retry_after: float = 0.0
     fallback: str = ""  # x-ragzip-fallback
     source: str = ""  # x-ragzip-result-source
+    error: str = ""  # the error code of a 5xx answer, or the transport error's type
 
 
 class Workload:
@@ -112,18 +113,27 @@ async def send(client: httpx.AsyncClient, kind: str, body: dict[str, Any]) -> ht
 
 async def _timed(client: httpx.AsyncClient, kind: str, body: dict[str, Any], t0: float) -> Result:
     start = time.monotonic()
-    retry_after, fallback, source = 0.0, "", ""
+    retry_after, fallback, source, error = 0.0, "", "", ""
     try:
         r = await send(client, kind, body)
         status = r.status_code
         fallback, source = r.headers.get("x-ragzip-fallback", ""), r.headers.get("x-ragzip-result-source", "")
         if status == 429:
             retry_after = float(r.headers.get("retry-after", "1"))
+        elif status >= 500:
+            error = _error_code(r)
     except httpx.TimeoutException:
         status = -1
-    except httpx.HTTPError:
-        status = 0
-    return Result(start - t0, time.monotonic() - start, kind, status, retry_after, fallback, source)
+    except httpx.HTTPError as exc:
+        status, error = 0, type(exc).__name__
+    return Result(start - t0, time.monotonic() - start, kind, status, retry_after, fallback, source, error)
+
+
+def _error_code(r: httpx.Response) -> str:
+    try:
+        return str(r.json()["error"].get("code") or r.json()["error"].get("type"))
+    except (ValueError, KeyError, TypeError, AttributeError, httpx.ResponseNotRead):
+        return f"http {r.status_code}"
 
 
 async def _ticker(deadline: float, t0: float, on_tick: Any) -> None:
@@ -214,7 +224,8 @@ def summarize(results: list[Result], wall: float) -> dict[str, Any]:
             "client_timeouts": statuses.get(-1, 0), "not_sent": statuses.get(-2, 0),
             "by_kind": {k: sum(1 for r in results if r.kind == k and r.status == 200) for k in KINDS},
             "fallbacks": dict(Counter(r.fallback for r in results if r.fallback)),
-            "result_sources": dict(Counter(r.source for r in results if r.source))}
+            "result_sources": dict(Counter(r.source for r in results if r.source)),
+            "errors": dict(Counter(f"{r.kind}: {r.error}" for r in results if r.error))}
 
 
 class RssSampler:

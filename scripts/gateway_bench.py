@@ -36,7 +36,7 @@ SLOTS = {"max_concurrency": 64, "queue_depth": 256}  # the compressor's admissio
 def _brief(out: dict[str, Any]) -> dict[str, Any]:
     keep = ("requests", "served", "served_rps", "p50_ms", "p95_ms", "p99_ms", "rejected_429", "p50_ms_429",
             "server_errors", "client_timeouts", "not_sent", "fallbacks", "result_sources", "rss_mb_max",
-            "statuses", "rejected_by_reason", "shared_errors", "fault")
+            "statuses", "rejected_by_reason", "shared_errors", "fault", "errors")
     return {k: out[k] for k in keep if k in out}
 
 
