@@ -130,6 +130,7 @@ class ProxyProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         self.log.close()
+        self.log_text = (Path(self.dir.name) / "server.log").read_text(errors="replace")  # kept for the caller
         self.dir.cleanup()
 
 

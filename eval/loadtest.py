@@ -368,6 +368,10 @@ def load_run(*, backend: str = "stub", seconds: float = 30.0, concurrency: int =
                            **{k: v for k, v in rss.items() if k != "rss_samples"}, "ready_at_end": ready,
                            "rejected_by_reason": _rejected(metrics), "shared_errors": _metric_sum(
                                metrics, "ragzip_shared_errors_total"), "rss_samples": rss.get("rss_samples", [])}
+    if out["server_errors"]:  # the server's own account of its errors
+        lines = proxy.log_text.splitlines()
+        first = next((i for i, line in enumerate(lines) if "ERROR" in line), len(lines))
+        out["server_log_errors"] = lines[first:first + 80]
     if chaos:
         out["chaos"] = chaos_split(results, events.get("down", seconds), events.get("up", seconds), 2.0)
     if fault is not None:

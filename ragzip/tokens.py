@@ -9,6 +9,7 @@ cache or download.
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any, Protocol, runtime_checkable
@@ -16,6 +17,9 @@ from typing import Any, Protocol, runtime_checkable
 from ragzip.errors import ConfigError
 
 _WORD = re.compile(r"\S+")
+# transformers' first import is lazy and not thread-safe: two threads loading a tokenizer at once in a fresh process
+# (a server's warm-up thread and its first request) failed with "cannot import name 'AutoTokenizer'".
+_LOAD_LOCK = threading.Lock()
 
 
 @runtime_checkable
@@ -164,5 +168,6 @@ def get_token_counter(name: str | None = None) -> TokenCounter:
         return counter
     from ragzip.registry import load_tokenizer
 
-    tok = load_tokenizer(name)
+    with _LOAD_LOCK:
+        tok = load_tokenizer(name)
     return HFTokenCounter(tok, name or "default-llm")

@@ -102,6 +102,7 @@ class CompressionService:
         self._pipelines: OrderedDict[str, tuple[Any, MicroBatcher[CompressionRequest, CompressionResult]]] = \
             OrderedDict()
         self._lock = threading.Lock()
+        self._counter_lock = threading.Lock()
         self._run_lock = threading.Lock()  # one compression batch at a time across pipelines (shared encoders)
         self._pending_lock = threading.Lock()
         self._pending = 0  # compressions submitted and not yet finished (queued in a batcher or running)
@@ -126,9 +127,10 @@ class CompressionService:
 
     @property
     def counter(self) -> TokenCounter:
-        if self._counter is None:
-            self._counter = get_token_counter(self.tokenizer)
-        return self._counter
+        with self._counter_lock:  # once, whichever of the warm-up thread and the first request comes first
+            if self._counter is None:
+                self._counter = get_token_counter(self.tokenizer)
+            return self._counter
 
     def plan(self, opts: RagzipOptions | None, key: KeyPolicy | None = None) -> Plan:
         """Resolve the request's `ragzip` object against its API key's defaults (`keys`), then the server's.
@@ -245,6 +247,15 @@ class CompressionService:
         return cache_key(documents=documents, question=query, method=plan.method, budget=plan.budget.as_dict(),
                          tokenizer=self.counter.name, options=plan.options, revision=weights_revision())
 
+    async def _cache_key(self, plan: Plan, query: str, documents: Sequence[Document]) -> str | None:
+        """The result cache's key (None when the cache is off); computed in a thread until the budget tokenizer
+        is loaded, so that a worker's first requests do not hold its event loop while it loads."""
+        if not self.cache.enabled:
+            return None
+        if self._counter is None:
+            return await anyio.to_thread.run_sync(self._key, plan, query, documents)
+        return self._key(plan, query, documents)
+
     def _admit(self, plan: Plan, *, fail_open: bool) -> bool:
         """True when the compression may run; False when the request goes uncompressed (overloaded under
         `uncompressed`). Raises the 429 of `reject` (or of `uncompressed` where there is nothing to forward)."""
@@ -272,12 +283,12 @@ class CompressionService:
 
     async def compress(self, plan: Plan, query: str, documents: Sequence[Document]) -> Outcome:
         """Compress or raise (the /v1/compress contract): a failure is a clear 500, bad options a 400, an
-        overloaded compressor a 429 unless `policy` is queue, a timeout a 504."""
-        key = self._key(plan, query, documents) if self.cache.enabled else None
-        if key is not None and (hit := await self.cache.get(key)) is not None:
-            return Outcome(hit, "cache")
+        overloaded compressor a 429 unless the plan's on_overload is queue, a timeout a 504."""
         if not plan.compress:
             return await self.uncompressed(documents)
+        key = await self._cache_key(plan, query, documents)
+        if key is not None and (hit := await self.cache.get(key)) is not None:
+            return Outcome(hit, "cache")
         self._admit(plan, fail_open=False)
         try:
             result = await self._compress(plan, query, documents)
@@ -313,7 +324,7 @@ class CompressionService:
             return Outcome(CompressionResult(plan.method, (), 0, 0, 0.0).to_contract(), "none")
         if not plan.compress:
             return await self.uncompressed(documents)
-        key = self._key(plan, query, documents) if self.cache.enabled else None
+        key = await self._cache_key(plan, query, documents)
         if key is not None and (hit := await self.cache.get(key)) is not None:
             return Outcome(hit, "cache")
         try:

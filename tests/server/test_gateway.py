@@ -252,6 +252,10 @@ def test_each_key_gets_its_own_method_budget_policy_and_limit(upstream: Any) -> 
         plain = chat(client, h("sk-plain")).json()["ragzip"]
         assert a["method"] == "random" and a["budget"]["rate"] == 0.5 and plain["method"] == "truncate"
         assert chat(client, h("sk-a"), method="truncate", rate=0.2).json()["ragzip"]["method"] == "truncate"
+        assert client.post("/v1/compress", json=RECORD, headers=h("sk-plain")).status_code == 200  # now cached
+        opted_out = client.post("/v1/compress", json=RECORD, headers=h("sk-off"))
+        assert opted_out.headers["x-ragzip-result-source"] == "none"
+        assert opted_out.json()["compressed"]["method"] == "none"
         off = chat(client, h("sk-off"))
         assert off.json()["ragzip"]["method"] == "none" and off.json()["ragzip"]["result_source"] == "none"
         assert TEXT in upstream[1][-1]["messages"][-1]["content"]
