@@ -380,3 +380,14 @@ def test_serve_workers_restarts_a_killed_worker_and_drains_on_sigterm(tmp_path: 
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_the_documented_configs_are_valid() -> None:
+    """Every server.json on docs/surfaces.md loads as a ServerConfig (the docs cannot drift from the config)."""
+    import re
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "surfaces.md").read_text(encoding="utf-8")
+    blocks = [json.loads(b) for b in re.findall(r"```json\n(.*?)```", page, re.DOTALL) if '"upstream"' in b]
+    assert len(blocks) >= 2
+    for block in blocks:
+        ServerConfig(**block)
