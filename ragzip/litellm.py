@@ -21,7 +21,7 @@ one or in `allowed_methods`).
 Fail-open (the default): when compression fails, times out or the ragzip server is unreachable, the request goes on
 with its context uncompressed (documents sent as `documents` are still put into the prompt), and says why. Savings
 are reported in response headers (`x-ragzip-method`, `x-ragzip-tokens-before`, `x-ragzip-tokens-after`,
-`x-ragzip-fallback`), in the request metadata (`metadata["ragzip"]`) and in LiteLLM's guardrail logging.
+`x-ragzip-fallback`), in the request metadata (`metadata["ragzip_guardrail"]`) and in LiteLLM's guardrail logging.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from ragzip.types import Document
 
 log = logging.getLogger("ragzip.litellm")
 _CHAT_CALLS = frozenset({"completion", "acompletion"})
+_INFO = "ragzip_guardrail"  # this guardrail's own metadata key (a client's metadata["ragzip"] is not trusted)
 _REQUEST_KEYS = frozenset({"method", "rate", "target_tokens"})
 
 
@@ -82,10 +83,13 @@ class RagzipGuardrail(CustomGuardrail):
         self.allowed_methods = {method, *(allowed_methods or [])}
         self._compressors: dict[str, tuple[Any, threading.Lock]] = {}
         self._build_lock = threading.Lock()
+        self._client: httpx.AsyncClient | None = None  # one connection pool to the ragzip server
         super().__init__(**kwargs)
 
     async def async_pre_call_hook(self, user_api_key_dict: Any, cache: Any, data: dict[str, Any],
                                   call_type: str) -> dict[str, Any] | None:
+        if isinstance(data.get("metadata"), dict):
+            data["metadata"].pop(_INFO, None)  # only this hook writes it (the headers hook reads it)
         if call_type not in _CHAT_CALLS or not isinstance(data.get("messages"), list):
             return None
         if not self.should_run_guardrail(data=data, event_type=GuardrailEventHooks.pre_call):
@@ -93,8 +97,17 @@ class RagzipGuardrail(CustomGuardrail):
         explicit = data.pop("documents", None)
         options = data.pop("ragzip", None) or {}
         started = time.perf_counter()
-        ctx = extract([dict(m) for m in data["messages"]],
-                      to_documents(explicit, where="documents") if explicit else None)
+        try:
+            ctx = extract([dict(m) for m in data["messages"]],
+                          to_documents(explicit, where="documents") if explicit else None)
+        except Exception as exc:  # noqa: BLE001 - malformed documents: the request goes on without them
+            if not self.fail_open:
+                raise
+            log.warning("ragzip guardrail: the request's documents are malformed (%s); forwarding it as it is",
+                        type(exc).__name__)
+            self._report(data, {"method": "none", "tokens_before": None, "tokens_after": None,
+                                "fallback": f"malformed documents: {type(exc).__name__}", "seconds": 0.0}, started)
+            return data
         if not ctx.documents or ctx.already_compressed:
             if explicit:  # nothing to compress, but the documents still belong in the prompt
                 data["messages"] = inject(ctx, ctx.documents)
@@ -110,7 +123,8 @@ class RagzipGuardrail(CustomGuardrail):
         except Exception as exc:  # noqa: BLE001 - fail-open: any compressor failure forwards the context as it is
             if not self.fail_open:
                 raise
-            reason = "timeout" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"[:300]
+            timed_out = isinstance(exc, (TimeoutError, asyncio.TimeoutError))  # distinct classes before 3.11
+            reason = "timeout" if timed_out else f"{type(exc).__name__}: {exc}"[:300]
             log.warning("ragzip guardrail: compression failed (%s); forwarding the context uncompressed", reason)
             kept, info = ctx.documents, {"method": "none", "tokens_before": None, "tokens_after": None,
                                          "fallback": reason}
@@ -124,8 +138,8 @@ class RagzipGuardrail(CustomGuardrail):
     async def async_post_call_response_headers_hook(self, data: dict[str, Any], user_api_key_dict: Any,
                                                     response: Any, request_headers: Any = None,
                                                     litellm_call_info: Any = None) -> dict[str, str] | None:
-        info = (data.get("metadata") or {}).get("ragzip")
-        if not isinstance(info, dict):
+        info = (data.get("metadata") or {}).get(_INFO)
+        if not isinstance(info, dict) or "method" not in info:
             return None
         headers = {"x-ragzip-method": str(info["method"])}
         if info.get("tokens_before") is not None:
@@ -156,8 +170,9 @@ class RagzipGuardrail(CustomGuardrail):
                                                       for d in documents],
                       "ragzip": {"method": method, **budget}}
             headers = {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-            async with httpx.AsyncClient(timeout=self.timeout_s) as client:
-                r = await client.post(f"{self.api_base}/v1/compress", json=record, headers=headers)
+            if self._client is None:
+                self._client = httpx.AsyncClient(timeout=self.timeout_s)
+            r = await self._client.post(f"{self.api_base}/v1/compress", json=record, headers=headers)
             r.raise_for_status()
             compressed = r.json()["compressed"]
             if not isinstance(compressed, dict) or not isinstance(compressed.get("contexts"), list):
@@ -182,7 +197,7 @@ class RagzipGuardrail(CustomGuardrail):
         metadata = data.get("metadata")
         if not isinstance(metadata, dict):
             metadata = data["metadata"] = {}
-        metadata["ragzip"] = info
+        metadata[_INFO] = info
         try:
             from litellm.proxy.common_utils.callback_utils import add_guardrail_to_applied_guardrails_header
 

@@ -365,7 +365,7 @@ def serve(*, host: str = "127.0.0.1", port: int = 8000, upstream: str | None = N
 def worker_app() -> FastAPI:
     """The app of one worker process of `serve(workers=N)` (uvicorn's factory): the config comes from the
     parent, already validated."""
-    raw = os.environ.get(WORKER_CONFIG_ENV)
+    raw = os.environ.pop(WORKER_CONFIG_ENV, None)  # keys inside: not left for this worker's own children
     if not raw:
         raise ConfigError(f"{WORKER_CONFIG_ENV} is not set: worker_app is started by `ragzip serve --workers N`")
     settings = Settings()

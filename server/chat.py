@@ -62,7 +62,10 @@ async def prepare(state: Any, req: ChatCompletionRequest, key: KeyPolicy | None 
     check_size(cfg, ctx.documents, param="documents" if explicit else "messages")
     opts = req.ragzip
     plan = state.compression.plan(opts, key)
-    if not ctx.documents and (opts is None or opts.retrieve is not False) and state.index.size:
+    retrieve = not ctx.documents and (opts is None or opts.retrieve is not False)
+    if retrieve:
+        await state.index.sync()  # documents another worker added (shared state)
+    if retrieve and state.index.size:
         k = (opts.top_k if opts and opts.top_k else None) or cfg.top_k
         ctx.documents = await state.index.search(ctx.query, k)
         ctx.source = "index" if ctx.documents else "none"

@@ -174,7 +174,13 @@ class CompressionService:
             budget = Budget(rate=key.rate, target_tokens=key.target_tokens)
         else:
             budget = Budget(rate=self.config.rate, target_tokens=self.config.target_tokens)
-        policy = opts.on_overload or key.on_overload or self.config.on_overload
+        policy = key.on_overload or self.config.on_overload
+        if opts.on_overload is not None and opts.on_overload != policy:
+            if opts.on_overload == "queue" and not self.config.allow_request_options:
+                # queueing costs the compressor what the operator chose to shed: only the operator may allow it
+                raise APIError(400, f"on_overload 'queue' is not allowed here: this server's policy for the "
+                                    f"request is {policy!r}", code="options_not_allowed", param="ragzip.on_overload")
+            policy = opts.on_overload
         return Plan(method, budget, options, policy, key.compress)
 
     def pipeline(self, plan: Plan) -> Any:
@@ -252,17 +258,24 @@ class CompressionService:
         is loaded, so that a worker's first requests do not hold its event loop while it loads."""
         if not self.cache.enabled:
             return None
-        if self._counter is None:
-            return await anyio.to_thread.run_sync(self._key, plan, query, documents)
-        return self._key(plan, query, documents)
+        try:
+            if self._counter is None:
+                return await anyio.to_thread.run_sync(self._key, plan, query, documents)
+            return self._key(plan, query, documents)
+        except Exception as exc:  # noqa: BLE001 - e.g. the budget tokenizer cannot load: no cache, and the
+            log.warning("result cache off for this request: %s", redacted(exc))  # compression path reports it
+            return None
 
     def _admit(self, plan: Plan, *, fail_open: bool) -> bool:
         """True when the compression may run; False when the request goes uncompressed (overloaded under
         `uncompressed`). Raises the 429 of `reject` (or of `uncompressed` where there is nothing to forward)."""
         policy = plan.on_overload
         wait = self.expected_wait_s()
-        if wait <= self.config.compress_wait_ms / 1000.0 or policy == "queue":
-            if wait > self.config.compress_wait_ms / 1000.0:
+        budget_s = self.config.compress_wait_ms / 1000.0
+        if self.config.compress_timeout_ms is not None:  # a wait past the timeout would only time out
+            budget_s = min(budget_s, self.config.compress_timeout_ms / 1000.0)
+        if wait <= budget_s or policy == "queue":
+            if wait > budget_s:
                 self.metrics.overload.labels("queue").inc()
             return True
         if policy == "uncompressed" and fail_open:

@@ -1,15 +1,20 @@
 """The proxy's own document index (`POST /v1/documents`), searched when a chat request brings no context.
 
-With shared state (Redis), worker processes and replicas share one index: an add or a clear is appended to a log
-in Redis (documents as JSON) and every worker applies the log, in order, before it searches, lists or adds, so each
-holds the same documents (each embeds them itself). Ids come from one shared counter. When Redis fails, a worker
-adds to its own index (the documents are then not seen by the others; counted as shared-state errors).
+With shared state (Redis), worker processes and replicas share one index: an add is appended to a log in Redis
+(documents as JSON) and every worker applies the log, in order, before it searches, lists or adds, so each holds the
+same documents (each embeds them itself). A clear starts a new generation (a new, empty log; the old one expires),
+so a worker that starts late replays only what was added since the last clear; a worker that finds another
+generation (a clear, or a Redis that lost its data) empties its own index and replays the new log. Ids come from
+one shared counter. When Redis fails, a worker adds to its own index with ids of its own (the documents are then
+not seen by the others; counted as shared-state errors).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import os
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -22,9 +27,10 @@ from ragzip.server.shared import SharedState
 from ragzip.types import Document
 
 log = logging.getLogger("ragzip.server")
-_LOG = "index:log"
+_GEN = "index:gen"
 _IDS = "index:ids"
-_SYNC_BATCH = 256  # log entries read per Redis call
+_SYNC_BATCH = 16  # log entries read per Redis call (each up to max_body_bytes)
+_OLD_LOG_TTL_S = 3600  # a cleared generation's log lingers this long for workers still applying it
 
 
 class IndexService:
@@ -38,7 +44,9 @@ class IndexService:
         self._lock = threading.Lock()
         self._num_added = 0
         self.shared: SharedState | None = None  # set when the app starts with shared state
-        self._applied = 0  # log entries applied to this worker's index
+        self._applied = 0  # entries of the current generation's log applied to this worker's index
+        self._generation: str | None = None
+        self._sync_lock: asyncio.Lock | None = None  # one sync at a time per worker (created on its event loop)
 
     @property
     def size(self) -> int:
@@ -100,9 +108,11 @@ class IndexService:
     async def clear(self) -> tuple[int, int]:
         """Empty the index; returns the (documents, chunks) removed. New ids keep counting (never reused)."""
         await self.sync()
-        removed = self.size, len({c.metadata.get("source_id", c.id) for c in self._chunks()})
-        if await self._shared_op({"op": "clear"}):
-            return removed[1], removed[0]
+        if self.shared is not None and self._generation is not None:
+            chunks = self._chunks()
+            if await self.shared.next_generation(_GEN, self._log(self._generation), _OLD_LOG_TTL_S) is not None:
+                await self.sync()  # this worker moves to the new, empty generation like the others
+                return len({c.metadata.get("source_id", c.id) for c in chunks}), len(chunks)
         return await anyio.to_thread.run_sync(self._clear)
 
     def _chunks(self) -> list[Document]:
@@ -117,42 +127,47 @@ class IndexService:
     async def next_ids(self, n: int) -> list[str]:
         """Ids for `n` documents added without one: unique across workers with shared state."""
         first = await self.shared.reserve_ids(_IDS, n) if self.shared is not None else None
-        if first is None:
-            first = self._num_added
-        return [f"doc-{first + i}" for i in range(n)]
+        if first is not None:
+            return [f"doc-{first + i}" for i in range(n)]
+        prefix = f"doc-{os.getpid()}-" if self.shared is not None else "doc-"  # Redis down: ids of this worker's own
+        return [f"{prefix}{self._num_added + i}" for i in range(n)]
+
+    @staticmethod
+    def _log(generation: str) -> str:
+        return f"index:log:{generation}"
 
     async def sync(self) -> None:
         """Apply the shared log's entries this worker has not applied yet (nothing without shared state)."""
-        while self.shared is not None:
-            entries = await self.shared.read(_LOG, self._applied, _SYNC_BATCH)
-            if not entries:
+        if self.shared is None:
+            return
+        if self._sync_lock is None:
+            self._sync_lock = asyncio.Lock()
+        async with self._sync_lock:  # two requests syncing at once would apply the same entries twice
+            generation = await self.shared.get_text(_GEN)
+            if generation is None and self.shared.down("index"):
                 return
-            for raw in entries:
-                await anyio.to_thread.run_sync(self._apply, raw)
-                self._applied += 1
+            generation = generation or "0"
+            if generation != self._generation:  # cleared (or Redis lost its data): start over from the new log
+                await anyio.to_thread.run_sync(self._clear)
+                self._generation, self._applied = generation, 0
+            while True:
+                entries = await self.shared.read(self._log(generation), self._applied, _SYNC_BATCH)
+                if not entries:
+                    return
+                for raw in entries:
+                    await anyio.to_thread.run_sync(self._apply, raw)
+                    self._applied += 1  # under the lock: each entry once, in order, whatever _apply did
 
     def _apply(self, raw: bytes) -> None:
         try:
             entry = json.loads(raw)
-            if entry.get("op") == "clear":
-                self._clear()
-            elif entry.get("op") == "add":
-                self._add([Document(d["id"], d["text"], d.get("title", "")) for d in entry["documents"]])
+            if not isinstance(entry, dict) or entry.get("op") != "add":
+                raise ValueError("not an add entry")
+            self._add([Document(d["id"], d["text"], d.get("title", "")) for d in entry["documents"]])
         except APIError as exc:  # index full: the other workers refused it the same way
             log.warning("shared index entry not applied: %s", exc.message)
-        except (ValueError, KeyError, TypeError) as exc:  # a foreign or damaged entry: skipped, never fatal
-            log.warning("shared index entry skipped (%s: %s)", type(exc).__name__, exc)
-
-    async def _shared_op(self, entry: dict[str, object]) -> bool:
-        """Append `entry` to the shared log and apply the log up to it; False when there is no shared log now."""
-        if self.shared is None:
-            return False
-        await self.sync()
-        raw = json.dumps(entry, ensure_ascii=False).encode()
-        if await self.shared.append(_LOG, [raw]) is None:
-            return False
-        await self.sync()
-        return True
+        except Exception as exc:  # noqa: BLE001 - a foreign or damaged entry is skipped, never fatal
+            log.warning("shared index entry skipped (%s)", type(exc).__name__)
 
     async def add(self, documents: Sequence[Document]) -> int:
         """Chunk, embed and index `documents`; returns the number of chunks added."""
@@ -162,7 +177,9 @@ class IndexService:
                 return await anyio.to_thread.run_sync(self._add, documents)
             before = self.size
             entry = {"op": "add", "documents": [{"id": d.id, "text": d.text, "title": d.title} for d in documents]}
-            if await self._shared_op(entry):
+            raw = json.dumps(entry, ensure_ascii=False).encode()
+            if self._generation is not None and await self.shared.append(self._log(self._generation), [raw]):
+                await self.sync()
                 return max(0, self.size - before)
         return await anyio.to_thread.run_sync(self._add, documents)
 

