@@ -391,3 +391,63 @@ def test_the_documented_configs_are_valid() -> None:
     assert len(blocks) >= 2
     for block in blocks:
         ServerConfig(**block)
+
+
+def test_concurrent_syncs_apply_each_shared_entry_once(two_workers: tuple[TestClient, TestClient],
+                                                        redis_server: dict[str, Any]) -> None:
+    import asyncio
+
+    import redis
+
+    a, b = two_workers
+    h = {"authorization": "Bearer sk-r"}
+    for text in ("The tower is in Paris.", "Bread is baked from dough.", "Rivers flow to the sea."):
+        a.post("/v1/documents", json={"documents": [text]}, headers=h)
+    # a damaged and a foreign entry in the log are skipped, never fatal
+    redis.Redis.from_url(redis_server["url"]).rpush("ragzip:index:log:0", b"not json", b'["op", "add"]')
+    a.post("/v1/documents", json={"documents": ["Oxygen is an element."]}, headers=h)
+    index = b.app.state.ragzip.index  # type: ignore[attr-defined]
+
+    async def many() -> list[Any]:
+        return list(await asyncio.gather(*(index.list(0, 100) for _ in range(6))))
+
+    pages = b.portal.call(many)  # type: ignore[union-attr]
+    assert all(total == 4 for _, total in pages) and index.size == 4  # no entry applied twice
+    r = b.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content":
+                                             "Where is the tower?"}], "ragzip": {"method": "none"}}, headers=h)
+    assert r.status_code == 200 and r.json()["ragzip"]["source"] == "index"
+
+
+def test_a_fresh_worker_retrieves_shared_documents_and_a_clear_starts_a_generation(
+        upstream: Any, redis_server: dict[str, Any]) -> None:
+    cfg = {"shared": redis_server["url"]}
+    with client_for(upstream, **cfg) as a:
+        a.post("/v1/documents", json={"documents": ["Old news about bread."]})
+        a.delete("/v1/documents")
+        a.post("/v1/documents", json={"documents": ["The tower is in Paris."]})
+        with client_for(upstream, **cfg) as late:  # never added nor listed: its first chat must see the index
+            r = late.post("/v1/chat/completions", json={"model": "m", "messages": [
+                {"role": "user", "content": "Where is the tower?"}], "ragzip": {"method": "none"}})
+            assert r.json()["ragzip"]["source"] == "index"
+            texts = [c["text"] for c in late.get("/v1/documents/doc-1").json().get("chunks", [])]
+            assert late.get("/v1/documents").json()["total"] == 1 and "bread" not in " ".join(texts)
+
+
+def test_a_request_cannot_loosen_the_overload_policy_to_queue(upstream: Any) -> None:
+    with client_for(upstream, on_overload="reject") as client:
+        r = chat(client, rate=0.3, on_overload="queue")
+        assert r.status_code == 400 and r.json()["error"]["param"] == "ragzip.on_overload"
+    with client_for(upstream, on_overload="reject", allow_request_options=True) as client:
+        overload(client)
+        assert chat(client, rate=0.3, on_overload="queue").status_code == 200
+
+
+def test_a_failing_cache_key_never_fails_the_request(upstream: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken() -> str:
+        raise OSError("weights unreadable")
+
+    monkeypatch.setattr(compression_module, "weights_revision", broken)
+    with client_for(upstream) as client:
+        r = chat(client, rate=0.3)
+        assert r.status_code == 200 and r.json()["ragzip"]["method"] == "truncate"
+        assert client.post("/v1/compress", json=RECORD).status_code == 200

@@ -146,3 +146,8 @@ def test_requests_without_the_guardrail_pass_through(litellm_proxy: tuple[str, s
     prompt = _prompt(r)  # the guardrail compresses a <documents> block in the messages, in place
     assert prompt.startswith('<documents compressed-by="ragzip">') and prompt.endswith("Where is the Eiffel Tower?")
     assert len(prompt) < 0.5 * len(block)
+
+
+def test_malformed_documents_fail_open(litellm_proxy: tuple[str, str]) -> None:
+    r = _ask(litellm_proxy, "ragzip-remote", documents=[{"text": 5}])
+    assert _prompt(r) == "Where is the Eiffel Tower?"  # forwarded as it was, without the documents key
