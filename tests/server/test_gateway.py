@@ -274,7 +274,7 @@ def test_each_key_gets_its_own_method_budget_policy_and_limit(upstream: Any) -> 
 @pytest.fixture()
 def two_workers(upstream: Any, redis_server: dict[str, Any]) -> Iterator[tuple[TestClient, TestClient]]:
     """Two apps sharing one Redis, as two worker processes (or replicas) would."""
-    keys = {"sk-r": KeyPolicy(rate_limit_rps=0.2, rate_limit_burst=3)}
+    keys = {"sk-r": KeyPolicy(rate_limit_rps=0.2, rate_limit_burst=3), "sk-u": KeyPolicy()}
     with client_for(upstream, shared=redis_server["url"], keys=keys) as a, \
             client_for(upstream, shared=redis_server["url"], keys=keys) as b:
         yield a, b
@@ -400,8 +400,10 @@ def test_concurrent_syncs_apply_each_shared_entry_once(two_workers: tuple[TestCl
     import redis
 
     a, b = two_workers
-    h = {"authorization": "Bearer sk-r"}
-    for text in ("The tower is in Paris.", "Bread is baked from dough.", "Rivers flow to the sea."):
+    h = {"authorization": "Bearer sk-u"}
+    a.post("/v1/documents", json={"documents": ["The tower is in Paris."]}, headers=h)
+    assert b.get("/v1/documents", headers=h).json()["total"] == 1  # b is in sync; then more arrive
+    for text in ("Bread is baked from dough.", "Rivers flow to the sea."):
         a.post("/v1/documents", json={"documents": [text]}, headers=h)
     # a damaged and a foreign entry in the log are skipped, never fatal
     redis.Redis.from_url(redis_server["url"]).rpush("ragzip:index:log:0", b"not json", b'["op", "add"]')
@@ -413,6 +415,8 @@ def test_concurrent_syncs_apply_each_shared_entry_once(two_workers: tuple[TestCl
 
     pages = b.portal.call(many)  # type: ignore[union-attr]
     assert all(total == 4 for _, total in pages) and index.size == 4  # no entry applied twice
+    a.post("/v1/documents", json={"documents": ["The museum opens at nine."]}, headers=h)
+    assert b.get("/v1/documents", headers=h).json()["total"] == 5  # and none skipped after
     r = b.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content":
                                              "Where is the tower?"}], "ragzip": {"method": "none"}}, headers=h)
     assert r.status_code == 200 and r.json()["ragzip"]["source"] == "index"
