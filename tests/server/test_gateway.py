@@ -455,3 +455,40 @@ def test_a_failing_cache_key_never_fails_the_request(upstream: Any, monkeypatch:
         r = chat(client, rate=0.3)
         assert r.status_code == 200 and r.json()["ragzip"]["method"] == "truncate"
         assert client.post("/v1/compress", json=RECORD).status_code == 200
+
+
+def test_worker_processes_share_a_key_limit_and_the_cache_through_redis(tmp_path: Path, upstream: Any,
+                                                                        redis_server: dict[str, Any]) -> None:
+    port = free_port()
+    cfg = tmp_path / "server.json"
+    cfg.write_text(json.dumps({"upstream": f"{upstream[0].url}/v1", "method": "truncate", "tokenizer": "whitespace",
+                               "workers": 2, "warm_compressor": False, "shared": redis_server["url"],
+                               "keys": {"sk-r": {"rate_limit_rps": 0.01, "rate_limit_burst": 3}}}))
+    exe = Path(sys.executable).with_name("ragzip")
+    with (tmp_path / "serve.log").open("w") as out:
+        proc = subprocess.Popen([str(exe), "serve", "--port", str(port), "--config", str(cfg)], stdout=out,
+                                stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}"
+
+    def serving() -> bool:
+        try:
+            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200 and len(_children(proc.pid)) >= 2
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(serving, timeout_s=120, what="two workers")
+        time.sleep(1.0)  # both workers accepting
+        # 20 requests on new connections, spread over both processes: a burst of 3 in all, not 3 per worker
+        answers = [httpx.post(f"{url}/v1/compress", json=RECORD, headers={"authorization": "Bearer sk-r"},
+                              timeout=30) for _ in range(20)]
+        served = [r for r in answers if r.status_code == 200]
+        assert len(served) == 3 and all(r.status_code == 429 for r in answers if r.status_code != 200)
+        assert [r.headers["x-ragzip-result-source"] for r in served] == ["compressor", "cache", "cache"]
+        assert len({r.content for r in served}) == 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
