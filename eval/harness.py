@@ -106,22 +106,12 @@ class ProxyProcess:
         self.proc = subprocess.Popen([str(exe), "serve", "--host", "127.0.0.1", "--port", str(self.port),
                                       "--config", str(cfg)], stdout=self.log, stderr=subprocess.STDOUT, env=env)
         self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + startup_timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"proxy exited: {(Path(self.dir.name) / 'server.log').read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("proxy did not start")
-            time.sleep(0.2)
+        wait_until_up(self.proc, f"{self.url}/healthz", Path(self.dir.name) / "server.log", startup_timeout_s,
+                      what="proxy")
 
     def rss_mb(self) -> float:
         """The resident memory of the server and its worker processes."""
-        return sum(_rss_mb(pid) for pid in [self.proc.pid, *_children(self.proc.pid)])
+        return process_tree_rss_mb(self.proc.pid)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -132,6 +122,23 @@ class ProxyProcess:
         self.log.close()
         self.log_text = (Path(self.dir.name) / "server.log").read_text(errors="replace")  # kept for the caller
         self.dir.cleanup()
+
+
+def wait_until_up(proc: subprocess.Popen[bytes], url: str, log: Path, timeout_s: float, *, what: str) -> None:
+    """Until `url` answers 200; RuntimeError (with the log's tail) if `proc` exits first, TimeoutError after
+    `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited: {log.read_text(errors='replace')[-3000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not start")
+        time.sleep(0.2)
 
 
 def _rss_mb(pid: int) -> float:
@@ -145,11 +152,29 @@ def _rss_mb(pid: int) -> float:
     return 0.0
 
 
-def _children(pid: int) -> list[int]:
+def child_pids(pid: int) -> list[int]:
     try:
         return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except OSError:
         return []
+
+
+def process_tree_rss_mb(pid: int) -> float:
+    """The resident memory of `pid` and its children (a server and its workers)."""
+    return sum(_rss_mb(p) for p in [pid, *child_pids(pid)])
+
+
+def worker_pids(pid: int) -> list[int]:
+    """The worker processes of a `ragzip serve --workers` supervisor (multiprocessing's resource tracker left
+    out)."""
+    found = []
+    for child in child_pids(pid):
+        try:
+            if b"resource_tracker" not in Path(f"/proc/{child}/cmdline").read_bytes():
+                found.append(child)
+        except OSError:
+            continue
+    return found
 
 
 LITELLM_VENV = Path(__file__).resolve().parents[1] / ".venv-litellm"
@@ -180,22 +205,15 @@ class LiteLLMProxy:
         self.log = self.log_path.open("w")
         self.proc = subprocess.Popen([str(exe), "--config", str(path), "--host", "127.0.0.1", "--port", str(self.port)],
                                      stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=folder)
-        deadline = time.monotonic() + startup_timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"LiteLLM exited: {self.log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/health/liveliness", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise TimeoutError("LiteLLM did not start")
-            time.sleep(0.5)
+        try:
+            wait_until_up(self.proc, f"{self.url}/health/liveliness", self.log_path, startup_timeout_s,
+                          what="LiteLLM")
+        except (RuntimeError, TimeoutError):
+            self.stop()
+            raise
 
     def rss_mb(self) -> float:
-        return sum(_rss_mb(pid) for pid in [self.proc.pid, *_children(self.proc.pid)])
+        return process_tree_rss_mb(self.proc.pid)
 
     def stop(self) -> None:
         self.proc.terminate()

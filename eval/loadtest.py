@@ -34,12 +34,11 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
 
-from ragzip.eval.harness import ProxyProcess, StubUpstream, free_port
+from ragzip.eval.harness import ProxyProcess, StubUpstream, free_port, worker_pids
 
 WORDS = ("paris tower iron bread flour oxygen element museum river city built year design metres "
          "history people world known famous capital north south light water").split()
@@ -316,7 +315,7 @@ def load_run(*, backend: str = "stub", seconds: float = 30.0, concurrency: int =
             if fault == "redis" and redis_proc is not None:
                 redis_proc.kill()
             elif fault == "worker":
-                victims = [c for c in _workers(proxy.proc.pid)]
+                victims = worker_pids(proxy.proc.pid)
                 if victims:
                     os.kill(victims[0], signal.SIGKILL)
                     events["killed_worker"] = victims[0]
@@ -353,7 +352,7 @@ def load_run(*, backend: str = "stub", seconds: float = 30.0, concurrency: int =
         rss = sampler.stop()
         ready = httpx.get(f"{proxy.url}/readyz", timeout=5).json()["status"]
         metrics = httpx.get(f"{proxy.url}/metrics", timeout=5).text
-        alive_workers = len(_workers(proxy.proc.pid)) if workers > 1 else 1
+        alive_workers = len(worker_pids(proxy.proc.pid)) if workers > 1 else 1
     finally:
         proxy.stop()
         if stub is not None:
@@ -396,22 +395,6 @@ def _wait_ready(url: str, workers: int, timeout_s: float = 180.0) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError("the proxy did not turn ready")
         time.sleep(0.1)
-
-
-def _workers(pid: int) -> list[int]:
-    """The worker processes of a `serve --workers` supervisor (multiprocessing's resource tracker left out)."""
-    found = []
-    try:
-        children = [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-    for child in children:
-        try:
-            if b"resource_tracker" not in Path(f"/proc/{child}/cmdline").read_bytes():
-                found.append(child)
-        except OSError:
-            continue
-    return found
 
 
 class OwnRedis:

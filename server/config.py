@@ -15,6 +15,16 @@ from ragzip.errors import ConfigError
 OverloadPolicy = Literal["queue", "uncompressed", "reject"]
 
 
+def _unknown_stages(method: str) -> list[str]:
+    """The stages of a method or '+'-joined pipeline that are not registered compressors."""
+    return [n for n in method.split("+") if n not in COMPRESSORS]
+
+
+def _one_budget(rate: float | None, target_tokens: int | None) -> None:
+    if rate is not None and target_tokens is not None:
+        raise ValueError("give at most one of rate and target_tokens")
+
+
 class KeyPolicy(BaseModel):
     """What one API key gets (`keys` in the server config): its compression defaults, its load policy, its limit.
 
@@ -40,15 +50,13 @@ class KeyPolicy(BaseModel):
         if value is None:
             return None
         value = canonical_method(value)
-        unknown = [n for n in value.split("+") if n not in COMPRESSORS]
-        if unknown:
+        if _unknown_stages(value):
             raise ValueError(f"unknown method {value!r}; valid: {sorted(COMPRESSORS)}, or '+'-joined")
         return value
 
     @model_validator(mode="after")
-    def _one_budget(self) -> KeyPolicy:
-        if self.rate is not None and self.target_tokens is not None:
-            raise ValueError("give at most one of rate and target_tokens")
+    def _check(self) -> KeyPolicy:
+        _one_budget(self.rate, self.target_tokens)
         return self
 
 
@@ -150,15 +158,14 @@ class ServerConfig(BaseModel):
         if value is None:
             return None
         names = [canonical_method(m) for m in value]
-        unknown = sorted({n for m in names for n in m.split("+") if n not in COMPRESSORS})
+        unknown = sorted({n for m in names for n in _unknown_stages(m)})
         if unknown:
             raise ValueError(f"allowed_methods names unknown compressors {unknown}; valid: {sorted(COMPRESSORS)}")
         return names
 
     @model_validator(mode="after")
     def _check(self) -> ServerConfig:
-        if self.rate is not None and self.target_tokens is not None:
-            raise ValueError("give at most one of rate and target_tokens")
+        _one_budget(self.rate, self.target_tokens)
         if self.upstream is not None and not self.upstream.startswith(("http://", "https://")):
             raise ValueError(f"upstream must be an http(s) URL, got {self.upstream!r}")
         if self.kv_store is not None:
@@ -174,7 +181,7 @@ class ServerConfig(BaseModel):
         if self.default_max_new_tokens > self.max_new_tokens:
             raise ValueError("default_max_new_tokens must be <= max_new_tokens")
         if not (self.method.endswith(".json") and Path(self.method).is_file()):
-            unknown = [n for n in self.method.split("+") if n not in COMPRESSORS]
+            unknown = _unknown_stages(self.method)
             if unknown:
                 raise ValueError(f"unknown method {self.method!r} ({', '.join(map(repr, unknown))}); valid: "
                                  f"{sorted(COMPRESSORS)}, '+'-joined, or a pipeline JSON file")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -13,6 +14,7 @@ from typing import Any, Protocol
 
 import pytest
 import uvicorn
+from fastapi import FastAPI, Request
 
 from ragzip.engine import LocalEngine
 from ragzip.eval.harness import free_port
@@ -109,3 +111,24 @@ def wait_for(predicate: Callable[[], Any], timeout_s: float = 10.0, what: str = 
     while not predicate():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.02)
+
+
+def echo_upstream(seen: list[dict[str, Any]]) -> Any:
+    """An OpenAI-compatible upstream that records each body in `seen` and answers with the JSON of the messages
+    it got (so a test reads the prompt the LLM received)."""
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Any:
+        body = await request.json()
+        seen.append(body)
+        return {"id": "echo", "object": "chat.completion", "created": 0, "model": body.get("model", "echo"),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": json.dumps(body["messages"])},
+                             "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+
+    @app.get("/v1/models")
+    async def models() -> Any:
+        return {"object": "list", "data": []}
+
+    return app

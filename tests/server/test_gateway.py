@@ -16,41 +16,22 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
 import ragzip.server.compression as compression_module
-from ragzip.eval.harness import free_port
+from ragzip.eval.harness import free_port, worker_pids
 from ragzip.server.app import create_app
 from ragzip.server.config import KeyPolicy, ServerConfig
 from ragzip.server.metrics import Metrics
 from ragzip.server.result_cache import ResultCache, cache_key, encode
 from ragzip.types import Document
 
-from .conftest import LiveServer, ServerFactory, wait_for
+from .conftest import LiveServer, ServerFactory, echo_upstream, wait_for
 
 TEXT = ("The tower is in Paris. It was built in 1889. Bread is baked from dough. Rivers flow to the sea. "
         "The museum opens at nine. Oxygen is an element.")
 RECORD = {"question": "Where is the tower?", "contexts": [{"id": "a", "title": "Tower", "text": TEXT},
                                                           {"id": "b", "text": "Bread is eaten everywhere. " * 5}]}
-
-
-def echo_upstream(seen: list[dict[str, Any]]) -> FastAPI:
-    """An OpenAI-compatible upstream that records each body and answers with the prompt's length."""
-    app = FastAPI()
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> Any:
-        body = await request.json()
-        seen.append(body)
-        return {"id": "e", "object": "chat.completion", "created": 0, "model": "echo",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]}
-
-    @app.get("/v1/models")
-    async def models() -> Any:
-        return {"object": "list", "data": []}
-
-    return app
 
 
 @pytest.fixture(scope="module")
@@ -332,54 +313,57 @@ def test_redis_killed_mid_run_falls_back_to_local_state(upstream: Any, redis_ser
 
 # --- worker processes ----------------------------------------------------------------------------------------------
 
-def _children(pid: int) -> list[int]:
-    """The worker processes of the supervisor `pid` (not multiprocessing's resource tracker)."""
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    found = []
-    for child in (int(x) for x in path.read_text().split()) if path.exists() else []:
-        try:
-            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"resource_tracker" not in cmdline:
-            found.append(child)
-    return found
+@pytest.fixture()
+def serve_workers(tmp_path: Path, upstream: Any) -> Iterator[Any]:
+    """Start `ragzip serve` with 2 workers in front of the echo upstream (config keys added to the base); yields
+    a starter returning (process, url, log path) once both workers run; stopped (SIGTERM, then kill) after."""
+    started: list[subprocess.Popen[bytes]] = []
 
+    def start(**extra: Any) -> tuple[subprocess.Popen[bytes], str, Path]:
+        port = free_port()
+        cfg = tmp_path / "server.json"
+        cfg.write_text(json.dumps({"upstream": f"{upstream[0].url}/v1", "method": "truncate",
+                                   "tokenizer": "whitespace", "workers": 2, "warm_compressor": False, **extra}))
+        log = tmp_path / "serve.log"
+        with log.open("w") as out:
+            proc = subprocess.Popen([str(Path(sys.executable).with_name("ragzip")), "serve", "--port", str(port),
+                                     "--config", str(cfg)], stdout=out, stderr=subprocess.STDOUT,
+                                    env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        started.append(proc)
+        url = f"http://127.0.0.1:{port}"
 
-def test_serve_workers_restarts_a_killed_worker_and_drains_on_sigterm(tmp_path: Path, upstream: Any) -> None:
-    port = free_port()
-    cfg = tmp_path / "server.json"
-    cfg.write_text(json.dumps({"upstream": f"{upstream[0].url}/v1", "method": "truncate", "tokenizer": "whitespace",
-                               "workers": 2, "warm_compressor": False}))
-    exe = Path(sys.executable).with_name("ragzip")
-    log = tmp_path / "serve.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen([str(exe), "serve", "--port", str(port), "--config", str(cfg)], stdout=out,
-                                stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    url = f"http://127.0.0.1:{port}"
+        def serving() -> bool:
+            try:
+                return httpx.get(f"{url}/healthz", timeout=1).status_code == 200 and len(worker_pids(proc.pid)) >= 2
+            except httpx.HTTPError:
+                return False
 
-    def serving() -> bool:
-        try:
-            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200 and len(_children(proc.pid)) >= 2
-        except httpx.HTTPError:
-            return False
-
-    try:
         wait_for(serving, timeout_s=120, what="two workers")
-        assert "without 'shared'" in log.read_text()  # N workers without Redis say what is not shared
-        workers = _children(proc.pid)
-        assert len(workers) == 2
-        os.kill(workers[0], signal.SIGKILL)
-        wait_for(lambda: len(_children(proc.pid)) == 2 and workers[0] not in _children(proc.pid), timeout_s=60,
-                 what="the killed worker to be replaced")
-        statuses = [httpx.post(f"{url}/v1/compress", json=RECORD, timeout=30).status_code for _ in range(6)]
-        assert statuses == [200] * 6
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
-        assert all(not Path(f"/proc/{w}").exists() for w in workers[1:])
-    finally:
+        return proc, url, log
+
+    yield start
+    for proc in started:
         if proc.poll() is None:
-            proc.kill()
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def test_serve_workers_restarts_a_killed_worker_and_drains_on_sigterm(serve_workers: Any) -> None:
+    proc, url, log = serve_workers()
+    assert "without 'shared'" in log.read_text()  # N workers without Redis say what is not shared
+    workers = worker_pids(proc.pid)
+    assert len(workers) == 2
+    os.kill(workers[0], signal.SIGKILL)
+    wait_for(lambda: len(worker_pids(proc.pid)) == 2 and workers[0] not in worker_pids(proc.pid), timeout_s=60,
+             what="the killed worker to be replaced")
+    statuses = [httpx.post(f"{url}/v1/compress", json=RECORD, timeout=30).status_code for _ in range(6)]
+    assert statuses == [200] * 6
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    assert all(not Path(f"/proc/{w}").exists() for w in workers[1:])
 
 
 def test_the_documented_configs_are_valid() -> None:
@@ -457,38 +441,15 @@ def test_a_failing_cache_key_never_fails_the_request(upstream: Any, monkeypatch:
         assert client.post("/v1/compress", json=RECORD).status_code == 200
 
 
-def test_worker_processes_share_a_key_limit_and_the_cache_through_redis(tmp_path: Path, upstream: Any,
+def test_worker_processes_share_a_key_limit_and_the_cache_through_redis(serve_workers: Any,
                                                                         redis_server: dict[str, Any]) -> None:
-    port = free_port()
-    cfg = tmp_path / "server.json"
-    cfg.write_text(json.dumps({"upstream": f"{upstream[0].url}/v1", "method": "truncate", "tokenizer": "whitespace",
-                               "workers": 2, "warm_compressor": False, "shared": redis_server["url"],
-                               "keys": {"sk-r": {"rate_limit_rps": 0.01, "rate_limit_burst": 3}}}))
-    exe = Path(sys.executable).with_name("ragzip")
-    with (tmp_path / "serve.log").open("w") as out:
-        proc = subprocess.Popen([str(exe), "serve", "--port", str(port), "--config", str(cfg)], stdout=out,
-                                stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    url = f"http://127.0.0.1:{port}"
-
-    def serving() -> bool:
-        try:
-            return httpx.get(f"{url}/healthz", timeout=1).status_code == 200 and len(_children(proc.pid)) >= 2
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(serving, timeout_s=120, what="two workers")
-        time.sleep(1.0)  # both workers accepting
-        # 20 requests on new connections, spread over both processes: a burst of 3 in all, not 3 per worker
-        answers = [httpx.post(f"{url}/v1/compress", json=RECORD, headers={"authorization": "Bearer sk-r"},
-                              timeout=30) for _ in range(20)]
-        served = [r for r in answers if r.status_code == 200]
-        assert len(served) == 3 and all(r.status_code == 429 for r in answers if r.status_code != 200)
-        assert [r.headers["x-ragzip-result-source"] for r in served] == ["compressor", "cache", "cache"]
-        assert len({r.content for r in served}) == 1
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    _, url, _ = serve_workers(shared=redis_server["url"],
+                              keys={"sk-r": {"rate_limit_rps": 0.01, "rate_limit_burst": 3}})
+    time.sleep(1.0)  # both workers accepting
+    # 20 requests on new connections, spread over both processes: a burst of 3 in all, not 3 per worker
+    answers = [httpx.post(f"{url}/v1/compress", json=RECORD, headers={"authorization": "Bearer sk-r"}, timeout=30)
+               for _ in range(20)]
+    served = [r for r in answers if r.status_code == 200]
+    assert len(served) == 3 and all(r.status_code == 429 for r in answers if r.status_code != 200)
+    assert [r.headers["x-ragzip-result-source"] for r in served] == ["compressor", "cache", "cache"]
+    assert len({r.content for r in served}) == 1

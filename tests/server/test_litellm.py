@@ -12,12 +12,12 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI, Request
 
 from ragzip.eval.harness import LITELLM_VENV, LiteLLMProxy, free_port
 from ragzip.server.app import create_app
 from ragzip.server.config import ServerConfig
-from tests.server.conftest import LiveServer, ServerFactory
+
+from .conftest import LiveServer, ServerFactory, echo_upstream
 
 LITELLM = LITELLM_VENV / "bin" / "litellm"
 # CI builds .venv-litellm (`make test`): there a missing venv fails the tests instead of skipping them.
@@ -27,22 +27,6 @@ pytestmark = pytest.mark.skipif(not LITELLM.exists() and not os.environ.get("CI"
 FILLER = " ".join(f"Filler sentence number {i} talks about bread and rivers." for i in range(40))
 DOCS = [{"id": "tower", "title": "Tower", "text": "The Eiffel Tower is in Paris. It was built in 1889. " + FILLER},
         {"id": "bread", "title": "Bread", "text": "Bread is baked from dough. " + FILLER}]
-
-
-def echo_upstream(seen: list[dict[str, Any]]) -> FastAPI:
-    """An OpenAI-compatible upstream whose answer is the JSON of the messages it got."""
-    app = FastAPI()
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> Any:
-        body = await request.json()
-        seen.append(body)
-        return {"id": "echo", "object": "chat.completion", "created": 0, "model": body.get("model", "echo"),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": json.dumps(body["messages"])},
-                             "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
-
-    return app
 
 
 @pytest.fixture(scope="module")
