@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
+import redis
 import uvicorn
 from fastapi import FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
@@ -379,8 +380,6 @@ def worker_app() -> FastAPI:
 
 def _ping_shared(url: str) -> str | None:
     """None when the shared Redis answers, else why not."""
-    import redis
-
     try:
         redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2).ping()
     except Exception as exc:  # noqa: BLE001 - reported as a startup warning

@@ -13,6 +13,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import redis.asyncio as redis_asyncio
+
 from ragzip.server.metrics import Metrics
 
 log = logging.getLogger("ragzip.server")
@@ -52,8 +54,6 @@ class SharedState:
     """
 
     def __init__(self, url: str, metrics: Metrics, *, timeout_s: float = 0.25, retry_s: float = 2.0) -> None:
-        import redis.asyncio as redis_asyncio
-
         self.url = url
         self.metrics = metrics
         self.retry_s = retry_s
