@@ -43,6 +43,17 @@ def apply_rotation(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
 
 
+def default_inv_freq(theta: float, rotary_dim: int) -> Tensor:
+    """Inverse frequencies of plain RoPE (``rope_type: default``): ``theta ** (-2i / D_rot)``, ``[D_rot / 2]``.
+
+    For engines whose model objects ragzip does not hold (vLLM): the same values HF's default rotary embedding
+    computes, in float32.
+    """
+    if rotary_dim <= 0 or rotary_dim % 2:
+        raise ValueError(f"rotary dim must be even and positive, got {rotary_dim}")
+    return 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim))
+
+
 def rerotate_keys(key_states: Tensor, delta: Tensor | int, inv_freq: Tensor) -> Tensor:
     """Move cached keys by ``delta`` positions.
 

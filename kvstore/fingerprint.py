@@ -23,12 +23,23 @@ def _jsonable(value: Any) -> Any:
     return repr(value)
 
 
+def config_fields(config: Any) -> dict[str, Any]:
+    """The architecture and RoPE facts of a (text) config that shape K/V."""
+    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    return {name: _jsonable(getattr(config, name, None)) for name in _CONFIG_FIELDS}
+
+
+def fields_fingerprint(fields: dict[str, Any]) -> str:
+    """`<model_type>-<dtype>-<hash of every field>`."""
+    digest = hashlib.blake2b(json.dumps(fields, sort_keys=True).encode("utf-8"), digest_size=8).hexdigest()
+    return f"{fields['model_type']}-{fields['dtype']}-{digest}"
+
+
 def fingerprint_fields(model: Any) -> dict[str, Any]:
     """The facts a fingerprint hashes: architecture config, RoPE settings, dtype, revision, a weight sample."""
     import torch
 
-    config = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
-    fields = {name: _jsonable(getattr(config, name, None)) for name in _CONFIG_FIELDS}
+    fields = config_fields(model.config)
     fields["revision"] = getattr(model.config, "_commit_hash", None)
     fields["dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
     # Two fine-tunes of one architecture share every config field: a small sample of the weights that shape K/V
@@ -62,9 +73,7 @@ def model_fingerprint(model: Any) -> str:
     cached = getattr(model, "_ragzip_fingerprint", None)
     if isinstance(cached, tuple) and cached[0] == dtype:
         return str(cached[1])
-    fields = fingerprint_fields(model)
-    digest = hashlib.blake2b(json.dumps(fields, sort_keys=True).encode("utf-8"), digest_size=8).hexdigest()
-    fp = f"{fields['model_type']}-{fields['dtype']}-{digest}"
+    fp = fields_fingerprint(fingerprint_fields(model))
     try:
         model._ragzip_fingerprint = (dtype, fp)
     except AttributeError:  # objects with __slots__: recompute next time
