@@ -27,6 +27,8 @@ from fastapi.responses import JSONResponse, Response
 
 from ragzip.contract import check_strings, parse_record, to_documents
 from ragzip.errors import ConfigError
+from ragzip.prompt import PromptBuilder
+from ragzip.registry import load_tokenizer
 from ragzip.server import errors
 from ragzip.server.chat import chat_completion
 from ragzip.server.compression import CompressionService, check_size
@@ -78,6 +80,7 @@ class ServerState:
     compression: CompressionService
     index: IndexService
     upstream: Any = None
+    prompt_builder: PromptBuilder | None = None  # upstream_kind vllm: lays out the prompt sent as token ids
     backend: Any = None
     slots: Slots | None = None
     shared: SharedState | None = None
@@ -192,6 +195,9 @@ def create_app(config: ServerConfig | None = None, *, settings: Settings | None 
             state.upstream = Upstream(config.upstream, api_key=config.upstream_api_key,
                                       timeout_s=config.upstream_timeout_s,
                                       connect_timeout_s=config.upstream_connect_timeout_s)
+            if config.upstream_kind == "vllm":
+                tokenizer = await anyio.to_thread.run_sync(load_tokenizer, config.upstream_tokenizer)
+                state.prompt_builder = PromptBuilder(tokenizer)
         else:
             state.backend = await anyio.to_thread.run_sync(_load_backend, config, settings, engine, kv_store,
                                                              metrics)

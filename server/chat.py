@@ -17,6 +17,7 @@ from ragzip.server.context import ChatContext, extract, inject
 from ragzip.server.errors import APIError, UpstreamError, error_body
 from ragzip.server.local import GenerationDone
 from ragzip.server.schemas import ChatCompletionRequest, plain_documents
+from ragzip.server.vllm_upstream import via_vllm
 from ragzip.types import Document
 
 
@@ -95,6 +96,8 @@ async def chat_completion(state: Any, req: ChatCompletionRequest, authorization:
     ctx, outcome, kept = await prepare(state, req, key)
     info = ragzip_info(ctx, outcome)
     headers = ragzip_headers(info)
+    if state.prompt_builder is not None and kept:  # upstream_kind vllm: the answer prompt as token ids
+        return await via_vllm(state, req, ctx, kept, info, headers, authorization)
     if state.upstream is not None:
         return await _via_upstream(state, req, ctx, kept, info, headers, authorization)
     return await _via_local(state, req, ctx, kept, info, headers)

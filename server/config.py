@@ -74,6 +74,14 @@ class ServerConfig(BaseModel):
     upstream_api_key: str | None = Field(default=None, description="Bearer key sent to the upstream")
     upstream_timeout_s: float = Field(default=120.0, gt=0, description="Read timeout for one upstream call")
     upstream_connect_timeout_s: float = Field(default=5.0, gt=0)
+    upstream_kind: Literal["openai", "vllm"] = Field(
+        default="openai", description="openai: forward chat completions; vllm: send the answer prompt as token ids "
+        "to the upstream's /v1/completions, documents in a canonical order with their spans in kv_transfer_params "
+        "(for vLLM's prefix cache and the ragzip KV connector)")
+    upstream_tokenizer: str | None = Field(default=None, description="upstream_kind vllm: the served model's "
+                                           "tokenizer (packaged alias, local path or hub name)")
+    canonical_order: bool = Field(default=True, description="upstream_kind vllm: put documents in a canonical order "
+                                  "so a set that recurs in another order is the same prompt")
     llm: str | None = Field(default=None, description="Local engine model (default: Settings.llm)")
     dtype: str | None = Field(default=None, description="Local engine dtype (default: Settings.dtype)")
     device: str | None = Field(default=None, description="auto | cpu | cuda | cuda:N for every model the proxy "
@@ -170,6 +178,9 @@ class ServerConfig(BaseModel):
             raise ValueError(f"upstream must be an http(s) URL, got {self.upstream!r}")
         if self.kv_store is not None:
             _check_store_spec(self.kv_store)
+        if self.upstream_kind == "vllm" and (self.upstream is None or self.upstream_tokenizer is None):
+            raise ValueError("upstream_kind 'vllm' needs upstream (vLLM's base URL) and upstream_tokenizer (the served "
+                             "model's tokenizer)")
         if isinstance(self.workers, int) and not 1 <= self.workers <= 64:
             raise ValueError(f"workers must be 1..64 or 'auto', got {self.workers}")
         if self.shared is not None and not self.shared.startswith(("redis://", "rediss://", "unix://")):

@@ -126,6 +126,13 @@ class Upstream:
             raise UpstreamError(502, "upstream response has no 'choices' list", code="upstream_bad_response")
         return data
 
+    async def completion(self, body: dict[str, Any], *, authorization: str | None = None) -> dict[str, Any]:
+        """One non-streaming `/completions` call (vLLM's token-id prompts): the upstream's JSON object."""
+        data = await self._json("POST", "/completions", authorization, json=body)
+        if not isinstance(data.get("choices"), list):
+            raise UpstreamError(502, "upstream response has no 'choices' list", code="upstream_bad_response")
+        return data
+
     async def models(self, *, authorization: str | None = None) -> dict[str, Any]:
         """The upstream's own `GET /models` list (OpenAI shape: `{"object": "list", "data": [...]}`)."""
         data = await self._json("GET", "/models", authorization)
@@ -145,10 +152,11 @@ class Upstream:
             return f"upstream {self.base_url}/models returned {resp.status_code}"
         return None
 
-    async def open_stream(self, body: dict[str, Any], *, authorization: str | None = None) -> httpx.Response:
+    async def open_stream(self, body: dict[str, Any], *, authorization: str | None = None,
+                          path: str = "/chat/completions") -> httpx.Response:
         """Send a streaming request and check its status before any byte goes to the client (so that
         failures still get a proper status code). The caller must close the returned response."""
-        request = self.client.build_request("POST", f"{self.base_url}/chat/completions", json=body,
+        request = self.client.build_request("POST", f"{self.base_url}{path}", json=body,
                                             headers={**self._headers(authorization), "accept": "text/event-stream"})
         try:
             resp = await self.client.send(request, stream=True)
