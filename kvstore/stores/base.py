@@ -227,9 +227,13 @@ class ByteStore(ABC):
             yield {"key": key, "bytes": len(blob), "codec": h["codec"], "codec_version": h["codec_version"],
                    "tokens": h["num_tokens"], "fingerprint": h["fingerprint"]}
 
-    def stats(self) -> dict[str, Any]:
+    def counters(self) -> dict[str, int]:
+        """The event counters alone (no scan of the backend: cheap enough to read on every step)."""
         with self._count_lock:
-            out: dict[str, Any] = dict(self._counts)
+            return dict(self._counts)
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = self.counters()
         try:
             entries, nbytes = self._usage()
             out["available"] = True

@@ -174,17 +174,23 @@ class RagzipConnector(KVConnectorBase_V1):
         self.store = shared_store(self.settings.store, self.settings.codec)
         self.counts: dict[str, int] = {"requests": 0, "claimed_tokens": 0, "claimed_requests": 0, "moved_tokens": 0,
                                        "loaded_segments": 0, "load_failures": 0, "saved_segments": 0,
-                                       "save_failures": 0, "bad_params": 0}
+                                       "save_failures": 0, "bad_params": 0, "unsupported": 0,
+                                       "saves_dropped": 0}
         self._model_config = vllm_config.model_config
         self._dtype = vllm_config.model_config.dtype
         self._cache_dtype = vllm_config.cache_config.cache_dtype
         self._requests: dict[str, _Request] = {}
+        self._skipped: set[str] = set()  # requests the connector leaves alone (see _keyed_by_tokens)
         self._caches: list[torch.Tensor] = []
         self._layout: PagedLayout | None = None
         self._load_errors: set[int] = set()
         self._pending_saves: dict[tuple[str, int], tuple[SaveOp, dict[int, tuple[torch.Tensor, torch.Tensor]]]] = {}
         self._layer_index: dict[str, int] = {}
         self._inv_freq: torch.Tensor | None = None
+        self._last_stats: dict[str, Any] | None = None
+        # Worker: requests whose load failed this life, and from which position: vLLM ran that step on the blocks
+        # it will recompute, so nothing of theirs from there on may be saved.
+        self._failed_from: dict[str, int] = {}
         if role == KVConnectorRole.SCHEDULER and self._kv_transfer_config.kv_load_failure_policy != "recompute":
             # A cache that fails to load is a miss, never a failed request: vLLM recomputes those blocks.
             log.info("ragzip connector: kv_load_failure_policy set to 'recompute'")
@@ -196,6 +202,12 @@ class RagzipConnector(KVConnectorBase_V1):
 
     # --- checks ------------------------------------------------------------------------------------------------
     def _check_model(self) -> bool:
+        parallel = self._vllm_config.parallel_config
+        if parallel.world_size > 1:
+            # Each rank holds a shard of the heads under the same token ids: one key cannot describe both.
+            log.warning("ragzip connector disabled: tensor/pipeline parallel (world size %d) is not supported",
+                        parallel.world_size)
+            return False
         if str(self._cache_dtype) != "auto":
             log.warning("ragzip connector disabled: KV cache dtype %s (only the model's own dtype is supported)",
                         self._cache_dtype)
@@ -214,12 +226,18 @@ class RagzipConnector(KVConnectorBase_V1):
         return True
 
     def _write_stats(self) -> None:
+        """Rewrite the stats file when a counter changed (counters only: no scan of the store on the step path)."""
         if not self.settings.stats_path:
             return
+        snapshot = {**self.counts, "store": self.store.counters(), "fingerprint": self.fingerprint,
+                    "enabled": self.enabled}
+        if snapshot == self._last_stats:
+            return
+        self._last_stats = snapshot
         path = Path(f"{self.settings.stats_path}.{self.role.name.lower()}.json")
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         try:
-            tmp.write_text(json.dumps({**self.counts, "store": self.store.stats(), "fingerprint": self.fingerprint}))
+            tmp.write_text(json.dumps(snapshot))
             tmp.replace(path)
         except OSError as exc:
             log.warning("ragzip connector: cannot write stats to %s: %s", path, exc)
@@ -241,8 +259,19 @@ class RagzipConnector(KVConnectorBase_V1):
             self.counts["requests"] += 1
         return state
 
+    @staticmethod
+    def _keyed_by_tokens(request: Request) -> bool:
+        """Whether token ids alone determine the request's KV (no adapter, no images, no embeddings, no salt)."""
+        return not (request.lora_request or request.mm_features or request.prompt_embeds is not None
+                    or request.cache_salt)
+
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         if not self.enabled:
+            return 0, False
+        if not self._keyed_by_tokens(request):
+            if request.request_id not in self._skipped:
+                self._skipped.add(request.request_id)
+                self.counts["unsupported"] += 1
             return 0, False
         state = self._request_state(request)
         seen: dict[str, bool] = {}
@@ -274,6 +303,10 @@ class RagzipConnector(KVConnectorBase_V1):
         if done_before >= len(state.tokens) or not state.block_ids:
             return []
         stop_at = state.claim.first_moved if state.claim else None
+        if self.moved and state.local_hit:
+            # vLLM's prefix cache may hold blocks an earlier moved load filled (and what was computed after them):
+            # with moved documents on, a request that started from it saves nothing under an exact key.
+            return []
         out = []
         for seg in to_save(state.segments, done_before, min(done_after, len(state.tokens)), stop_at=stop_at,
                            present=self.store.contains):
@@ -285,6 +318,15 @@ class RagzipConnector(KVConnectorBase_V1):
             out.append(SaveOp(req_id, state.tokens[:seg.end], seg, slots, also_moved))
         return out
 
+    def _emit_load(self, meta: RagzipMetadata, req_id: str, state: _Request) -> None:
+        if state.load_pending and state.claim is not None and state.claim.loads:
+            covered = max(ld.segment.end for ld in state.claim.loads)  # an entry is checked whole
+            meta.loads.append(LoadOp(req_id, state.tokens[:covered], state.claim.loads, state.block_ids))
+            self.counts["claimed_requests"] += 1
+            self.counts["claimed_tokens"] += state.claim.tokens
+            self.counts["moved_tokens"] += sum(ld.hi - ld.lo for ld in state.claim.loads if ld.moved)
+        state.load_pending = False
+
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         meta = RagzipMetadata()
         if not self.enabled:
@@ -294,13 +336,7 @@ class RagzipConnector(KVConnectorBase_V1):
             if state is None:
                 continue
             state.block_ids = list(new.block_ids[0])
-            if state.load_pending and state.claim is not None and state.claim.loads:
-                covered = max(ld.segment.end for ld in state.claim.loads)  # an entry is checked whole
-                meta.loads.append(LoadOp(new.req_id, state.tokens[:covered], state.claim.loads, state.block_ids))
-                self.counts["claimed_requests"] += 1
-                self.counts["claimed_tokens"] += state.claim.tokens
-                self.counts["moved_tokens"] += sum(ld.hi - ld.lo for ld in state.claim.loads if ld.moved)
-            state.load_pending = False
+            self._emit_load(meta, new.req_id, state)
             done_after = new.num_computed_tokens + scheduler_output.num_scheduled_tokens.get(new.req_id, 0)
             meta.saves += self._saves(new.req_id, state, 0, done_after)
         cached = scheduler_output.scheduled_cached_reqs
@@ -311,6 +347,7 @@ class RagzipConnector(KVConnectorBase_V1):
             new_blocks = cached.new_block_ids[i]
             if req_id in cached.resumed_req_ids:
                 state.block_ids = list(new_blocks[0]) if new_blocks else []
+                self._emit_load(meta, req_id, state)  # asked again after preemption: load into the new blocks
             elif new_blocks:
                 state.block_ids += list(new_blocks[0])
             done_before = cached.num_computed_tokens[i]
@@ -320,6 +357,7 @@ class RagzipConnector(KVConnectorBase_V1):
         return meta
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        self._skipped.discard(request.request_id)
         state = self._requests.pop(request.request_id, None)
         if state is None:
             return False, None
@@ -377,6 +415,7 @@ class RagzipConnector(KVConnectorBase_V1):
                                 load.segment.key, op.req_id, problem)
                     self.counts["load_failures"] += 1
                     self._load_errors |= self._blocks_of(op, load.lo, load.hi)
+                    self._failed_from[op.req_id] = min(self._failed_from.get(op.req_id, load.lo), load.lo)
                 else:
                     self.counts["loaded_segments"] += 1
 
@@ -394,10 +433,16 @@ class RagzipConnector(KVConnectorBase_V1):
         if index is None:
             return
         for op in meta.saves:
+            if op.segment.end > self._failed_from.get(op.req_id, op.segment.end):
+                continue  # computed on the blocks of a failed load: dropped in wait_for_save
             entry = self._pending_saves.setdefault((op.req_id, op.segment.start), (op, {}))
             entry[1][index] = self._layout.gather(kv_layer, op.slots)
 
     def wait_for_save(self) -> None:
+        meta = self._get_connector_metadata() if self.has_connector_metadata() else None
+        if isinstance(meta, RagzipMetadata):
+            self.counts["saves_dropped"] += sum(op.segment.end > self._failed_from.get(op.req_id, op.segment.end)
+                                                for op in meta.saves)
         if not self._pending_saves:
             return
         pending, self._pending_saves = self._pending_saves, {}
@@ -415,6 +460,11 @@ class RagzipConnector(KVConnectorBase_V1):
                 log.warning("ragzip connector: cannot save %s: %s", op.segment.key, exc)
                 self.counts["save_failures"] += 1
         self._write_stats()
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        for req_id in finished_req_ids:
+            self._failed_from.pop(req_id, None)
+        return None, None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
