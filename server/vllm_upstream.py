@@ -23,24 +23,25 @@ from ragzip.server.schemas import ChatCompletionRequest
 from ragzip.types import Document
 from ragzip.vllm.layout import LaidOutPrompt, lay_out
 
-# Chat fields with the same meaning in /v1/completions; others that change the answer are refused, not dropped.
-_PASSED = ("model", "temperature", "top_p", "stop", "seed", "n", "presence_penalty", "frequency_penalty", "user",
-           "top_k", "min_p", "repetition_penalty", "stream_options", "ignore_eos")
-_REFUSED = ("tools", "tool_choice", "functions", "function_call", "response_format", "logprobs", "top_logprobs",
-            "logit_bias", "parallel_tool_calls", "audio", "modalities", "prediction")
+# Chat fields with the same meaning in /v1/completions (OpenAI's and vLLM's sampling extras). Fields that only
+# label a request are dropped; any other field is refused, never silently dropped (tools, response_format,
+# logprobs, chat_template_kwargs, ... cannot be carried by a token-id prompt).
+_PASSED = ("model", "temperature", "top_p", "stop", "seed", "n", "presence_penalty", "frequency_penalty",
+           "top_k", "min_p", "repetition_penalty", "stream_options", "ignore_eos", "min_tokens", "stop_token_ids",
+           "skip_special_tokens", "include_stop_str_in_output")
+_LABELS = ("user", "store", "metadata", "service_tier", "max_tokens", "max_completion_tokens", "stream")
 
 
 def completion_body(req: ChatCompletionRequest, prompt: LaidOutPrompt) -> dict[str, Any]:
     """The `/v1/completions` body for a chat request (APIError 400 for a field the prompt form cannot honour)."""
     given = req.model_dump(exclude_unset=True, exclude={"documents", "ragzip", "messages"})
-    refused = sorted(k for k in _REFUSED if given.get(k) not in (None, False))
+    refused = sorted(k for k, v in given.items() if k not in _PASSED and k not in _LABELS and v is not None)
     if refused:
         raise APIError(400, f"{', '.join(refused)} cannot be sent through upstream_kind 'vllm' (the proxy sends the "
                             "answer prompt as token ids)", code="unsupported_parameter", param=refused[0])
     body = {k: given[k] for k in _PASSED if k in given}
-    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    if max_tokens is not None:
-        body["max_tokens"] = max_tokens
+    # Unset means "until the model stops or the context ends", as in chat; /v1/completions would stop at 16.
+    body["max_tokens"] = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     body["prompt"] = prompt.token_ids
     body["stream"] = bool(req.stream)
     body["kv_transfer_params"] = prompt.kv_transfer_params()
@@ -63,13 +64,16 @@ def as_chat(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _chunk_as_chat(data: dict[str, Any], first: bool) -> dict[str, Any]:
+def _chunk_as_chat(data: dict[str, Any], started: set[int]) -> dict[str, Any]:
+    """A completion chunk as a chat chunk; each choice's first delta carries the role (`started`: choices seen)."""
     choices = []
     for i, c in enumerate(data.get("choices") or []):
+        index = c.get("index", i)
         delta: dict[str, Any] = {"content": c.get("text", "")}
-        if first:
+        if index not in started:
+            started.add(index)
             delta["role"] = "assistant"
-        choices.append({"index": c.get("index", i), "delta": delta, "finish_reason": c.get("finish_reason")})
+        choices.append({"index": index, "delta": delta, "finish_reason": c.get("finish_reason")})
     out = {"id": _chat_id(data.get("id")), "object": "chat.completion.chunk", "created": data.get("created"),
            "model": data.get("model"), "choices": choices}
     if data.get("usage") is not None:
@@ -99,6 +103,7 @@ async def via_vllm(state: Any, req: ChatCompletionRequest, ctx: ChatContext, kep
 
     async def events() -> AsyncIterator[str]:
         first = True
+        started: set[int] = set()
         try:
             async for payload in state.upstream.iter_events(resp):
                 if payload == "[DONE]":
@@ -113,7 +118,7 @@ async def via_vllm(state: Any, req: ChatCompletionRequest, ctx: ChatContext, kep
                 if "error" in data:
                     yield f"data: {payload}\n\n"
                     continue
-                chunk = _chunk_as_chat(data, first)
+                chunk = _chunk_as_chat(data, started)
                 if first:
                     chunk["ragzip"] = {**info, "vllm": layout}
                     first = False

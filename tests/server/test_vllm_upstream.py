@@ -124,9 +124,23 @@ def test_a_streamed_answer_comes_back_as_chat_chunks(client, upstream) -> None:
     assert r.text.rstrip().endswith("data: [DONE]")
 
 
-def test_fields_the_prompt_form_cannot_honour_are_refused(client) -> None:
-    r = ask(client, DOCS, tools=[{"type": "function", "function": {"name": "f"}}])
+@pytest.mark.parametrize("extra", [{"tools": [{"type": "function", "function": {"name": "f"}}]},
+                                   {"response_format": {"type": "json_object"}},
+                                   {"chat_template_kwargs": {"enable_thinking": True}}])
+def test_fields_the_prompt_form_cannot_honour_are_refused_not_dropped(client, extra) -> None:
+    r = ask(client, DOCS, **extra)
     assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_parameter"
+    assert r.json()["error"]["param"] == next(iter(extra))
+
+
+def test_sampling_extras_pass_and_an_unset_limit_is_not_vllms_16(client, upstream) -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": QUESTION}], "documents": DOCS,
+            "min_tokens": 2, "stop_token_ids": [7], "user": "u1"}
+    r = client.post("/v1/chat/completions", json=body, headers={"authorization": "Bearer sk-raw"})
+    assert r.status_code == 200, r.text
+    sent = upstream[1][-1]
+    assert sent["min_tokens"] == 2 and sent["stop_token_ids"] == [7] and "user" not in sent
+    assert "max_tokens" in sent and sent["max_tokens"] is None  # vLLM: until the model stops
 
 
 def test_a_chat_without_documents_goes_to_chat_completions(client, upstream) -> None:
