@@ -152,8 +152,8 @@ class Item:
 
 
 def workload(n_docs: int, n_sets: int, seed: int) -> tuple[list[Item], list[Item]]:
-    """(first requests, repeats): each set of 4 documents once, then again in another order with another question
-    of the set when it has one."""
+    """(first requests, repeats): `n_sets` distinct sets of 4 documents, each once, then again in another order
+    with another question of the set."""
     docs, questions = load_demo_corpus()
     by_doc = {}
     for q in questions:
@@ -161,8 +161,12 @@ def workload(n_docs: int, n_sets: int, seed: int) -> tuple[list[Item], list[Item
     pool = [d for d in docs if d.id in by_doc][:n_docs]
     rng = random.Random(seed)
     firsts, repeats = [], []
-    for _ in range(n_sets):
+    seen: set[frozenset[str]] = set()
+    while len(firsts) < n_sets:
         chosen = rng.sample(pool, 4)
+        if frozenset(d.id for d in chosen) in seen:  # distinct sets: a repeat is the only way a set recurs
+            continue
+        seen.add(frozenset(d.id for d in chosen))
         again = chosen[:]
         while again == chosen:
             rng.shuffle(again)
@@ -314,10 +318,12 @@ def run_model(alias: str, *, n_sets: int, n_moved: int, seed: int, log: Any,
 
         # Moved-document reuse (an approximation) vs full prefill.
         prime, moved = moved_items(n_moved, seed)
+        b2.reset_prefix_cache()  # with moved documents on, a request that starts from vLLM's own cache saves nothing
         for item in prime:
             complete(client, b2, lay_out(builder, item.question, item.documents, canonical=False), spans=True,
                      stream=False)
         moved_prompts = [lay_out(builder, item.question, item.documents, canonical=False) for item in moved]
+        b2.reset_prefix_cache()
         got = [complete(client, b2, p, spans=True, stream=False) for p in moved_prompts]
         full = [reference(client, a, p) for p in moved_prompts]
         encode = builder.tokenizer.encode
@@ -395,7 +401,8 @@ def main(argv: list[str] | None = None) -> None:
                for m in args.models]
     summary = {k: results[0][k] for k in ("requests", "ttft_apc_reordered_s", "ttft_ragzip_reordered_s",
                                           "speedup_vs_apc_reordered", "exact_prefix_outputs_identical",
-                                          "second_replica_hits", "reuse_answer_agreement")}
+                                          "second_replica_hits", "reuse_answer_agreement",
+                                          "second_replica_matches_first")}
     report = {**summary, "models": results, "machine": _machine()}
     text = json.dumps(report, indent=2)
     print(text)
