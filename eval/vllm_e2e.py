@@ -222,7 +222,7 @@ def _loaded(kv: dict[str, Any] | None) -> int:
 
 
 def run_model(alias: str, *, n_sets: int, n_moved: int, seed: int, log: Any,
-              logs: Path | None = None) -> dict[str, Any]:
+              logs: Path | None = None, codec: str = "raw") -> dict[str, Any]:
     path = resolve_llm(alias)
     builder = PromptBuilder(load_tokenizer(alias))
     own_redis = OwnRedis()
@@ -232,9 +232,9 @@ def run_model(alias: str, *, n_sets: int, n_moved: int, seed: int, log: Any,
     def connector(stats: str, moved: bool) -> dict[str, Any]:
         return {"kv_connector": "RagzipConnector", "kv_connector_module_path": "ragzip.vllm", "kv_role": "kv_both",
                 "kv_connector_extra_config": {"store": own_redis.url, "stats_path": stats,
-                                              "moved_documents": moved}}
+                                              "moved_documents": moved, "codec": codec}}
 
-    out: dict[str, Any] = {"model": alias}
+    out: dict[str, Any] = {"model": alias, "codec": codec}
     servers: list[VLLMServer] = []
     proxy = None
     try:
@@ -392,13 +392,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the result here")
     parser.add_argument("--logs", type=Path, help="keep the vLLM servers' logs in this folder")
+    parser.add_argument("--codec", default="raw", help="the connector store's codec at rest (raw, int8)")
     args = parser.parse_args(argv)
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    results = [run_model(m, n_sets=args.sets, n_moved=args.moved, seed=args.seed, log=log, logs=args.logs)
-               for m in args.models]
+    results = [run_model(m, n_sets=args.sets, n_moved=args.moved, seed=args.seed, log=log, logs=args.logs,
+                         codec=args.codec) for m in args.models]
     summary = {k: results[0][k] for k in ("requests", "ttft_apc_reordered_s", "ttft_ragzip_reordered_s",
                                           "speedup_vs_apc_reordered", "exact_prefix_outputs_identical",
                                           "second_replica_hits", "reuse_answer_agreement",

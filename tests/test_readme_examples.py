@@ -82,3 +82,10 @@ def _offsets(kept: str, source: str, spans: list[list[int]]) -> list[tuple[int, 
         out.append((at, at + b - a))
         pos = at + b - a
     return out
+
+
+def test_vllm_layout_example(readme_example: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    ns = _run(readme_example("vllm-layout"))  # docs/vllm.md
+    spans = ns["one"].kv_transfer_params()["ragzip"]["spans"]
+    assert len(spans) == 2 and spans[0]["end"] == spans[1]["start"]
+    assert "'spans'" in capsys.readouterr().out
