@@ -114,14 +114,20 @@ class ProxyProcess:
         return process_tree_rss_mb(self.proc.pid)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        terminate(self.proc, 15)
         self.log.close()
         self.log_text = (Path(self.dir.name) / "server.log").read_text(errors="replace")  # kept for the caller
         self.dir.cleanup()
+
+
+def terminate(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """SIGTERM, then SIGKILL if `proc` has not exited after `timeout_s`."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
 
 
 def wait_until_up(proc: subprocess.Popen[bytes], url: str, log: Path, timeout_s: float, *, what: str) -> None:
@@ -216,11 +222,7 @@ class LiteLLMProxy:
         return process_tree_rss_mb(self.proc.pid)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        terminate(self.proc, 20)
         self.log.close()
         self.dir.cleanup()
 

@@ -37,7 +37,7 @@ import httpx
 import redis
 
 from ragzip.demo import load_demo_corpus
-from ragzip.eval.harness import ProxyProcess, free_port, wait_until_up
+from ragzip.eval.harness import ProxyProcess, free_port, terminate, wait_until_up
 from ragzip.eval.loadtest import OwnRedis
 from ragzip.prompt import PromptBuilder
 from ragzip.registry import load_tokenizer, resolve_llm
@@ -82,11 +82,7 @@ class VLLMServer:
         httpx.post(f"{self.url}/reset_prefix_cache", timeout=30).raise_for_status()
 
     def stop(self) -> str:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        terminate(self.proc, 30)
         self.log.close()
         text = self.log_path.read_text(errors="replace")
         self.dir.cleanup()
