@@ -106,7 +106,7 @@ def vllm_fingerprint(vllm_config: VllmConfig) -> str:
 
 
 @dataclass(frozen=True)
-class Settings:
+class ConnectorSettings:
     store: str
     codec: str = "raw"
     chunk_tokens: int = 256
@@ -114,7 +114,7 @@ class Settings:
     stats_path: str | None = None
 
     @classmethod
-    def from_extra(cls, extra: dict[str, Any], block_size: int) -> Settings:
+    def from_extra(cls, extra: dict[str, Any], block_size: int) -> ConnectorSettings:
         unknown = set(extra) - {"store", "codec", "chunk_tokens", "moved_documents", "stats_path"}
         if unknown:
             raise ConfigError(f"unknown ragzip connector settings {sorted(unknown)}")
@@ -169,7 +169,7 @@ class RagzipConnector(KVConnectorBase_V1):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         self.block_size = vllm_config.cache_config.block_size
         extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
-        self.settings = Settings.from_extra(extra, self.block_size)
+        self.settings = ConnectorSettings.from_extra(extra, self.block_size)
         self.fingerprint = vllm_fingerprint(vllm_config)
         self.store = shared_store(self.settings.store, self.settings.codec)
         self.counts: dict[str, int] = {"requests": 0, "claimed_tokens": 0, "claimed_requests": 0, "moved_tokens": 0,
@@ -177,7 +177,6 @@ class RagzipConnector(KVConnectorBase_V1):
                                        "save_failures": 0, "bad_params": 0, "unsupported": 0,
                                        "saves_dropped": 0}
         self._model_config = vllm_config.model_config
-        self._dtype = vllm_config.model_config.dtype
         self._cache_dtype = vllm_config.cache_config.cache_dtype
         self._requests: dict[str, _Request] = {}
         self._skipped: set[str] = set()  # requests the connector leaves alone (see _keyed_by_tokens)
